@@ -1,0 +1,45 @@
+# lavis_plugins: the two commands are `make demo` and `make test`; both run `make setup` first.
+PY        ?= python3
+VENV      := .venv
+VPY       := $(VENV)/bin/python
+UV        := $(PY) -m uv
+UV_VER    := 0.13.9
+STAMP     := $(VENV)/.lavis_plugins_stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-all demo lock bench clean-venv
+
+# Creates or updates the project-local environment; does nothing when it is current.
+setup: $(STAMP)
+
+$(STAMP): env/requirements.lock setup.py
+	@$(UV) --version >/dev/null 2>&1 || $(PY) -m pip install -q "uv==$(UV_VER)"
+	@test -x $(VPY) || $(UV) venv -q --python $(PY) $(VENV)
+	$(UV) pip sync -q --python $(VPY) env/requirements.lock
+	$(UV) pip install -q --python $(VPY) --no-deps -e .
+	@$(VPY) -c "import torchvision, lavis, lavis_plugins" 2>/dev/null \
+		|| { echo "setup: the environment does not import torchvision/lavis/lavis_plugins"; exit 1; }
+	@touch $(STAMP)
+
+# Regenerates env/requirements.lock from env/requirements.in and env/overrides.txt.
+lock:
+	$(UV) pip compile -q --python $(PY) env/requirements.in --override env/overrides.txt \
+		--python-platform x86_64-manylinux_2_28 -o env/requirements.lock
+
+# The default suite: offline, CPU-only, tiny models (slow and gpu tests are deselected).
+test: setup
+	$(VPY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Everything except GPU tests.
+test-all: setup
+	$(VPY) -m pytest -q -m "not gpu" $(PYTEST_ARGS) tests
+
+# The main job on the embedded default (see README).
+demo: setup
+	$(VPY) -m lavis_plugins.demo
+
+bench: setup
+	$(VPY) benchmarks/run_all.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,50 @@
+"""Shared fixtures: everything offline, CPU-only and tiny.
+
+One pytest process imports LAVIS once (about 20 s on 2 cores); tests that need a fresh
+interpreter (CLI, torchrun) are few and marked in their names.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def lp():
+    """The imported plugin package (registers everything into LAVIS's registry)."""
+    import lavis_plugins
+
+    return lavis_plugins
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A folder named ``bert-base-uncased`` holding a tiny random BERT (hidden 32, 2 layers).
+
+    Its parent is a good working directory for building LAVIS's reference BLIP-2 classes, which
+    load the literal name "bert-base-uncased".
+    """
+    from lavis_plugins.common.tiny_bert import make_tiny_bert
+
+    root = tmp_path_factory.mktemp("hf")
+    return make_tiny_bert(root / "bert-base-uncased")
+
+
+@pytest.fixture
+def in_bert_parent(tiny_bert_dir, monkeypatch):
+    """chdir to the folder that holds ``bert-base-uncased`` (for LAVIS's reference classes)."""
+    monkeypatch.chdir(tiny_bert_dir.parent)
+    return tiny_bert_dir
+
+
+def python_exe() -> str:
+    return sys.executable
