@@ -1,0 +1,212 @@
+"""``lavis-plugins``: train, evaluate and list models, in one process or under torchrun.
+
+    lavis-plugins train    --cfg-path projects/demo/stage1.yaml [--options run.max_epoch=2 ...]
+    lavis-plugins evaluate --cfg-path projects/blip2/eval/vqav2_zeroshot_opt2.7b.yaml
+    lavis-plugins zoo      # LAVIS's and the plugin's models
+    lavis-plugins names    # the names this plugin registered
+    torchrun --nproc_per_node=2 -m lavis_plugins.cli train --cfg-path ...
+
+LAVIS's ``train.py``/``evaluate.py`` are not in its wheel; this replaces them, with the plugin
+imported first (so its names are registered) and the same YAML structure (model/datasets/run).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from lavis_plugins.common.errors import UserError, unknown_name
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lavis-plugins", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("train", "train (and evaluate) as the YAML says"),
+                        ("evaluate", "evaluate only (run.evaluate=True)")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--cfg-path", required=True, help="experiment YAML (model/datasets/run)")
+        p.add_argument("--options", nargs="+", default=[],
+                       help="overrides as key=value in dot notation, e.g. run.max_epoch=1")
+        p.add_argument("--job-id", default=None, help="output sub-folder name (default: time)")
+    sub.add_parser("zoo", help="list registered models and their types")
+    sub.add_parser("names", help="list the names this plugin registered")
+    return parser.parse_args(argv)
+
+
+def _check_options(options: List[str]) -> None:
+    for opt in options:
+        if "=" not in opt or opt.startswith("="):
+            raise UserError(f"--options takes key=value pairs; got {opt!r} "
+                            "(e.g. --options run.max_epoch=1 model.max_txt_len=32)")
+
+
+def load_config(cfg_path: str, options: List[str]):
+    """LAVIS's ``Config`` for ``cfg_path`` + ``options``, after checking every name it refers to.
+
+    LAVIS fails on a bad name deep inside (``NoneType has no attribute default_config_path``);
+    here each registered name, type and file is checked first and reported with the choices.
+    """
+    from lavis.common.config import Config
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    from lavis_plugins.paths import resolve_cfg_path
+
+    _check_options(options)
+    path = resolve_cfg_path(cfg_path)
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 - YAML syntax errors come in many types
+        raise UserError(f"cannot parse {path}: {e}") from e
+    raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(options))
+    for key in ("model", "run"):
+        if key not in raw:
+            raise UserError(f"{path} has no '{key}:' section (LAVIS YAMLs need model, datasets, run)")
+    arch = raw.model.get("arch")
+    model_cls = registry.get_model_class(arch)
+    if model_cls is None:
+        raise unknown_name("model.arch", arch, registry.mapping["model_name_mapping"],
+                           "List them with `lavis-plugins zoo`.")
+    mtype = raw.model.get("model_type")
+    types = getattr(model_cls, "PRETRAINED_MODEL_CONFIG_DICT", {})
+    if mtype not in types:
+        raise unknown_name(f"model.model_type of {arch!r}", mtype, types)
+    if not Path(model_cls.default_config_path(mtype)).is_file():
+        raise UserError(f"default config of {arch}/{mtype} is missing: "
+                        f"{model_cls.default_config_path(mtype)}")
+    datasets = raw.get("datasets") or {}
+    if not datasets and not raw.run.get("evaluate", False) and raw.run.get("train_splits"):
+        raise UserError(f"{path} has no datasets but run.train_splits is set")
+    for ds_name, ds_cfg in datasets.items():
+        builder = registry.get_builder_class(ds_name)
+        if builder is None:
+            raise unknown_name("dataset", ds_name, registry.mapping["builder_name_mapping"])
+        ds_type = (ds_cfg or {}).get("type", "default")
+        if ds_type not in builder.DATASET_CONFIG_DICT:
+            raise unknown_name(f"type of dataset {ds_name!r}", ds_type, builder.DATASET_CONFIG_DICT)
+    task = raw.run.get("task")
+    if registry.get_task_class(task) is None:
+        raise unknown_name("run.task", task, registry.mapping["task_name_mapping"])
+    runner = raw.run.get("runner", "lp_runner")
+    if registry.get_runner_class(runner) is None:
+        raise unknown_name("run.runner", runner, registry.mapping["runner_name_mapping"])
+    if "datasets" not in raw:
+        raw.datasets = {}
+    # LAVIS's Config reads the YAML from disk itself: hand it the checked file
+    cfg = Config(argparse.Namespace(cfg_path=str(path), options=list(options)))
+    _check_data_paths(cfg)
+    return cfg
+
+
+def _check_data_paths(cfg) -> None:
+    """Every annotation/storage path a LAVIS-style dataset config names must exist (LAVIS would
+    otherwise try to download it, which cannot work offline). Builders of this plugin check
+    their own paths (and may generate data), so they are skipped here."""
+    from lavis.common.registry import registry
+    from lavis.common.utils import get_cache_path
+
+    for name, ds in (cfg.datasets_cfg or {}).items():
+        if registry.get_builder_class(name).__module__.startswith("lavis_plugins."):
+            continue
+        info = ds.get("build_info", {}) or {}
+        for split, ann in (info.get("annotations", {}) or {}).items():
+            storages = ann.get("storage", [])
+            for s in [storages] if isinstance(storages, str) else storages:
+                p = s if os.path.isabs(s) else get_cache_path(s)
+                if not os.path.exists(p):
+                    raise UserError(
+                        f"dataset {name!r}: annotation file for split {split!r} not found: {p}. "
+                        f"Set datasets.{name}.build_info.annotations.{split}.storage to a local "
+                        "file (no downloads happen here).")
+        for kind in ("images", "videos"):
+            store = (info.get(kind, {}) or {}).get("storage")
+            if store:
+                p = store if os.path.isabs(store) else get_cache_path(store)
+                if not os.path.exists(p):
+                    raise UserError(f"dataset {name!r}: {kind} folder not found: {p}. Set "
+                                    f"datasets.{name}.build_info.{kind}.storage.")
+
+
+def _setup_seeds(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional[str] = None):
+    """Build task, datasets, model and runner from the YAML and train or evaluate."""
+    import lavis_plugins  # noqa: F401  registers the plugin before the config is read
+    from lavis.common.logger import setup_logger
+    from lavis.common.registry import registry
+    from lavis.tasks import setup_task
+
+    from lavis_plugins.common import dist as dist_utils
+
+    opts = list(options) + (["run.evaluate=True"] if evaluate_only else [])
+    cfg = load_config(cfg_path, opts)
+    run_cfg = cfg.run_cfg
+    info = dist_utils.init_distributed(run_cfg.get("device", "auto"))
+    run_cfg.distributed = info.distributed
+    run_cfg.rank, run_cfg.world_size, run_cfg.gpu = info.rank, info.world_size, info.local_rank
+    run_cfg.device = info.device
+    run_cfg.dist_backend = info.backend
+    setup_logger()
+    _setup_seeds(int(run_cfg.get("seed", 42)) + info.rank)
+    if job_id is None:
+        job_id = datetime.now().strftime("%Y%m%d%H%M%S")
+        if info.distributed:  # every rank must write into the same folder
+            job_id = dist_utils.all_gather_object(job_id)[0]
+    task = setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    runner_cls = registry.get_runner_class(run_cfg.get("runner", "lp_runner"))
+    runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+    if evaluate_only:
+        result = runner.evaluate(skip_reload=True)
+    else:
+        result = runner.train()
+    if dist_utils.is_main_process():
+        print(f"lavis-plugins: output in {runner.output_dir}", flush=True)
+    return runner, result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parse(argv)
+    try:
+        if args.command == "zoo":
+            import lavis_plugins
+
+            print(lavis_plugins.model_zoo())
+            return 0
+        if args.command == "names":
+            import lavis_plugins
+
+            for kind, names in lavis_plugins.plugin_names().items():
+                print(f"{kind:<13} {', '.join(names) if names else '-'}")
+            return 0
+        run(args.cfg_path, args.options, evaluate_only=args.command == "evaluate",
+            job_id=args.job_id)
+        return 0
+    except UserError as e:
+        print(f"lavis-plugins: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - shutting down; nothing useful to report
+            logging.getLogger(__name__).debug("process group shutdown failed", exc_info=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

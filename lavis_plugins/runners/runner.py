@@ -1,0 +1,608 @@
+"""``lp_runner``: LAVIS's ``RunnerBase`` with what breaks fixed and training made exact.
+
+Kept from LAVIS: the YAML (``run:`` section), dataset concatenation, the task hooks
+(``build_datasets``, ``evaluation``, ``after_evaluation``), validation/best-checkpoint/test flow,
+and the checkpoint format (``{"model": trainable weights, "optimizer", "scaler", "epoch", ...}``).
+
+Fixed or added:
+- runs in one process (no process group needed; LAVIS calls ``dist.barrier()`` unguarded), on CPU
+  (DDP without ``device_ids``; gloo) and GPU (NCCL);
+- output folder relative to the working directory, not inside LAVIS's package, and a second
+  runner in one process works (LAVIS registers the paths twice and fails);
+- the lr is scheduled per optimizer step (linear warm-up then cosine), with layer-wise lr decay
+  applied through each param group's ``lr_scale``;
+- gradient accumulation (``accum_grad_iters``) with DDP ``no_sync``, bf16/fp16 autocast on GPU,
+  optional gradient clipping (``max_grad_norm``);
+- exact resume: weights, optimizer, scaler, schedule position, data order (epoch and batch) and
+  RNG state are saved; per-sample augmentation randomness is seeded from (seed, epoch, index), so a
+  run resumed from a checkpoint reproduces the uninterrupted run's losses;
+- checkpoints written atomically (temp file + rename), resume refuses a checkpoint that lacks
+  trainable weights;
+- evaluation shards samples across ranks without padding, so merged results have no duplicates.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from lavis.common.registry import registry
+from lavis.datasets.data_utils import concat_datasets, reorg_datasets_by_split
+from lavis.runners.runner_base import RunnerBase
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from lavis_plugins.common import dist as dist_utils
+from lavis_plugins.common.errors import UserError, unknown_name
+
+logger = logging.getLogger(__name__)
+
+# LAVIS's scheduler names, mapped to the per-step schedulers that implement what they intend
+LAVIS_SCHEDULER_ALIASES = {
+    "linear_warmup_cosine_lr": "lp_linear_warmup_cosine",
+    "linear_warmup_step_lr": "lp_constant",
+    "constant_lr": "lp_constant",
+}
+
+
+def move_to_device(sample: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) sample to ``device``."""
+    if torch.is_tensor(sample):
+        return sample.to(device, non_blocking=True)
+    if isinstance(sample, dict):
+        return {k: move_to_device(v, device) for k, v in sample.items()}
+    if isinstance(sample, (list, tuple)):
+        return type(sample)(move_to_device(v, device) for v in sample)
+    return sample
+
+
+class SeededSamples(Dataset):
+    """Wraps a map-style dataset so sample ``i`` of epoch ``e`` draws its augmentation randomness
+    from a generator seeded by ``(seed, e, i)``: the same whatever the worker, the order in which
+    batches are loaded, or a resume in the middle of an epoch."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int):
+        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, int(idx)]).generate_state(1)[0])
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed)
+            try:
+                return self.dataset[idx]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+    def collater(self, samples):
+        fn = getattr(self.dataset, "collater", None)
+        return fn(samples) if fn is not None else torch.utils.data.default_collate(samples)
+
+
+class EpochSampler(Sampler[int]):
+    """Indices of one rank for one epoch: a permutation seeded by ``(seed, epoch)`` (or the
+    natural order), sharded ``rank::world_size``; training shards are truncated to equal length
+    (as ``DistributedSampler(drop_last=True)``), evaluation shards are not padded, so every sample
+    is evaluated exactly once. ``start`` skips the first indices (resume inside an epoch)."""
+
+    def __init__(self, num_samples: int, shuffle: bool, seed: int, rank: int, world_size: int,
+                 equal_shards: bool) -> None:
+        self.n, self.shuffle, self.seed = num_samples, shuffle, seed
+        self.rank, self.world = rank, world_size
+        self.equal_shards = equal_shards
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> List[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.equal_shards:
+            order = order[: (self.n // self.world) * self.world]
+        return order[self.rank:: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start:])
+
+    def __len__(self) -> int:
+        return max(len(self._indices()) - self.start, 0)
+
+
+@registry.register_runner("lp_runner")
+class PluginRunner(RunnerBase):
+    """Train and evaluate a model on datasets with a task, in one or many processes.
+
+    ``run:`` keys read here, beyond LAVIS's (``max_epoch``, ``init_lr``, ``min_lr``,
+    ``warmup_lr``, ``warmup_steps``, ``weight_decay``, ``batch_size_train/eval``, ``num_workers``,
+    ``seed``, ``output_dir``, ``amp``, ``accum_grad_iters``, ``resume_ckpt_path``,
+    ``train/valid/test_splits``, ``evaluate``):
+    ``beta1``/``beta2``; ``amp_dtype`` ("bf16" or "fp16"); ``max_grad_norm``; ``layer_decay``
+    (layer-wise lr decay for an unfrozen encoder, when the model provides param groups);
+    ``iters_per_epoch`` (cap on iterations per epoch); ``ckpt_freq`` (save every N optimizer
+    steps as well as at epoch ends); ``log_freq``.
+    """
+
+    def __init__(self, cfg, task, model, datasets, job_id):  # noqa: D107 - as RunnerBase
+        # RunnerBase.__init__ only stores attributes and calls setup_output_dir; we do the same
+        # with our own setup_output_dir (LAVIS's writes into its package and registers twice)
+        self.config = cfg
+        self.job_id = job_id
+        self.task = task
+        self.datasets = datasets
+        self._optimizer = None
+        self._scaler = None
+        self._dataloaders = None
+        self._lr_sched = None
+        self._samplers: Dict[str, EpochSampler] = {}
+        self._seeded: Optional[SeededSamples] = None
+        self.start_epoch = 0
+        self.start_iter = 0  # first batch index of start_epoch (resume inside an epoch)
+        self.global_step = 0  # optimizer steps taken
+        self.setup_output_dir()
+
+        self._device = torch.device(dist_utils.choose_device(self.config.run_cfg.get("device")))
+        self._model = model.to(self._device)
+        if self.use_distributed:
+            ids = [self._device.index] if self._device.type == "cuda" else None
+            self._wrapped_model = DDP(self._model, device_ids=ids,
+                                      find_unused_parameters=bool(
+                                          self.config.run_cfg.get("find_unused_parameters", False)))
+        else:
+            self._wrapped_model = self._model
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def model(self):
+        """The (DDP-wrapped when distributed) model, already on the device."""
+        return self._wrapped_model
+
+    @property
+    def use_distributed(self) -> bool:
+        return bool(self.config.run_cfg.get("distributed", False)) and dist_utils.is_initialized()
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.run_cfg.get("seed", 42))
+
+    def setup_output_dir(self) -> None:
+        output_dir = Path(self.config.run_cfg.get("output_dir", "output")).expanduser() / self.job_id
+        result_dir = output_dir / "result"
+        result_dir.mkdir(parents=True, exist_ok=True)
+        # registry.register_path refuses a second registration; LAVIS tasks read these paths
+        registry.mapping["paths"]["result_dir"] = str(result_dir)
+        registry.mapping["paths"]["output_dir"] = str(output_dir)
+        self.result_dir, self.output_dir = result_dir, output_dir
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            run = self.config.run_cfg
+            wd = float(run.get("weight_decay", 0.05))
+            groups = None
+            get_groups = getattr(self._model, "optimizer_param_groups", None)
+            if callable(get_groups):
+                groups = get_groups(weight_decay=wd,
+                                    layer_decay=float(run.get("layer_decay", 1.0)))
+            if groups is None:
+                decay, no_decay = [], []
+                for n, p in self._model.named_parameters():
+                    if not p.requires_grad:
+                        continue  # frozen weights
+                    if p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n or "norm" in n.lower():
+                        no_decay.append(p)
+                    else:
+                        decay.append(p)
+                groups = [{"params": decay, "weight_decay": wd},
+                          {"params": no_decay, "weight_decay": 0.0}]
+            groups = [g for g in groups if len(g["params"]) > 0]
+            if not groups:
+                raise UserError("the model has no trainable parameters: nothing to train "
+                                "(check freeze_* options in the model config)")
+            n_params = sum(p.numel() for g in groups for p in g["params"])
+            logger.info("number of trainable parameters: %d", n_params)
+            self._optimizer = torch.optim.AdamW(
+                groups, lr=float(run.init_lr), weight_decay=wd,
+                betas=(float(run.get("beta1", 0.9)), float(run.get("beta2", 0.999))))
+        return self._optimizer
+
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        """Autocast dtype, or None. Autocast is used on CUDA only (on CPU it is slower)."""
+        if not self.config.run_cfg.get("amp", False) or self.device.type != "cuda":
+            return None
+        name = str(self.config.run_cfg.get("amp_dtype", "bf16")).lower()
+        if name not in ("bf16", "bfloat16", "fp16", "float16"):
+            raise UserError(f"run.amp_dtype must be 'bf16' or 'fp16', got {name!r}")
+        return torch.bfloat16 if name.startswith("bf") else torch.float16
+
+    @property
+    def scaler(self):
+        # bf16 needs no loss scaling; fp16 does
+        if self._scaler is None and self.amp_dtype == torch.float16:
+            self._scaler = torch.amp.GradScaler("cuda")
+        return self._scaler
+
+    @property
+    def lr_scheduler(self):
+        if self._lr_sched is None:
+            run = self.config.run_cfg
+            name = str(run.get("lr_sched", "lp_linear_warmup_cosine"))
+            name = LAVIS_SCHEDULER_ALIASES.get(name, name)
+            cls = registry.get_lr_scheduler_class(name)
+            if cls is None or not name.startswith("lp_"):
+                raise unknown_name("run.lr_sched", name,
+                                   [n for n in registry.mapping["lr_scheduler_name_mapping"]
+                                    if n.startswith("lp_")] + list(LAVIS_SCHEDULER_ALIASES))
+            total = self.max_epoch * self.iters_per_epoch // self.accum_grad_iters
+            self._lr_sched = cls(optimizer=self.optimizer, total_steps=total,
+                                 init_lr=float(run.init_lr), min_lr=float(run.get("min_lr", 0.0)),
+                                 warmup_steps=int(run.get("warmup_steps", 0)),
+                                 warmup_start_lr=float(run.get("warmup_lr", -1)))
+        return self._lr_sched
+
+    # ------------------------------------------------------------------ data
+    @property
+    def dataloaders(self) -> dict:
+        if self._dataloaders is None:
+            by_split = concat_datasets(reorg_datasets_by_split(self.datasets))
+            self.datasets = by_split
+            run = self.config.run_cfg
+            loaders = {}
+            for split, dataset in by_split.items():
+                is_train = split in self.train_splits
+                if isinstance(dataset, (tuple, list)) or isinstance(dataset, IterableDataset):
+                    raise UserError(
+                        f"split {split!r} holds an iterable (webdataset) dataset; lp_runner "
+                        "trains on map-style datasets (it needs their length for exact resume). "
+                        "Use LAVIS's runner_iter for webdataset pre-training.")
+                if is_train:
+                    dataset = self._seeded = SeededSamples(dataset, self.seed)
+                sampler = EpochSampler(len(dataset), shuffle=is_train, seed=self.seed,
+                                       rank=dist_utils.get_rank(),
+                                       world_size=dist_utils.get_world_size(),
+                                       equal_shards=is_train)
+                self._samplers[split] = sampler
+                bs = int(run.batch_size_train if is_train else run.get("batch_size_eval",
+                                                                        run.batch_size_train))
+                num_workers = int(run.get("num_workers", 0))
+                loaders[split] = DataLoader(
+                    dataset, batch_size=bs, sampler=sampler, num_workers=num_workers,
+                    collate_fn=getattr(dataset, "collater", None), drop_last=is_train,
+                    pin_memory=self.device.type == "cuda",
+                    # its own generator: creating an iterator must not draw from the global RNG
+                    # (it would shift dropout randomness between a run and its resume)
+                    generator=torch.Generator().manual_seed(self.seed),
+                    worker_init_fn=None, persistent_workers=False)
+            self._dataloaders = loaders
+        return self._dataloaders
+
+    @property
+    def iters_per_epoch(self) -> int:
+        """Batches per epoch of one rank (full epoch, capped by ``run.iters_per_epoch``)."""
+        split = self.train_splits[0] if self.train_splits else None
+        if split is None or split not in self.dataloaders:
+            raise UserError(f"no training split: run.train_splits is {list(self.train_splits)}, "
+                            f"datasets provide {sorted(self.dataloaders)}")
+        n = len(self._samplers[split]._indices()) // self.dataloaders[split].batch_size
+        if n == 0:
+            raise UserError(f"the {split!r} split has fewer samples per process than "
+                            f"run.batch_size_train; lower the batch size or add data")
+        cap = self.config.run_cfg.get("iters_per_epoch", None)
+        return min(n, int(cap)) if cap else n
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> None:
+        start_time = time.time()
+        best_agg_metric, best_epoch = -math.inf, 0
+        self.log_config()
+        if not self.evaluate_only and self.resume_ckpt_path:
+            self._load_checkpoint(self.resume_ckpt_path)
+        cur_epoch = self.start_epoch
+        for cur_epoch in range(self.start_epoch, self.max_epoch):
+            if not self.evaluate_only:
+                stats = self.train_epoch(cur_epoch)
+                self.log_stats(split_name="train", stats=stats)
+            if self.valid_splits:
+                for split_name in self.valid_splits:
+                    val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
+                    if val_log is not None and dist_utils.is_main_process():
+                        agg = val_log.get("agg_metrics")
+                        if agg is None:
+                            raise UserError(f"task {type(self.task).__name__} returned no "
+                                            f"'agg_metrics' for split {split_name!r}")
+                        if agg > best_agg_metric and split_name == "val":
+                            best_epoch, best_agg_metric = cur_epoch, agg
+                            self._save_checkpoint(cur_epoch, is_best=True)
+                        val_log.update({"best_epoch": best_epoch})
+                        self.log_stats(val_log, split_name)
+            if self.evaluate_only:
+                break
+            dist_utils.barrier()
+        test_epoch = "best" if self.valid_splits and not self.evaluate_only else cur_epoch
+        self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
+        logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+    @property
+    def evaluate_only(self) -> bool:
+        return bool(self.config.run_cfg.get("evaluate", False))
+
+    @property
+    def accum_grad_iters(self) -> int:
+        return max(int(self.config.run_cfg.get("accum_grad_iters", 1)), 1)
+
+    def _autocast(self):
+        dtype = self.amp_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=dtype)
+
+    def _forward_loss(self, samples) -> tuple[torch.Tensor, Dict[str, float]]:
+        """Loss of one batch and its named components (every ``loss_*`` output of the model)."""
+        task_step = type(self.task).train_step
+        from lavis.tasks.base_task import BaseTask
+
+        with self._autocast():
+            if task_step is BaseTask.train_step:
+                output = self.model(samples)
+                loss = output["loss"]
+                parts = {k: float(v.detach()) for k, v in output.items()
+                         if k.startswith("loss_") and torch.is_tensor(v) and v.numel() == 1}
+            else:
+                loss, parts = self.task.train_step(model=self.model, samples=samples), {}
+        return loss, parts
+
+    def train_epoch(self, epoch: int) -> Dict[str, str]:
+        self.model.train()
+        loader = self.dataloaders[self.train_splits[0]]
+        sampler = self._samplers[self.train_splits[0]]
+        start = self.start_iter if epoch == self.start_epoch else 0
+        n_iters = self.iters_per_epoch
+        sampler.set_epoch(epoch, start * loader.batch_size)
+        if self._seeded is not None:
+            self._seeded.epoch = epoch
+        accum = self.accum_grad_iters
+        sched, optimizer, scaler = self.lr_scheduler, self.optimizer, self.scaler
+        max_norm = self.config.run_cfg.get("max_grad_norm", None)
+        sums: Dict[str, float] = {}
+        count = 0
+        bar = None
+        if dist_utils.is_main_process():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_iters, initial=start, desc=f"train epoch {epoch}",
+                       mininterval=2.0, leave=False, dynamic_ncols=True)
+        data_iter = iter(loader)
+        for i in range(start, n_iters):
+            try:
+                samples = next(data_iter)
+            except StopIteration:
+                break
+            samples = move_to_device(samples, self.device)
+            if isinstance(samples, dict):
+                samples.update({"epoch": epoch, "num_iters_per_epoch": n_iters, "iters": i})
+            last_micro = (i + 1) % accum == 0 or i + 1 == n_iters
+            if i % accum == 0:
+                sched.step(self.global_step)
+            sync = contextlib.nullcontext()
+            if self.use_distributed and not last_micro:
+                sync = self.model.no_sync()
+            with sync:
+                loss, parts = self._forward_loss(samples)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss {loss.item()} at epoch {epoch} iteration {i}; "
+                        "lower the lr, enable max_grad_norm or use amp_dtype bf16")
+                scaled = loss / accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            if last_micro:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if max_norm:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for g in optimizer.param_groups for p in g["params"]], float(max_norm))
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+            parts = {"loss": float(loss.detach()), **parts}
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts['loss']:.4f}", refresh=False)
+            if (i + 1) % self.log_freq == 0 or i + 1 == n_iters:
+                self._log_train_step(epoch, i, parts)
+            ckpt_freq = int(self.config.run_cfg.get("ckpt_freq", 0) or 0)
+            if ckpt_freq and last_micro and self.global_step % ckpt_freq == 0 and i + 1 < n_iters:
+                self._save_checkpoint(epoch, is_best=False, next_iter=i + 1)
+        if bar is not None:
+            bar.close()
+        self.start_iter = 0
+        # average over processes
+        keys = sorted(sums)
+        totals = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64)
+        if self.use_distributed:
+            torch.distributed.all_reduce(totals.to(self.device) if self.device.type == "cuda"
+                                         else totals)
+        stats = {k: f"{totals[j].item() / max(totals[-1].item(), 1):.6f}" for j, k in enumerate(keys)}
+        stats["lr"] = f"{optimizer.param_groups[0]['lr']:.8f}"
+        logger.info("epoch %d averaged stats: %s", epoch, stats)
+        if not self.valid_splits:
+            self._save_checkpoint(epoch, is_best=False, next_iter=None)
+        return stats
+
+    def _log_train_step(self, epoch: int, it: int, parts: Dict[str, float]) -> None:
+        if not dist_utils.is_main_process():
+            return
+        rec = {"epoch": epoch, "iter": it, "step": self.global_step,
+               "lr": self.optimizer.param_groups[0]["lr"], **parts}
+        with open(self.output_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def eval_epoch(self, split_name, cur_epoch, skip_reload=False):
+        loader = self.dataloaders.get(split_name)
+        if loader is None:
+            raise UserError(f"no dataset split {split_name!r} to evaluate; available: "
+                            f"{sorted(self.dataloaders)} (check run.valid_splits/test_splits)")
+        model = self.unwrap_dist_model(self.model)
+        if not skip_reload and cur_epoch == "best":
+            model = self._reload_best_model(model)
+        model.eval()
+        self.task.before_evaluation(model=model, dataset=self.datasets[split_name])
+        results = self.task.evaluation(model, loader, cuda_enabled=self.cuda_enabled)
+        if results is not None:
+            return self.task.after_evaluation(val_result=results, split_name=split_name,
+                                              epoch=cur_epoch)
+        return None
+
+    def unwrap_dist_model(self, model):
+        return model.module if isinstance(model, DDP) else model
+
+    # ------------------------------------------------------------------ checkpoints
+    def _rng_state(self) -> Dict[str, Any]:
+        state = {"python": random.getstate(), "numpy": np.random.get_state(),
+                 "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _save_checkpoint(self, cur_epoch, is_best=False, next_iter: Optional[int] = None):
+        """Save weights (trainable ones), optimizer, scaler, schedule, data position and RNG.
+
+        ``next_iter`` is the first batch of ``cur_epoch`` not yet trained (None: epoch done).
+        Written to a temp file and renamed, so a crash never leaves a half-written checkpoint.
+        """
+        rng_all = dist_utils.all_gather_object(self._rng_state())  # every rank's RNG
+        if not dist_utils.is_main_process():
+            return
+        model = self.unwrap_dist_model(self.model)
+        trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+        frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+        state = {k: v for k, v in model.state_dict().items() if k not in frozen or k in trainable}
+        done = next_iter is None
+        obj = {
+            "model": state,
+            "optimizer": self.optimizer.state_dict(),
+            "config": self.config.to_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "lr_sched": self.lr_scheduler.state_dict(),
+            "epoch": cur_epoch,
+            "next_epoch": cur_epoch + 1 if done else cur_epoch,
+            "next_iter": 0 if done else int(next_iter),
+            "global_step": self.global_step,
+            "rng": rng_all,
+            "world_size": dist_utils.get_world_size(),
+        }
+        name = "checkpoint_best.pth" if is_best else (
+            f"checkpoint_{cur_epoch}.pth" if done else f"checkpoint_step{self.global_step}.pth")
+        path = self.output_dir / name
+        tmp = path.with_suffix(".pth.tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+        latest = self.output_dir / "checkpoint_latest.pth"
+        tmp_latest = latest.with_suffix(".pth.tmp")
+        if not is_best:
+            try:
+                if latest.is_symlink() or latest.exists():
+                    latest.unlink()
+                os.symlink(path.name, tmp_latest)
+                os.replace(tmp_latest, latest)
+            except OSError:  # file systems without symlinks: keep the named file only
+                pass
+        logger.info("saved checkpoint %s", path)
+
+    def _read_checkpoint(self, path: str) -> Dict[str, Any]:
+        if not os.path.isfile(path):
+            raise UserError(f"checkpoint not found: {path} (run.resume_ckpt_path)")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise UserError(f"cannot read checkpoint {path}: {e}. Is it a complete .pth file?") from e
+
+    def _load_model_weights(self, model, state: Dict[str, torch.Tensor], path: str) -> None:
+        msg = model.load_state_dict(state, strict=False)
+        trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+        missing = [k for k in msg.missing_keys if k in trainable]
+        if missing or msg.unexpected_keys:
+            raise UserError(
+                f"checkpoint {path} does not match the model: missing trainable weights "
+                f"{missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected keys "
+                f"{msg.unexpected_keys[:8]}{'...' if len(msg.unexpected_keys) > 8 else ''}. "
+                "Was it written by a run of the same model config?")
+
+    def _load_checkpoint(self, url_or_filename):
+        """Resume: restore weights, optimizer, scaler, schedule, data position and RNG."""
+        ckpt = self._read_checkpoint(url_or_filename)
+        if "model" not in ckpt or "optimizer" not in ckpt:
+            raise UserError(f"{url_or_filename} is not a training checkpoint (needs 'model' and "
+                            "'optimizer'); to initialise weights use model.pretrained instead")
+        self._load_model_weights(self.unwrap_dist_model(self.model), ckpt["model"], url_or_filename)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = int(ckpt.get("next_epoch", ckpt["epoch"] + 1))
+        self.start_iter = int(ckpt.get("next_iter", 0))
+        self.global_step = int(ckpt.get("global_step", 0))
+        if "lr_sched" in ckpt:
+            self.lr_scheduler.load_state_dict(ckpt["lr_sched"])
+        rng = ckpt.get("rng")
+        if rng:
+            if ckpt.get("world_size", 1) != dist_utils.get_world_size():
+                logger.warning("checkpoint written by %s processes, resuming with %s: data order "
+                               "and RNG streams differ from the original run",
+                               ckpt.get("world_size"), dist_utils.get_world_size())
+            mine = rng[min(dist_utils.get_rank(), len(rng) - 1)]
+            random.setstate(mine["python"])
+            np.random.set_state(mine["numpy"])
+            torch.set_rng_state(mine["torch"])
+            if "cuda" in mine and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(mine["cuda"])
+        logger.info("resumed from %s at epoch %d, iteration %d (step %d)", url_or_filename,
+                    self.start_epoch, self.start_iter, self.global_step)
+
+    def _reload_best_model(self, model):
+        path = str(self.output_dir / "checkpoint_best.pth")
+        ckpt = self._read_checkpoint(path)
+        self._load_model_weights(model, ckpt["model"], path)
+        return model
+
+    def log_stats(self, stats, split_name):
+        if dist_utils.is_main_process() and isinstance(stats, dict):
+            with open(self.output_dir / "log.txt", "a") as f:
+                f.write(json.dumps({f"{split_name}_{k}": v for k, v in stats.items()}) + "\n")
+
+    def log_config(self):
+        if dist_utils.is_main_process():
+            with open(self.output_dir / "log.txt", "a") as f:
+                f.write(json.dumps(self.config.to_dict(), indent=4) + "\n")
