@@ -99,6 +99,8 @@ def load_config(cfg_path: str, options: List[str]):
         raw.datasets = {}
     # LAVIS's Config reads the YAML from disk itself: hand it the checked file
     cfg = Config(argparse.Namespace(cfg_path=str(path), options=list(options)))
+    if "datasets" not in cfg.config:  # LAVIS drops an empty datasets: section
+        cfg.config.datasets = {}
     _check_data_paths(cfg)
     return cfg
 
@@ -165,7 +167,7 @@ def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional
         if info.distributed:  # every rank must write into the same folder
             job_id = dist_utils.all_gather_object(job_id)[0]
     task = setup_task(cfg)
-    datasets = task.build_datasets(cfg)
+    datasets = task.build_datasets(cfg) if len(cfg.datasets_cfg) else {}
     model = task.build_model(cfg)
     runner_cls = registry.get_runner_class(run_cfg.get("runner", "lp_runner"))
     runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)

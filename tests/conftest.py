@@ -48,3 +48,18 @@ def in_bert_parent(tiny_bert_dir, monkeypatch):
 
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def shapes_home(tmp_path_factory) -> Path:
+    """A data home (``LAVIS_PLUGINS_DATA``) holding the built-in shapes dataset, made once.
+
+    The variable is set for the whole session (and inherited by subprocesses) so that builders
+    with ``root: default`` find this copy instead of the user's cache.
+    """
+    home = tmp_path_factory.mktemp("lp_data")
+    os.environ["LAVIS_PLUGINS_DATA"] = str(home)
+    from lavis_plugins.demo_data import ensure_shapes_dataset
+
+    ensure_shapes_dataset()
+    return home
