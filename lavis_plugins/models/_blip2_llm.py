@@ -1,0 +1,695 @@
+"""What BLIP-2's two stage-2 models share: frozen image encoder -> Q-Former -> linear projection ->
+soft visual prompt for a frozen LLM, their config, and checkpoint loading.
+
+``lp_blip2_opt`` (decoder-only LLM) and ``lp_blip2_t5`` (encoder-decoder LLM) subclass
+:class:`Blip2LLMBase`; they differ in how text is fed and scored. The LLMs are transformers' own
+``OPTForCausalLM`` / ``T5ForConditionalGeneration`` (LAVIS vendors old copies of both), loaded
+from a local folder, frozen, and kept in fp16/bf16 on GPU (fp32 when no GPU is visible).
+
+Checkpoints, in the state-dict names of LAVIS's ``blip2_opt`` / ``blip2_t5`` (``Qformer.*``,
+``query_tokens``, ``opt_proj.*``/``t5_proj.*``, ``ln_vision.*``, ``visual_encoder.*``,
+``opt_model.*``/``t5_model.*``):
+- ``stage1_checkpoint``: a stage-1 (``blip2`` / ``lp_blip2``) ``.pth``; initialises the Q-Former,
+  the query tokens and ``ln_vision`` (and the ViT when the file has it); the stage-1 text branch
+  (LM head, word/position embeddings, text FFNs, ITC/ITM heads) is dropped, as stage 2 has none.
+- ``pretrained`` / ``finetuned`` (LAVIS's keys): a LAVIS ``.pth`` (file or URL), loaded as it is, or
+  a transformers ``Blip2ForConditionalGeneration`` folder (``config.json`` + weights), converted by
+  :func:`hf_to_lavis_state_dict`. A transformers folder also supplies the LLM (architecture from
+  its ``text_config``, weights, and its tokenizer when it has one).
+Every load checks what it loaded: keys the model does not have and missing trainable weights are
+errors, frozen parts the file lacks (the LLM, the ViT in LAVIS's released files) are logged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from transformers.utils import ModelOutput
+
+from lavis_plugins.common.errors import UserError
+from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
+
+logger = logging.getLogger(__name__)
+
+LLM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VIT_MODELS = ("eva_clip_g", "clip_L", "tiny")
+TINY_LLM = "tiny"  # LLM folder value that makes (once, in the cache folder) a tiny random LLM
+# keys of the model config that LAVIS's Config adds and that are not model settings
+_CONFIG_META_KEYS = ("arch", "model_type")
+
+
+@dataclass
+class Blip2LLMConfig:
+    """Settings shared by the stage-2 models (each default is written here, once)."""
+
+    # --- image encoder ---
+    vit_model: str = "eva_clip_g"  # "eva_clip_g" (EVA ViT-g/14), "clip_L" (ViT-L/14), "tiny"
+    image_size: int = 224  # input resolution (364 for LAVIS's COCO caption fine-tuned weights)
+    drop_path_rate: float = 0.0  # stochastic depth of the ViT (matters only when it trains)
+    use_grad_checkpoint: bool = False  # recompute ViT activations in backward (unfrozen ViT)
+    vit_precision: str = "fp16"  # ViT weights on GPU: "fp16" or "fp32"
+    vit_path: Optional[str] = None  # local eva_clip_g / clip_L weights; "random": untrained
+    freeze_vit: bool = True  # False fine-tunes the image encoder (caption / VQA fine-tuning)
+    tiny_vit: TinyVitConfig = field(default_factory=TinyVitConfig)  # sizes for vit_model "tiny"
+    # --- Q-Former ---
+    bert_path: str = "bert-base-uncased"  # BERT folder the Q-Former is built from; "tiny": random
+    num_query_token: int = 32  # learned queries = length of the soft visual prompt
+    cross_attention_freq: int = 2  # a cross-attention layer every N-th Q-Former block
+    stage1_checkpoint: Optional[str] = None  # stage-1 .pth that initialises the Q-Former
+    # --- frozen LLM ---
+    llm_dtype: str = "fp16"  # LLM weights on GPU: "fp16", "bf16" or "fp32" (fp32 without GPU)
+    llm_dropout: bool = True  # keep the frozen LLM's dropout active in training (as LAVIS)
+    prompt: str = ""  # text after the visual prompt, in training and captioning
+    # predict_answers: nouns and verbs of generated answers to their lemma (spaCy
+    # en_core_web_sm), as LAVIS's OK-VQA evaluation does
+    apply_lemmatizer: bool = False
+    max_txt_len: int = 32  # training text is truncated to this many tokens
+    # --- weights to load (LAVIS's keys) ---
+    pretrained: Optional[str] = None  # LAVIS .pth (path or URL) or transformers Blip2 folder
+    finetuned: Optional[str] = None  # same formats; read instead of pretrained if load_finetuned
+    load_pretrained: bool = True  # load ``pretrained`` (when set)
+    load_finetuned: bool = False  # load ``finetuned`` instead
+
+    # config keys accepted as other names of a field: {alias: field}
+    ALIASES: ClassVar[Dict[str, str]] = {}
+
+    @classmethod
+    def from_cfg(cls, cfg: Any, arch: str) -> "Blip2LLMConfig":
+        """Build from a LAVIS model config (``OmegaConf``/dict); unknown keys are an error."""
+        raw = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        for k in _CONFIG_META_KEYS:
+            raw.pop(k, None)
+        names = {f.name for f in fields(cls)}
+        for alias, name in cls.ALIASES.items():
+            if alias in raw:
+                value = raw.pop(alias)
+                if raw.get(name) not in (None, value) and value is not None:
+                    raise UserError(f"model config of {arch}: {alias!r} ({value!r}) and {name!r} "
+                                    f"({raw[name]!r}) name the same setting; keep one")
+                if value is not None:
+                    raw[name] = value
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise UserError(f"unknown key(s) {unknown} in the model config of {arch}; accepted "
+                            f"keys: {sorted(names | set(cls.ALIASES) | set(_CONFIG_META_KEYS))}")
+        if "tiny_vit" in raw:
+            raw["tiny_vit"] = TinyVitConfig.from_any(raw["tiny_vit"])
+        for key in ("pretrained", "finetuned", "stage1_checkpoint", "vit_path"):
+            if raw.get(key) == "":  # LAVIS's YAMLs write "" for "none"
+                raw[key] = None
+        cfg_obj = cls(**raw)
+        cfg_obj.validate(arch)
+        return cfg_obj
+
+    def validate(self, arch: str) -> None:
+        if self.vit_model not in VIT_MODELS:
+            raise UserError(f"model.vit_model of {arch} is {self.vit_model!r}; choose one of "
+                            f"{list(VIT_MODELS)}")
+        if self.llm_dtype not in LLM_DTYPES:
+            raise UserError(f"model.llm_dtype of {arch} is {self.llm_dtype!r}; choose one of "
+                            f"{list(LLM_DTYPES)}")
+        if self.num_query_token < 1 or self.max_txt_len < 1:
+            raise UserError(f"model.num_query_token and model.max_txt_len of {arch} must be >= 1")
+
+
+@dataclass
+class Blip2LLMOutput(ModelOutput):
+    """Training output of a stage-2 model.
+
+    Attributes:
+        loss: scalar, the LM loss (mean over target tokens).
+        loss_lm: the same value, under the name the runner logs.
+        logits: only when ``forward(..., return_logits=True)``: the LLM's next-token logits at the
+            text positions, (B, L, V) (OPT: position i predicts text token i; T5: decoder logits).
+        targets: with ``logits``: (B, L) target ids, -100 where no loss is taken.
+    """
+
+    loss: Optional[torch.Tensor] = None
+    loss_lm: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    targets: Optional[torch.Tensor] = None
+
+
+def is_hf_blip2_folder(path: Optional[str]) -> bool:
+    """A local folder holding a transformers BLIP-2 ``config.json``."""
+    if not path or not os.path.isdir(path):
+        return False
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "blip-2"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def read_hf_state_dict(folder: str) -> Dict[str, torch.Tensor]:
+    """All weights of a transformers folder (safetensors or .bin, single file or sharded)."""
+    folder_p = Path(folder)
+    for index_name, loader in (("model.safetensors.index.json", "st"),
+                               ("pytorch_model.bin.index.json", "pt")):
+        index = folder_p / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            break
+    else:
+        if (folder_p / "model.safetensors").is_file():
+            files, loader = ["model.safetensors"], "st"
+        elif (folder_p / "pytorch_model.bin").is_file():
+            files, loader = ["pytorch_model.bin"], "pt"
+        else:
+            raise UserError(f"{folder} has a BLIP-2 config.json but no weights (model.safetensors "
+                            "or pytorch_model.bin, single or sharded)")
+    state: Dict[str, torch.Tensor] = {}
+    for name in files:
+        if loader == "st":
+            from safetensors.torch import load_file
+
+            state.update(load_file(str(folder_p / name)))
+        else:
+            state.update(torch.load(folder_p / name, map_location="cpu", weights_only=True))
+    return state
+
+
+_HF_VIT_LAYER = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.(.*)$")
+_HF_VIT_LAYER_NAMES = {
+    "layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
+    "self_attn.projection": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+}
+_HF_VIT_TOP = {
+    "vision_model.embeddings.class_embedding": "visual_encoder.cls_token",
+    "vision_model.embeddings.position_embedding": "visual_encoder.pos_embed",
+    "vision_model.embeddings.patch_embedding.weight": "visual_encoder.patch_embed.proj.weight",
+    "vision_model.embeddings.patch_embedding.bias": "visual_encoder.patch_embed.proj.bias",
+    "vision_model.post_layernorm.weight": "ln_vision.weight",
+    "vision_model.post_layernorm.bias": "ln_vision.bias",
+}
+
+
+def hf_to_lavis_state_dict(hf_state: Dict[str, torch.Tensor], proj_name: str, llm_name: str,
+                           include_vision: bool = True) -> Dict[str, torch.Tensor]:
+    """Rename a transformers ``Blip2ForConditionalGeneration`` state dict to LAVIS's names.
+
+    The inverse of transformers' ``convert_blip_2_original_to_pytorch.py``:
+    ``qformer.*`` -> ``Qformer.bert.*`` (``qformer.layernorm`` -> ``embeddings.LayerNorm``,
+    ``*.attention.attention.*`` -> ``*.attention.self.*``), ``language_projection`` ->
+    ``proj_name``, ``language_model`` -> ``llm_name``, ``query_tokens`` as is, and (with
+    ``include_vision``) ``vision_model`` -> ``visual_encoder``/``ln_vision`` in the EVA ViT-g
+    layout (its fused qkv bias split back into ``q_bias``/``v_bias``; the k part is zero).
+
+    Args:
+        hf_state: the transformers model's weights.
+        proj_name: ``"opt_proj"`` or ``"t5_proj"``.
+        llm_name: ``"opt_model"`` or ``"t5_model"``.
+        include_vision: False drops the vision weights (a model whose ViT is not EVA ViT-g).
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in hf_state.items():
+        if key.startswith("vision_model."):
+            if include_vision:
+                out.update(_hf_vision_key(key, value))
+            continue
+        if key.startswith("qformer."):
+            new = "Qformer.bert." + key[len("qformer."):]
+            new = new.replace("Qformer.bert.layernorm.", "Qformer.bert.embeddings.LayerNorm.")
+            new = re.sub(r"\.(attention|crossattention)\.attention\.", r".\1.self.", new)
+        elif key.startswith("language_projection."):
+            new = proj_name + key[len("language_projection"):]
+        elif key.startswith("language_model."):
+            new = llm_name + key[len("language_model"):]
+        elif key == "query_tokens":
+            new = key
+        else:
+            raise UserError(f"unexpected weight {key!r} in a transformers BLIP-2 checkpoint "
+                            "(expected vision_model.*, qformer.*, query_tokens, "
+                            "language_projection.*, language_model.*)")
+        out[new] = value
+    return out
+
+
+def _hf_vision_key(key: str, value: torch.Tensor) -> Dict[str, torch.Tensor]:
+    if key in _HF_VIT_TOP:
+        return {_HF_VIT_TOP[key]: value}
+    m = _HF_VIT_LAYER.match(key)
+    if m is None:
+        raise UserError(f"cannot map vision weight {key!r} to LAVIS's EVA ViT-g layout")
+    i, rest = m.groups()
+    if rest == "self_attn.qkv.bias":
+        q, _, v = value.chunk(3)  # transformers stores (q, 0, v); EVA keeps q and v only
+        return {f"visual_encoder.blocks.{i}.attn.q_bias": q,
+                f"visual_encoder.blocks.{i}.attn.v_bias": v}
+    for hf_name, lavis_name in _HF_VIT_LAYER_NAMES.items():
+        if rest.startswith(hf_name + "."):
+            return {f"visual_encoder.blocks.{i}.{lavis_name}{rest[len(hf_name):]}": value}
+    raise UserError(f"cannot map vision weight {key!r} to LAVIS's EVA ViT-g layout")
+
+
+def load_pth(url_or_path: str) -> Dict[str, torch.Tensor]:
+    """The ``model`` state dict of a LAVIS-format checkpoint (local file or URL)."""
+    from lavis.common.utils import is_url
+
+    if is_url(url_or_path):
+        from lavis.common.dist_utils import download_cached_file
+
+        url_or_path = download_cached_file(url_or_path, check_hash=False, progress=True)
+    if not os.path.isfile(url_or_path):
+        raise UserError(f"checkpoint not found: {url_or_path}. Give a LAVIS .pth file, a URL, or "
+                        "a transformers Blip2ForConditionalGeneration folder")
+    ckpt = torch.load(url_or_path, map_location="cpu", weights_only=False)
+    return ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+
+
+# stage-1 / transformers keys that stage 2 has no module for (its Q-Former has no text branch)
+_STAGE2_DROPPED = re.compile(
+    r"^(Qformer\.cls\.|Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings)\.|"
+    r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.|"
+    r"vision_proj\.|text_proj\.|itm_head\.|temp$)")
+
+
+class Blip2LLMBase(LPBlip2Base):
+    """Image -> soft visual prompt (B, Nq, H_llm) for a frozen LLM. Subclasses add the LLM."""
+
+    CONFIG_CLASS = Blip2LLMConfig
+    PROJ_NAME = "llm_proj"  # state-dict name of the projection (opt_proj / t5_proj)
+    LLM_NAME = "llm"  # state-dict name of the LLM (opt_model / t5_model)
+    PRETRAINED_MODEL_CONFIG_DICT: ClassVar[Dict[str, str]] = {}
+
+    @classmethod
+    def arch_name(cls) -> str:
+        """The name this class is registered under (for messages), else its class name."""
+        from lavis.common.registry import registry
+
+        names = [n for n, c in registry.mapping["model_name_mapping"].items() if c is cls]
+        return names[0] if names else cls.__name__
+
+    @classmethod
+    def default_config_path(cls, model_type: str) -> str:
+        """The default YAML of ``model_type`` (an absolute path; unknown types list the choices)."""
+        from lavis_plugins.common.errors import unknown_name
+
+        if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
+            raise unknown_name(f"model_type of {cls.arch_name()}", model_type,
+                               cls.PRETRAINED_MODEL_CONFIG_DICT)
+        return cls.PRETRAINED_MODEL_CONFIG_DICT[model_type]
+
+    def __init__(self, cfg: Blip2LLMConfig, hf_folder: Optional[str] = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.prompt = cfg.prompt
+        self.max_txt_len = cfg.max_txt_len
+        self.visual_encoder, self.ln_vision = self.init_vision_encoder(
+            cfg.vit_model, cfg.image_size, cfg.drop_path_rate, cfg.use_grad_checkpoint,
+            cfg.vit_precision, vit_path=cfg.vit_path, tiny=cfg.tiny_vit)
+        if cfg.freeze_vit:
+            self.freeze_vision_encoder()
+        self.Qformer, self.query_tokens = self.init_qformer(
+            cfg.bert_path, cfg.num_query_token, self.visual_encoder.num_features,
+            cfg.cross_attention_freq)
+        self._drop_qformer_text_branch()
+        llm = self._build_llm(hf_folder)
+        llm.requires_grad_(False)
+        setattr(self, self.LLM_NAME, llm)
+        setattr(self, self.PROJ_NAME,
+                nn.Linear(self.Qformer.config.hidden_size, llm.config.hidden_size))
+
+    # ------------------------------------------------------------------ construction
+    def _drop_qformer_text_branch(self) -> None:
+        """Stage 2 feeds only queries through the Q-Former: its LM head, word/position
+        embeddings and the text-side feed-forward layers are removed (as LAVIS does), so
+        checkpoints keep LAVIS's key set."""
+        bert = self.Qformer.bert
+        self.Qformer.cls = None
+        bert.embeddings.word_embeddings = None
+        bert.embeddings.position_embeddings = None
+        for layer in bert.encoder.layer:
+            layer.output = None
+            layer.intermediate = None
+
+    def _build_llm(self, hf_folder: Optional[str]) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def llm(self) -> nn.Module:
+        return getattr(self, self.LLM_NAME)
+
+    @property
+    def llm_proj(self) -> nn.Linear:
+        return getattr(self, self.PROJ_NAME)
+
+    def llm_load_dtype(self) -> torch.dtype:
+        """The configured dtype when a GPU is visible, else fp32 (half matmuls on CPU are slow
+        and, for bf16, inexact)."""
+        return LLM_DTYPES[self.cfg.llm_dtype] if torch.cuda.is_available() else torch.float32
+
+    def make_tiny_llm(self, folder: Path) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def resolve_llm_folder(self, path: Optional[str], key: str) -> str:
+        """A local LLM folder, a name already in the local transformers cache, or for ``"tiny"``
+        a tiny random LLM made once in the cache folder (``$LAVIS_PLUGINS_CACHE`` or
+        ``~/.cache/lavis_plugins``)."""
+        if path == TINY_LLM:
+            return str(self._tiny_llm_folder(f"tiny-{self.LLM_NAME.split('_')[0]}"))
+        if path and os.path.isdir(path):
+            return path
+        if path:
+            try:
+                from huggingface_hub import snapshot_download
+
+                return snapshot_download(path, local_files_only=True)
+            except Exception:  # noqa: BLE001 - any failure means "not available locally"
+                pass
+        raise UserError(
+            f"model.{key} of {self.arch_name()} is {path!r}, which is not a local folder. Point it at a "
+            f"folder holding the LLM's config.json, weights and tokenizer (for example "
+            f"`huggingface-cli download {path or '<repo>'} --local-dir <folder>`), or load a "
+            "transformers Blip2ForConditionalGeneration folder, which includes its LLM.")
+
+    def _tiny_llm_folder(self, name: str) -> Path:
+        import shutil
+        import tempfile
+
+        cache = Path(os.environ.get("LAVIS_PLUGINS_CACHE",
+                                    Path.home() / ".cache" / "lavis_plugins"))
+        folder = cache / name
+        if not (folder / "config.json").is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            # made beside and renamed into place: concurrent ranks never read a half-made one
+            tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
+            self.make_tiny_llm(tmp)
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another process won the race; its folder is identical (seeded)
+                shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    def train(self, mode: bool = True):
+        """The frozen LLM keeps eval mode when ``llm_dropout`` is false (a frozen ViT always
+        does, see ``freeze_vision_encoder``)."""
+        super().train(mode)
+        if not self.cfg.llm_dropout:
+            self.llm.eval()
+        return self
+
+    # ------------------------------------------------------------------ image -> visual prompt
+    def llm_dtype(self) -> torch.dtype:
+        return next(self.llm.parameters()).dtype
+
+    def autocast(self, dtype: Optional[torch.dtype] = None):
+        """Autocast on CUDA (to the LLM's dtype by default); nothing on CPU (fp32 there)."""
+        import contextlib
+
+        if self.query_tokens.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = dtype or self.llm_dtype()
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=dtype)
+
+    def visual_prompt(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Images -> projected query outputs.
+
+        Args:
+            image: (B, 3, H, W).
+        Returns:
+            ``(inputs_llm, atts_llm)``: (B, Nq, H_llm) in the LLM's dtype and (B, Nq) ones.
+        """
+        image_embeds = self.encode_image(image)  # (B, N, Dv) fp32; ViT precision handled there
+        image_embeds = image_embeds.to(self.query_tokens.dtype)
+        query = self.query_output(image_embeds)  # (B, Nq, D)
+        inputs_llm = self.llm_proj(query).to(self.llm_dtype())  # (B, Nq, H_llm)
+        atts = torch.ones(inputs_llm.shape[:-1], dtype=torch.long, device=inputs_llm.device)
+        return inputs_llm, atts
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_config(cls, cfg) -> "Blip2LLMBase":
+        arch = cls.arch_name()
+        mcfg = cls.CONFIG_CLASS.from_cfg(cfg, arch)
+        path = mcfg.finetuned if mcfg.load_finetuned else (
+            mcfg.pretrained if mcfg.load_pretrained else None)
+        if mcfg.load_finetuned and not mcfg.finetuned:
+            raise UserError(f"model.load_finetuned is true but model.finetuned is not set ({arch})")
+        hf_folder = path if is_hf_blip2_folder(path) else None
+        if path and os.path.isdir(path) and hf_folder is None:
+            raise UserError(f"{path} is a folder but not a transformers BLIP-2 folder (no "
+                            "config.json with model_type 'blip-2'); give a LAVIS .pth or a "
+                            "Blip2ForConditionalGeneration folder")
+        model = cls(mcfg, hf_folder=hf_folder)
+        if mcfg.stage1_checkpoint:
+            model.load_stage1(mcfg.stage1_checkpoint)
+        if path:
+            if hf_folder:
+                model.load_hf_blip2(hf_folder)
+            else:
+                model.load_lavis(path)
+        return model
+
+    def load_checkpoint_from_config(self, cfg, **kwargs) -> None:
+        """LAVIS's hook (used by some LAVIS code paths): load ``finetuned``/``pretrained``."""
+        mcfg = self.CONFIG_CLASS.from_cfg(cfg, self.arch_name())
+        path = mcfg.finetuned if mcfg.load_finetuned else mcfg.pretrained
+        if path:
+            self.load_hf_blip2(path) if is_hf_blip2_folder(path) else self.load_lavis(path)
+
+    def load_stage1(self, url_or_path: str) -> None:
+        """Initialise Q-Former, query tokens, ``ln_vision`` (and the ViT if present) from a
+        stage-1 checkpoint; everything stage 2 has no module for is dropped."""
+        state = {k: v for k, v in load_pth(url_or_path).items() if not _STAGE2_DROPPED.match(k)}
+        keep = ("Qformer.", "query_tokens", "ln_vision.", "visual_encoder.")
+        extra = sorted(k for k in state if not k.startswith(keep))
+        if extra:
+            raise UserError(f"stage1_checkpoint {url_or_path} has weights a BLIP-2 stage-1 model "
+                            f"does not: {extra[:8]}. Is it a stage-1 (blip2 / lp_blip2) file?")
+        self._load_checked(state, url_or_path, required=("Qformer.", "query_tokens"))
+
+    def load_lavis(self, url_or_path: str) -> None:
+        """Load a LAVIS ``blip2_opt``/``blip2_t5`` (or this plugin's) ``.pth`` as it is."""
+        state = {k: v for k, v in load_pth(url_or_path).items() if not _STAGE2_DROPPED.match(k)}
+        self._check_projection(state, url_or_path)
+        self._load_checked(state, url_or_path,
+                           required=("Qformer.", "query_tokens", self.PROJ_NAME + "."))
+
+    def load_hf_blip2(self, folder: str) -> None:
+        """Load a transformers ``Blip2ForConditionalGeneration`` folder (weights renamed)."""
+        include_vision = self.cfg.vit_model == "eva_clip_g"
+        if not include_vision:
+            logger.warning("%s: vision weights skipped: the transformers layout maps onto EVA "
+                           "ViT-g only and this model's vit_model is %r", folder,
+                           self.cfg.vit_model)
+        state = hf_to_lavis_state_dict(read_hf_state_dict(folder), self.PROJ_NAME,
+                                       self.LLM_NAME, include_vision=include_vision)
+        state = {k: v for k, v in state.items() if not _STAGE2_DROPPED.match(k)}
+        if not include_vision:
+            state = {k: v for k, v in state.items() if not k.startswith("ln_vision.")}
+        self._check_projection(state, folder)
+        self._load_checked(state, folder, required=("Qformer.", "query_tokens",
+                                                    self.PROJ_NAME + ".", self.LLM_NAME + "."))
+
+    def _check_projection(self, state: Dict[str, torch.Tensor], source: str) -> None:
+        w = state.get(self.PROJ_NAME + ".weight")
+        if w is None:
+            return
+        ours = self.llm_proj.weight
+        if w.shape[0] != ours.shape[0]:
+            raise UserError(
+                f"{source}: its {self.PROJ_NAME} maps to an LLM of width {w.shape[0]}, but the "
+                f"LLM folder loaded (model.{self.LLM_NAME}) has hidden size {ours.shape[0]}. "
+                f"Point model.{self.LLM_NAME} at the LLM this checkpoint was trained with.")
+        if w.shape[1] != ours.shape[1]:
+            raise UserError(
+                f"{source}: its {self.PROJ_NAME} reads Q-Former outputs of width {w.shape[1]}, "
+                f"this model's Q-Former has width {ours.shape[1]} (from model.bert_path).")
+
+    def _load_checked(self, state: Dict[str, torch.Tensor], source: str,
+                      required: Iterable[str]) -> None:
+        """``load_state_dict`` that fails on unknown keys, wrong shapes, and missing keys under
+        ``required`` prefixes; missing frozen parts are logged."""
+        own = self.state_dict()
+        unknown = sorted(k for k in state if k not in own)
+        if unknown:
+            raise UserError(f"{source}: {len(unknown)} weight(s) this model does not have, e.g. "
+                            f"{unknown[:6]}. Is it a checkpoint of {type(self).__name__}'s "
+                            "architecture (same vit_model, Q-Former size)?")
+        bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+               if tuple(v.shape) != tuple(own[k].shape)]
+        if bad:
+            raise UserError(f"{source}: weight shapes differ from this model's (name, file, "
+                            f"model): {bad[:6]}. Check vit_model, bert_path, num_query_token.")
+        required = tuple(required)
+        params = {k for k, _ in self.named_parameters()}  # buffers (position_ids) not required
+        missing_required = sorted(k for k in params if k.startswith(required) and k not in state)
+        if missing_required:
+            raise UserError(f"{source}: lacks {len(missing_required)} weight(s) it must provide, "
+                            f"e.g. {missing_required[:6]}")
+        self.load_state_dict(state, strict=False)
+        absent = sorted({k.split(".")[0] for k in own if k not in state})
+        logger.info("loaded %d tensors from %s; kept as built (not in the file): %s",
+                    len(state), source, absent or "nothing")
+
+    # ------------------------------------------------------------------ optimisation
+    def optimizer_param_groups(self, weight_decay: float, layer_decay: float = 1.0
+                               ) -> Optional[List[Dict[str, Any]]]:
+        """Param groups with weight decay off for biases/norms; with an unfrozen ViT and
+        ``layer_decay`` < 1, ViT block i gets lr scale ``layer_decay ** (depth + 1 - (i + 1))``
+        (patch/pos embeddings: layer 0); Q-Former and projection keep scale 1."""
+        from lavis_plugins.common.optim import layerwise_lr_scale
+
+        depth = len(getattr(self.visual_encoder, "blocks", []))
+        groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            wd = 0.0 if (p.ndim < 2 or "bias" in name or "norm" in name.lower()
+                         or name.startswith("ln_") or name == "query_tokens") else weight_decay
+            scale = 1.0
+            if name.startswith("visual_encoder.") and layer_decay < 1.0 and depth:
+                m = re.match(r"visual_encoder\.blocks\.(\d+)\.", name)
+                layer = int(m.group(1)) + 1 if m else 0
+                scale = layerwise_lr_scale(depth, layer, layer_decay)
+            groups.setdefault((wd, scale), []).append(p)
+        return [{"params": ps, "weight_decay": wd, "lr_scale": scale}
+                for (wd, scale), ps in groups.items()]
+
+    # ------------------------------------------------------------------ prompts
+    @staticmethod
+    def batch_prompts(prompt: Any, batch_size: int, field: str = "prompt") -> List[str]:
+        """A prompt for each sample: a string is repeated; a list must have one per sample."""
+        if isinstance(prompt, str):
+            return [prompt] * batch_size
+        prompts = list(prompt)
+        if len(prompts) != batch_size:
+            raise UserError(f"samples[{field!r}] has {len(prompts)} prompts for {batch_size} "
+                            "images; give one string or one per image")
+        return prompts
+
+    def postprocess_answers(self, answers: List[str]) -> List[str]:
+        """Generated answers, lemmatised when ``apply_lemmatizer`` (LAVIS's OK-VQA protocol)."""
+        if not self.cfg.apply_lemmatizer:
+            return answers
+        nlp = self._lemmatizer()
+        return [" ".join(t.lemma_ if t.pos_ in ("NOUN", "VERB") else t.text for t in nlp(a))
+                for a in answers]
+
+    def _lemmatizer(self):
+        if getattr(self, "_spacy", None) is None:
+            try:
+                import spacy
+
+                self._spacy = spacy.load("en_core_web_sm")
+            except (ImportError, OSError) as e:
+                raise UserError(
+                    "model.apply_lemmatizer needs spaCy and its en_core_web_sm model: "
+                    "`pip install spacy && python -m spacy download en_core_web_sm`, or set "
+                    f"model.apply_lemmatizer: false ({e})") from e
+        return self._spacy
+
+    @staticmethod
+    def format_questions(questions: Any, prompt: str) -> List[str]:
+        """Questions put in ``prompt`` ("Question: {} Answer:"); "" keeps them as they are."""
+        if isinstance(questions, str):
+            questions = [questions]
+        if prompt and "{}" not in prompt:
+            raise UserError(f"the VQA prompt {prompt!r} has no '{{}}' where the question goes")
+        return [prompt.format(q) for q in questions] if prompt else list(questions)
+
+    # ------------------------------------------------------------------ answer ranking
+    VQA_PROMPT = ""  # subclasses: BLIP-2's zero-shot VQA prompt for their LLM
+    RANK_CHUNK = 64  # candidates scored per LLM call in ranking
+
+    @torch.no_grad()
+    def rank_answers(self, samples: Dict[str, Any], answer_list: Optional[List[str]],
+                     num_ans_candidates: int = 128, prompt: Optional[str] = None) -> List[str]:
+        """Each question's most likely answer from ``answer_list`` (LLM log-likelihood ranking,
+        the protocol InstructBLIP reports for video QA).
+
+        Candidates are first pre-selected by the log-probability of their first token (the
+        ``num_ans_candidates`` best, as BLIP's VQA ranking does; all when the list is shorter),
+        then scored by the summed log-probability of all their tokens, end-of-answer included.
+
+        Args:
+            samples: ``image`` (B, 3, H, W), ``text_input`` (B questions).
+            answer_list: the candidate answers (shared by the batch).
+            num_ans_candidates: how many survive the first-token pre-selection.
+            prompt: question template (default: the model's VQA prompt).
+        """
+        scores, idx = self._rank(samples, answer_list, num_ans_candidates, prompt)
+        best = idx.gather(1, scores.argmax(1, keepdim=True))[:, 0]
+        return [answer_list[i] for i in best.tolist()]
+
+    @torch.no_grad()
+    def score_candidates(self, samples: Dict[str, Any], candidates: List[str],
+                         prompt: Optional[str] = None) -> torch.Tensor:
+        """(B, C) log-likelihood of every candidate (summed over its tokens) for each sample."""
+        scores, _ = self._rank(samples, candidates, len(candidates), prompt)
+        return scores
+
+    def _rank(self, samples, answers, k, prompt) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not answers:
+            raise UserError("answer ranking needs a non-empty answer list (run.inference_method "
+                            "'rank' reads it from the dataset's answer_list)")
+        answers = list(answers)
+        prompt = self.VQA_PROMPT if prompt is None else prompt
+        image = samples["image"]
+        if "text_input" in samples:
+            prompts = self.format_questions(samples["text_input"], prompt)
+        else:
+            prompts = self.batch_prompts(samples.get("prompt", self.prompt), image.shape[0])
+        state = self._score_prefix(image, prompts)
+        cand = self._candidate_tokens(answers)
+        first = state["first"]  # (B, V) log-probs of the first answer token
+        device = first.device
+        first_ids = torch.tensor([c[0] for c in cand], device=device)
+        n, b_size = len(answers), first.shape[0]
+        k = max(1, min(int(k), n))
+        idx = (first[:, first_ids].topk(k, dim=1).indices if k < n
+               else torch.arange(n, device=device).expand(b_size, n))
+        scores = torch.empty(b_size, k, device=device)
+        for b in range(b_size):
+            for s in range(0, k, self.RANK_CHUNK):
+                sel = idx[b, s:s + self.RANK_CHUNK].tolist()
+                rows = [cand[i] for i in sel]
+                width = max(len(r) for r in rows)
+                ids = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=device)
+                mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows],
+                                    device=device)
+                scores[b, s:s + len(sel)] = self._continuation_logp(state, b, ids, mask)
+        return scores, idx
+
+    def _candidate_tokens(self, answers: List[str]) -> List[List[int]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _score_prefix(self, image: torch.Tensor, prompts: List[str]) -> Dict[str, Any]:
+        raise NotImplementedError  # pragma: no cover
+
+    def _continuation_logp(self, state: Dict[str, Any], b: int, ids: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+def join_prompt(prompt: str, text: str) -> str:
+    """``prompt`` then ``text``, with a space between when neither side has one."""
+    if not prompt or not text:
+        return prompt + text
+    sep = "" if prompt[-1].isspace() or text[0].isspace() else " "
+    return prompt + sep + text
+
+
+def as_text_list(value: Any, name: str) -> List[str]:
+    """``samples[name]`` as a list of strings (a single string becomes a list of one)."""
+    if value is None:
+        raise UserError(f"samples lack {name!r}")
+    values = [value] if isinstance(value, str) else list(value)
+    bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    if bad:
+        raise UserError(f"samples[{name!r}] must hold strings; item {bad[0]} is "
+                        f"{type(values[bad[0]]).__name__}")
+    return values

@@ -1,0 +1,331 @@
+"""BLIP-2 stage 2 with a decoder-only LLM (OPT): ``lp_blip2_opt``.
+
+The Q-Former's 32 query outputs, projected to OPT's width, are prepended to the text embeddings as
+a soft visual prompt; OPT (transformers' ``OPTForCausalLM``, frozen) is trained through with the
+LM loss on the text after the prompt. Same state-dict names as LAVIS's ``blip2_opt``, so its
+checkpoints load as they are (see :mod:`lavis_plugins.models._blip2_llm`).
+
+Differences from LAVIS's ``Blip2OPT`` (numerics are equal, tested in tests/test_stage2_parity.py):
+- transformers' OPT (SDPA attention, KV cache in generation) instead of a vendored 2022 copy;
+- the LM head runs only on positions that carry a loss (not on the 32 query positions and padding);
+- training on ``text_input``/``text_output`` pairs (VQA fine-tuning): the loss is on the output;
+- batched prompts of different lengths are left-padded after the visual prompt; OPT's positions
+  come from the attention mask, so padding does not shift them;
+- ``min_length`` counts new tokens (LAVIS counts prompt tokens too);
+- ``predict_answers`` and ``rank_answers`` (LAVIS 1.0.2's Blip2OPT has neither).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from lavis.common.registry import registry
+from torch import nn
+
+from lavis_plugins.common.errors import UserError
+from lavis_plugins.models._blip2_llm import (
+    Blip2LLMBase,
+    Blip2LLMConfig,
+    Blip2LLMOutput,
+    as_text_list,
+    join_prompt,
+)
+from lavis_plugins.paths import config_path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Blip2OPTConfig(Blip2LLMConfig):
+    """``lp_blip2_opt`` settings: the shared ones plus the OPT folder."""
+
+    # local OPT folder (config.json, weights, tokenizer); also accepted as ``llm_path``. Not
+    # needed when the checkpoint is a transformers Blip2 folder, which holds its own OPT.
+    opt_model: Optional[str] = "facebook/opt-2.7b"
+    llm_dtype: str = "fp16"  # BLIP-2 keeps OPT in fp16
+
+    ALIASES: ClassVar[Dict[str, str]] = {"llm_path": "opt_model"}
+
+
+@registry.register_model("lp_blip2_opt")
+class LPBlip2OPT(Blip2LLMBase):
+    """BLIP-2 with a frozen OPT.
+
+    Model types: ``pretrain_opt2.7b``, ``pretrain_opt6.7b`` (stage-2 pre-trained),
+    ``caption_coco_opt2.7b`` (COCO caption fine-tuned, 364 px), ``tiny`` (tests and demos).
+    """
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "pretrain_opt2.7b": config_path("models/lp_blip2_opt_pretrain_opt2.7b.yaml"),
+        "pretrain_opt6.7b": config_path("models/lp_blip2_opt_pretrain_opt6.7b.yaml"),
+        "caption_coco_opt2.7b": config_path("models/lp_blip2_opt_caption_coco_opt2.7b.yaml"),
+        "tiny": config_path("models/lp_blip2_opt_tiny.yaml"),
+    }
+    CONFIG_CLASS = Blip2OPTConfig
+    PROJ_NAME = "opt_proj"
+    LLM_NAME = "opt_model"
+    VQA_PROMPT = "Question: {} Answer:"  # BLIP-2's zero-shot VQA prompt for OPT
+
+    # ------------------------------------------------------------------ construction
+    def make_tiny_llm(self, folder: Path) -> None:
+        from lavis_plugins.common.tiny_llm import make_tiny_opt
+
+        make_tiny_opt(folder)
+
+    def _build_llm(self, hf_folder: Optional[str]) -> nn.Module:
+        from transformers import AutoTokenizer, Blip2Config, OPTForCausalLM
+        from transformers.modeling_utils import no_init_weights
+
+        dtype = self.llm_load_dtype()
+        if hf_folder is not None:
+            text_cfg = Blip2Config.from_pretrained(hf_folder).text_config
+            if text_cfg.model_type != "opt":
+                raise UserError(f"{hf_folder} holds a BLIP-2 with a {text_cfg.model_type!r} LLM; "
+                                "lp_blip2_opt needs OPT (use lp_blip2_t5 for FlanT5)")
+            with no_init_weights():  # every weight comes from the folder
+                llm = OPTForCausalLM._from_config(text_cfg, torch_dtype=dtype)
+            llm.tie_weights()  # transformers ties only when it initialises
+            tok_folder = hf_folder if _has_tokenizer(hf_folder) else self.resolve_llm_folder(
+                self.cfg.opt_model, "opt_model")
+        else:
+            folder = self.resolve_llm_folder(self.cfg.opt_model, "opt_model")
+            llm = OPTForCausalLM.from_pretrained(folder, torch_dtype=dtype)
+            tok_folder = folder
+        self.opt_tokenizer = AutoTokenizer.from_pretrained(tok_folder)
+        if self.opt_tokenizer.pad_token_id is None:
+            raise UserError(f"the OPT tokenizer in {tok_folder} has no pad token")
+        # BLIP-2 ends every training caption with "\n" and stops generation there
+        self.eos_token_id = self.opt_tokenizer("\n", add_special_tokens=False).input_ids[0]
+        self.prompt_length = len(self.opt_tokenizer(self.prompt).input_ids)
+        return llm
+
+    @property
+    def context_length(self) -> int:
+        return int(self.opt_model.config.max_position_embeddings)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, samples: Dict[str, Any], return_logits: bool = False) -> Blip2LLMOutput:
+        """LM loss on the text after the visual prompt.
+
+        Args:
+            samples: ``image`` (B, 3, H, W) and ``text_input`` (B captions; each gets
+                ``model.prompt`` in front unless it already starts with it); optionally
+                ``text_output`` (B answers: then ``text_input`` is context without loss).
+            return_logits: also return the text-position logits (B, L, V) and targets (B, L).
+        """
+        inputs_opt, atts_opt = self.visual_prompt(samples["image"])  # (B, Nq, H), (B, Nq)
+        ids, mask, targets = self._training_tokens(samples, inputs_opt.device)  # (B, L) each
+        nq = inputs_opt.shape[1]
+        with self.autocast():
+            embeds = torch.cat([inputs_opt, self._embed(ids)], dim=1)  # (B, Nq + L, H)
+            hidden = self.opt_model.model.decoder(
+                inputs_embeds=embeds, attention_mask=torch.cat([atts_opt, mask], dim=1),
+                use_cache=False, return_dict=True).last_hidden_state
+            # position Nq - 1 + i predicts text token i (the last query predicts the first token)
+            text_hidden = hidden[:, nq - 1:-1]  # (B, L, H)
+            loss = self._lm_loss(text_hidden, targets)
+            logits = self.opt_model.lm_head(text_hidden).float() if return_logits else None
+        return Blip2LLMOutput(loss=loss, loss_lm=loss, logits=logits,
+                              targets=targets if return_logits else None)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.opt_model.get_input_embeddings()(ids)
+
+    def _lm_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy, the LM head applied only where targets are set."""
+        valid = targets != -100
+        if not bool(valid.any()):
+            logger.warning("a training batch has no target tokens (all text truncated or "
+                           "masked); its loss is 0")
+            return hidden.sum() * 0.0
+        logits = self.opt_model.lm_head(hidden[valid])  # (n_targets, V)
+        return F.cross_entropy(logits.float(), targets[valid])
+
+    def _with_prompt(self, text: str) -> str:
+        # LAVIS's caption processors already put the prompt in front; do not add it twice
+        return text if text.startswith(self.prompt) else join_prompt(self.prompt, text)
+
+    def _training_tokens(self, samples: Dict[str, Any], device: torch.device
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask, targets), right-padded, at most ``max_txt_len`` tokens.
+
+        Captions: ``prompt + caption + "\\n"``; the prompt's tokens (with BOS) and padding get
+        target -100 (LAVIS's recipe). Pairs: ``text_input`` (with BOS, no loss) followed by
+        ``" " + text_output + "\\n"``.
+        """
+        tok = self.opt_tokenizer
+        texts = as_text_list(samples.get("text_input"), "text_input")
+        if samples.get("text_output") is None:
+            enc = tok([self._with_prompt(t) + "\n" for t in texts], return_tensors="pt",
+                      padding="longest", truncation=True, max_length=self.max_txt_len,
+                      padding_side="right").to(device)
+            targets = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+            if self.prompt:
+                targets[:, :self.prompt_length] = -100
+            return enc.input_ids, enc.attention_mask, targets
+        outs = as_text_list(samples["text_output"], "text_output")
+        if len(outs) != len(texts):
+            raise UserError(f"samples have {len(texts)} text_input but {len(outs)} text_output")
+        ins = tok(texts).input_ids
+        sep = [("" if t[-1:].isspace() or o[:1].isspace() else " ") for t, o in zip(texts, outs)]
+        answers = tok([s + o + "\n" for s, o in zip(sep, outs)], add_special_tokens=False).input_ids
+        rows = [(i + a)[:self.max_txt_len] for i, a in zip(ins, answers)]
+        labels = [([-100] * len(i) + a)[:self.max_txt_len] for i, a in zip(ins, answers)]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        targets = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels],
+                               device=device)
+        return ids, mask, targets
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        samples: Dict[str, Any],
+        use_nucleus_sampling: bool = False,
+        num_beams: int = 5,
+        max_length: int = 30,
+        min_length: int = 1,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
+        num_captions: int = 1,
+        temperature: float = 1.0,
+    ) -> List[str]:
+        """Captions (or prompted text) for a batch of images.
+
+        Args:
+            samples: ``image`` (B, 3, H, W); optional ``prompt``: one string or B strings
+                (default ``model.prompt``).
+            use_nucleus_sampling: sample with ``top_p`` / ``temperature`` (else beam search).
+            num_beams: beam width (1 = greedy); ignored when sampling.
+            max_length / min_length: most / fewest new tokens.
+            num_captions: outputs per image (<= num_beams for beam search).
+        Returns:
+            B * num_captions strings, the captions of image i at ``i*num_captions ...``.
+        """
+        image = samples["image"]
+        prompts = self.batch_prompts(samples.get("prompt", self.prompt), image.shape[0])
+        inputs_opt, atts_opt = self.visual_prompt(image)
+        return self._generate(inputs_opt, atts_opt, prompts, use_nucleus_sampling, num_beams,
+                              max_length, min_length, top_p, repetition_penalty, length_penalty,
+                              num_captions, temperature)
+
+    def _prefix(self, inputs_opt: torch.Tensor, atts_opt: torch.Tensor, prompts: Sequence[str],
+                max_new_tokens: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``[visual prompt][left-padded prompt tokens]`` embeddings (B, Nq + P, H) and mask."""
+        enc = self.opt_tokenizer(list(prompts), return_tensors="pt", padding="longest",
+                                 padding_side="left").to(inputs_opt.device)
+        total = inputs_opt.shape[1] + enc.input_ids.shape[1] + max_new_tokens
+        if total > self.context_length:
+            raise UserError(
+                f"prompt too long: {enc.input_ids.shape[1]} prompt tokens + "
+                f"{inputs_opt.shape[1]} visual tokens + {max_new_tokens} new tokens = {total} "
+                f"exceed OPT's context of {self.context_length} positions. Shorten the prompt "
+                "(or question) or lower max_length / max_len.")
+        embeds = torch.cat([inputs_opt, self._embed(enc.input_ids).to(inputs_opt.dtype)], dim=1)
+        return embeds, torch.cat([atts_opt, enc.attention_mask], dim=1)
+
+    def _generate(self, inputs_opt, atts_opt, prompts, use_nucleus_sampling, num_beams,
+                  max_length, min_length, top_p, repetition_penalty, length_penalty,
+                  num_captions, temperature) -> List[str]:
+        if use_nucleus_sampling:
+            num_beams = 1
+        elif num_captions > num_beams:
+            raise UserError(f"num_captions ({num_captions}) > num_beams ({num_beams}): beam "
+                            "search returns at most num_beams sequences; raise num_beams or "
+                            "use nucleus sampling")
+        # top_p / temperature only mean something when sampling (transformers warns otherwise)
+        sampling = dict(top_p=top_p, temperature=temperature) if use_nucleus_sampling else {}
+        if num_beams > 1:  # the same for length_penalty and beams
+            sampling["length_penalty"] = length_penalty
+        with self.autocast():
+            embeds, mask = self._prefix(inputs_opt, atts_opt, prompts, max_length)
+            out = self.opt_model.generate(
+                inputs_embeds=embeds, attention_mask=mask, do_sample=use_nucleus_sampling,
+                num_beams=num_beams, **sampling,
+                max_new_tokens=max_length, min_new_tokens=min_length,
+                eos_token_id=self.eos_token_id, pad_token_id=self.opt_tokenizer.pad_token_id,
+                repetition_penalty=repetition_penalty,
+                num_return_sequences=num_captions)
+        # with inputs_embeds, generate returns only the new tokens
+        return [t.strip() for t in self.opt_tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def predict_answers(
+        self,
+        samples: Dict[str, Any],
+        num_beams: int = 5,
+        inference_method: str = "generate",
+        max_len: int = 10,
+        min_len: int = 1,
+        num_ans_candidates: int = 128,
+        answer_list: Optional[Sequence[str]] = None,
+        prompt: Optional[str] = None,
+        length_penalty: float = -1.0,
+        **kwargs: Any,
+    ) -> List[str]:
+        """Answers to ``samples["text_input"]`` (B questions) about ``samples["image"]``.
+
+        ``prompt`` (default "Question: {} Answer:") holds each question; ``inference_method``
+        "generate" runs beam search, "rank" picks from ``answer_list`` (see rank_answers).
+        """
+        prompt = self.VQA_PROMPT if prompt is None else prompt
+        if inference_method == "rank":
+            return self.rank_answers(samples, answer_list, num_ans_candidates, prompt)
+        if inference_method != "generate":
+            raise UserError(f"inference_method {inference_method!r}: use 'generate' or 'rank'")
+        questions = self.format_questions(samples["text_input"], prompt)
+        inputs_opt, atts_opt = self.visual_prompt(samples["image"])
+        if len(questions) != inputs_opt.shape[0]:
+            raise UserError(f"{len(questions)} questions for {inputs_opt.shape[0]} images")
+        answers = self._generate(inputs_opt, atts_opt, questions, False, num_beams, max_len,
+                                 min_len, 1.0, 1.0, length_penalty, 1, 1.0)
+        return self.postprocess_answers(answers)
+
+    # ------------------------------------------------------------------ answer ranking
+    def _candidate_tokens(self, answers: Sequence[str]) -> List[List[int]]:
+        # the text an answer is trained as: after a space, ended by "\n"
+        return self.opt_tokenizer([" " + a.strip() + "\n" for a in answers],
+                                  add_special_tokens=False).input_ids
+
+    def _score_prefix(self, image: torch.Tensor, prompts: Sequence[str]):
+        inputs_opt, atts_opt = self.visual_prompt(image)
+        with self.autocast():
+            embeds, mask = self._prefix(inputs_opt, atts_opt, prompts)
+            out = self.opt_model.model.decoder(inputs_embeds=embeds, attention_mask=mask,
+                                               use_cache=True, return_dict=True)
+            first = F.log_softmax(
+                self.opt_model.lm_head(out.last_hidden_state[:, -1]).float(), dim=-1)  # (B, V)
+        past = out.past_key_values
+        if hasattr(past, "to_legacy_cache"):
+            past = past.to_legacy_cache()
+        return {"past": past, "mask": mask, "first": first}
+
+    def _continuation_logp(self, state, b: int, ids: torch.Tensor, mask: torch.Tensor
+                           ) -> torch.Tensor:
+        """log p(candidate | prefix of sample b) for K candidates ids (K, A) / mask (K, A)."""
+        k = ids.shape[0]
+        past = tuple(tuple(t[b:b + 1].expand(k, *t.shape[1:]) for t in layer)
+                     for layer in state["past"])
+        full_mask = torch.cat([state["mask"][b:b + 1].expand(k, -1), mask], dim=1)
+        with self.autocast():
+            out = self.opt_model.model.decoder(input_ids=ids, attention_mask=full_mask,
+                                               past_key_values=past, use_cache=False,
+                                               return_dict=True)
+            logp = F.log_softmax(self.opt_model.lm_head(out.last_hidden_state).float(), dim=-1)
+        first = state["first"][b, ids[:, 0]]  # (K,)
+        rest = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # token t+1 given up to t
+        return first + (rest * mask[:, 1:]).sum(1)
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, n)) for n in
+               ("tokenizer.json", "vocab.json", "tokenizer_config.json"))

@@ -1,0 +1,378 @@
+"""Stage-2 parity, fp32, tiny random configs.
+
+(a) training loss and logits of lp_blip2_opt / lp_blip2_t5 equal LAVIS's Blip2OPT / Blip2T5 (1e-5)
+    for the same weights and inputs;
+(b) logits equal transformers' Blip2ForConditionalGeneration (1e-4) after loading its
+    save_pretrained folder (identical image embeddings fed to both: our tiny ViT is not the
+    transformers vision tower);
+(c) greedy generation gives the same text as LAVIS and as transformers.
+Plus checkpoint loading: a LAVIS .pth as it is, a stage-1 checkpoint, and the width-mismatch error.
+
+LAVIS builds offline here: its BERT comes from the tiny ``bert-base-uncased`` folder (we chdir to
+its parent), its ViT is replaced by a copy of ours, and its OPT/T5 load from the tiny folders.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from lavis_plugins.common.errors import UserError
+
+B = 3
+CAPTIONS = ["a photo of a cat on the tree", "a photo of two dogs",
+            "a photo of a red car near a man"]
+QUESTIONS = ["what color is the car?", "how many dogs", "is the sky blue?"]
+ANSWERS = ["red", "two", "yes"]
+
+
+@pytest.fixture(scope="module")
+def llm_dirs(tmp_path_factory):
+    from lavis_plugins.common.tiny_llm import make_tiny_opt, make_tiny_t5
+
+    root = tmp_path_factory.mktemp("llm")
+    return {"opt": make_tiny_opt(root / "opt"), "t5": make_tiny_t5(root / "t5")}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are dominated by thread start-up on a busy machine; one thread is faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _ours(arch, tiny_bert_dir, llm_dir, **over):
+    from lavis_plugins.api import load_model
+
+    key = {"lp_blip2_opt": "opt_model", "lp_blip2_t5": "t5_model"}[arch]
+    over = dict({"bert_path": str(tiny_bert_dir), key: str(llm_dir)}, **over)
+    return load_model(arch, "tiny", **over)
+
+
+def _lavis(cls_name, ours, llm_dir, tiny_bert_dir, **kw):
+    """LAVIS's reference class with our ViT and exactly our weights."""
+    from lavis.models.blip2_models import blip2
+    from lavis.models.blip2_models.blip2_opt import Blip2OPT
+    from lavis.models.blip2_models.blip2_t5 import Blip2T5
+
+    vit = copy.deepcopy(ours.visual_encoder)
+    saved = blip2.Blip2Base.init_vision_encoder
+    cwd = os.getcwd()
+    blip2.Blip2Base.init_vision_encoder = classmethod(
+        lambda cls, *a, **k: (vit, blip2.LayerNorm(vit.num_features)))
+    os.chdir(tiny_bert_dir.parent)  # LAVIS loads the literal "bert-base-uncased"
+    try:
+        if cls_name == "opt":
+            ref = Blip2OPT(num_query_token=ours.query_tokens.shape[1], opt_model=str(llm_dir),
+                           max_txt_len=ours.max_txt_len, **kw)
+        else:
+            ref = Blip2T5(num_query_token=ours.query_tokens.shape[1], t5_model=str(llm_dir),
+                          max_txt_len=ours.max_txt_len, **kw)
+    finally:
+        blip2.Blip2Base.init_vision_encoder = saved
+        os.chdir(cwd)
+    ref = ref.float().eval()  # LAVIS keeps OPT in fp16 and T5 in bf16, even on CPU
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    return ref
+
+
+def _capture_logits(module):
+    out = {}
+    module.register_forward_hook(lambda m, i, o: out.__setitem__("logits", o))
+    return out
+
+
+@pytest.fixture(scope="module")
+def opt_pair(lp, tiny_bert_dir, llm_dirs):
+    torch.manual_seed(0)
+    ours = _ours("lp_blip2_opt", tiny_bert_dir, llm_dirs["opt"], prompt="a photo of").eval()
+    ref = _lavis("opt", ours, llm_dirs["opt"], tiny_bert_dir, prompt="a photo of")
+    return ours, ref
+
+
+@pytest.fixture(scope="module")
+def t5_pair(lp, tiny_bert_dir, llm_dirs):
+    torch.manual_seed(0)
+    ours = _ours("lp_blip2_t5", tiny_bert_dir, llm_dirs["t5"],
+                 t5_dense_act_fn="gelu").eval()  # LAVIS forces exact gelu too
+    ref = _lavis("t5", ours, llm_dirs["t5"], tiny_bert_dir)
+    return ours, ref
+
+
+def _images(seed=1):
+    return torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------ (a) LAVIS: loss and logits
+def test_opt_loss_and_logits_equal_lavis(opt_pair):
+    ours, ref = opt_pair
+    samples = {"image": _images(), "text_input": CAPTIONS}
+    captured = _capture_logits(ref.opt_model.lm_head)
+    with torch.no_grad():
+        ref_loss = ref(dict(samples))["loss"]
+        out = ours(dict(samples), return_logits=True)
+    nq = ours.query_tokens.shape[1]
+    ref_logits = captured["logits"][:, nq - 1:-1]  # the positions that predict text tokens
+    assert out.logits.shape == ref_logits.shape
+    assert torch.allclose(out.loss, ref_loss, atol=1e-5, rtol=0)
+    # every position, padding included (masked keys give the same rows in both)
+    assert torch.allclose(out.logits, ref_logits, atol=1e-5, rtol=0)
+    # the prompt ("a photo of" + BOS) and padding carry no loss, as in LAVIS
+    assert (out.targets[:, :ours.prompt_length] == -100).all()
+
+
+def test_opt_gradients_reach_qformer_not_llm(opt_pair):
+    ours, _ = opt_pair
+    ours.train()
+    try:
+        out = ours({"image": _images(), "text_input": CAPTIONS})
+        out.loss.backward()
+    finally:
+        ours.eval()
+    assert ours.opt_proj.weight.grad is not None and ours.query_tokens.grad is not None
+    assert all(p.grad is None for p in ours.opt_model.parameters())
+    assert all(p.grad is None for p in ours.visual_encoder.parameters())
+    ours.zero_grad(set_to_none=True)
+
+
+def test_t5_loss_and_logits_equal_lavis(t5_pair):
+    ours, ref = t5_pair
+    samples = {"image": _images(), "text_input": QUESTIONS, "text_output": ANSWERS}
+    captured = _capture_logits(ref.t5_model.lm_head)
+    with torch.no_grad():
+        ref_loss = ref(dict(samples))["loss"]
+        out = ours(dict(samples), return_logits=True)
+    assert torch.allclose(out.loss, ref_loss, atol=1e-5, rtol=0)
+    assert torch.allclose(out.logits, captured["logits"], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ (c) LAVIS: greedy generation
+def test_opt_greedy_generation_equals_lavis(opt_pair):
+    ours, ref = opt_pair
+    samples = {"image": _images(2)}
+    # LAVIS's min_length counts prompt tokens (so 1 means none); ours counts new tokens
+    theirs = ref.generate(dict(samples), num_beams=1, max_length=8, min_length=1)
+    mine = ours.generate(dict(samples), num_beams=1, max_length=8, min_length=0)
+    assert mine == theirs and any(mine)
+
+
+def test_t5_greedy_generation_equals_lavis(t5_pair):
+    ours, ref = t5_pair
+    samples = {"image": _images(2), "prompt": "Question: what is it? Short answer:"}
+    theirs = ref.generate(dict(samples), num_beams=1, max_length=8, min_length=1)
+    mine = ours.generate(dict(samples), num_beams=1, max_length=8, min_length=0)
+    assert mine == theirs and any(mine)
+
+
+def test_opt_batched_prompts_left_padded_equal_one_by_one(opt_pair):
+    """Different prompt lengths in one batch (left padding) give each sample's own result."""
+    ours, _ = opt_pair
+    image = _images(3)
+    prompts = ["a", "a photo of a red car and", "Question: what is it? Answer:"]
+    batched = ours.generate({"image": image, "prompt": prompts}, num_beams=2, max_length=6)
+    single = [ours.generate({"image": image[i:i + 1], "prompt": prompts[i]}, num_beams=2,
+                            max_length=6)[0] for i in range(B)]
+    assert batched == single
+
+
+# ------------------------------------------------------------------ (b) transformers
+def _hf_blip2(kind, llm_dir, tiny_bert_dir, ours, folder):
+    from transformers import (AutoConfig, AutoTokenizer, Blip2Config,
+                              Blip2ForConditionalGeneration, Blip2QFormerConfig,
+                              Blip2VisionConfig)
+
+    bert = AutoConfig.from_pretrained(tiny_bert_dir)
+    vision = Blip2VisionConfig(hidden_size=ours.visual_encoder.num_features, intermediate_size=64,
+                               num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                               patch_size=8)
+    qformer = Blip2QFormerConfig(
+        vocab_size=bert.vocab_size, hidden_size=bert.hidden_size,
+        num_hidden_layers=bert.num_hidden_layers, num_attention_heads=bert.num_attention_heads,
+        intermediate_size=bert.intermediate_size, cross_attention_frequency=2,
+        encoder_hidden_size=ours.visual_encoder.num_features)
+    text = AutoConfig.from_pretrained(llm_dir)
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                         text_config=text.to_dict(), num_query_tokens=ours.query_tokens.shape[1])
+    torch.manual_seed(5)
+    hf = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random, but not the near-zero init of some parameters
+        hf.query_tokens.normal_(0, 1)
+        hf.language_projection.weight.normal_(0, 0.2)
+    hf.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(llm_dir).save_pretrained(folder)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def hf_opt(lp, tiny_bert_dir, llm_dirs, opt_pair, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_opt")
+    hf = _hf_blip2("opt", llm_dirs["opt"], tiny_bert_dir, opt_pair[0], folder)
+    # no opt_model: the transformers folder brings its own OPT and tokenizer
+    ours = _ours("lp_blip2_opt", tiny_bert_dir, llm_dirs["opt"], opt_model=None,
+                 pretrained=str(folder), load_pretrained=True).eval()
+    return hf, ours
+
+
+def _feed_hf_image_embeds(hf, ours, pixels):
+    """Make ``ours`` see the transformers vision tower's output (post-LayerNorm = ln_vision)."""
+    with torch.no_grad():
+        embeds = hf.vision_model(pixels).last_hidden_state
+    ours.encode_image = lambda image: embeds
+    return embeds
+
+
+def test_opt_logits_equal_transformers(hf_opt):
+    hf, ours = hf_opt
+    tok = ours.opt_tokenizer
+    pixels = _images(4)
+    _feed_hf_image_embeds(hf, ours, pixels)
+    enc = tok([c + "\n" for c in CAPTIONS], return_tensors="pt", padding="longest",
+              padding_side="right")
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels, input_ids=enc.input_ids,
+                 attention_mask=enc.attention_mask).logits
+        out = ours({"image": pixels, "text_input": CAPTIONS}, return_logits=True)
+    nq = ours.query_tokens.shape[1]
+    assert torch.allclose(out.logits, ref[:, nq - 1:-1], atol=1e-4, rtol=0)
+
+
+def test_opt_greedy_generation_equals_transformers(hf_opt):
+    hf, ours = hf_opt
+    pixels = _images(5)
+    _feed_hf_image_embeds(hf, ours, pixels)
+    prompt = "Question: what is it? Answer:"
+    ids = ours.opt_tokenizer([prompt] * B, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = hf.generate(pixel_values=pixels, input_ids=ids, max_new_tokens=8, num_beams=1,
+                          do_sample=False, eos_token_id=ours.eos_token_id,
+                          pad_token_id=ours.opt_tokenizer.pad_token_id)
+    theirs = [t.strip() for t in ours.opt_tokenizer.batch_decode(ref[:, 1:],
+                                                                 skip_special_tokens=True)]
+    mine = ours.generate({"image": pixels, "prompt": prompt}, num_beams=1, max_length=8,
+                         min_length=0)
+    assert mine == theirs and any(mine)
+
+
+@pytest.fixture(scope="module")
+def hf_t5(lp, tiny_bert_dir, llm_dirs, t5_pair, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_t5")
+    hf = _hf_blip2("t5", llm_dirs["t5"], tiny_bert_dir, t5_pair[0], folder)
+    ours = _ours("lp_blip2_t5", tiny_bert_dir, llm_dirs["t5"], t5_model=None,
+                 pretrained=str(folder), load_pretrained=True).eval()
+    return hf, ours
+
+
+def test_t5_logits_and_generation_equal_transformers(hf_t5):
+    hf, ours = hf_t5
+    tok = ours.t5_tokenizer
+    pixels = _images(6)
+    _feed_hf_image_embeds(hf, ours, pixels)
+    enc = tok(QUESTIONS, return_tensors="pt", padding="longest")
+    dec = tok(ANSWERS, return_tensors="pt", padding="longest")
+    labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                 labels=labels, decoder_attention_mask=dec.attention_mask)
+        out = ours({"image": pixels, "text_input": QUESTIONS, "text_output": ANSWERS},
+                   return_logits=True)
+        gen = hf.generate(pixel_values=pixels, input_ids=enc.input_ids,
+                          attention_mask=enc.attention_mask, max_new_tokens=8, num_beams=1)
+    assert torch.allclose(out.logits, ref.logits, atol=1e-4, rtol=0)
+    assert torch.allclose(out.loss, ref.loss, atol=1e-4, rtol=0)
+    theirs = [t.strip() for t in tok.batch_decode(gen, skip_special_tokens=True)]
+    mine = ours.generate({"image": pixels, "prompt": QUESTIONS}, num_beams=1, max_length=8,
+                         min_length=0)
+    assert mine == theirs and any(mine)
+
+
+def test_hf_key_converter_inverts_transformers_conversion():
+    """vision qkv bias split, attention renames, embeddings LayerNorm, projection, LLM."""
+    from lavis_plugins.models._blip2_llm import hf_to_lavis_state_dict
+
+    q, v = torch.randn(4), torch.randn(4)
+    hf = {
+        "vision_model.encoder.layers.0.self_attn.qkv.bias": torch.cat([q, torch.zeros(4), v]),
+        "vision_model.encoder.layers.0.self_attn.projection.weight": torch.ones(1),
+        "vision_model.post_layernorm.weight": torch.ones(1),
+        "qformer.layernorm.bias": torch.ones(1),
+        "qformer.encoder.layer.0.attention.attention.query.weight": torch.ones(1),
+        "qformer.encoder.layer.0.crossattention.attention.key.bias": torch.ones(1),
+        "qformer.encoder.layer.0.output_query.dense.weight": torch.ones(1),
+        "query_tokens": torch.ones(1),
+        "language_projection.weight": torch.ones(1),
+        "language_model.lm_head.weight": torch.ones(1),
+    }
+    out = hf_to_lavis_state_dict(hf, "opt_proj", "opt_model")
+    assert set(out) == {
+        "visual_encoder.blocks.0.attn.q_bias", "visual_encoder.blocks.0.attn.v_bias",
+        "visual_encoder.blocks.0.attn.proj.weight", "ln_vision.weight",
+        "Qformer.bert.embeddings.LayerNorm.bias",
+        "Qformer.bert.encoder.layer.0.attention.self.query.weight",
+        "Qformer.bert.encoder.layer.0.crossattention.self.key.bias",
+        "Qformer.bert.encoder.layer.0.output_query.dense.weight", "query_tokens",
+        "opt_proj.weight", "opt_model.lm_head.weight"}
+    assert torch.equal(out["visual_encoder.blocks.0.attn.q_bias"], q)
+    assert torch.equal(out["visual_encoder.blocks.0.attn.v_bias"], v)
+    with pytest.raises(UserError, match="unexpected weight"):
+        hf_to_lavis_state_dict({"text_projection.weight": torch.ones(1)}, "opt_proj", "opt_model")
+
+
+# ------------------------------------------------------------------ checkpoints
+def test_lavis_pth_loads_as_is(opt_pair, tiny_bert_dir, llm_dirs, tmp_path):
+    ours, ref = opt_pair
+    path = tmp_path / "blip2_opt.pth"
+    # LAVIS-style file: the trained weights (the frozen LLM is not saved)
+    state = {k: v for k, v in ref.state_dict().items() if not k.startswith("opt_model.")}
+    torch.save({"model": state}, path)
+    from lavis_plugins.api import load_model
+
+    loaded = load_model("lp_blip2_opt", "tiny", checkpoint=str(path), bert_path=str(tiny_bert_dir),
+                        opt_model=str(llm_dirs["opt"]), prompt="a photo of").eval()
+    samples = {"image": _images(), "text_input": CAPTIONS}
+    with torch.no_grad():
+        assert torch.allclose(loaded(dict(samples)).loss, ours(dict(samples)).loss, atol=1e-6)
+
+
+def test_projection_width_mismatch_names_both_widths(opt_pair, tiny_bert_dir, llm_dirs, tmp_path):
+    _, ref = opt_pair
+    state = {k: v for k, v in ref.state_dict().items() if not k.startswith("opt_model.")}
+    state["opt_proj.weight"] = torch.zeros(64, state["opt_proj.weight"].shape[1])
+    state["opt_proj.bias"] = torch.zeros(64)
+    path = tmp_path / "wide.pth"
+    torch.save({"model": state}, path)
+    from lavis_plugins.api import load_model
+
+    with pytest.raises(UserError, match=r"width 64.*hidden size 32"):
+        load_model("lp_blip2_opt", "tiny", checkpoint=str(path), bert_path=str(tiny_bert_dir),
+                   opt_model=str(llm_dirs["opt"]))
+
+
+def test_stage1_checkpoint_initialises_qformer(lp, tiny_bert_dir, llm_dirs, tmp_path):
+    from lavis_plugins.models.blip2_qformer import Blip2QformerConfig, LPBlip2Qformer
+
+    torch.manual_seed(3)
+    stage1 = LPBlip2Qformer(Blip2QformerConfig(bert_path=str(tiny_bert_dir), vit_model="tiny",
+                                               vit_precision="fp32", image_size=32,
+                                               num_query_token=4))
+    path = tmp_path / "stage1.pth"
+    torch.save({"model": stage1.state_dict()}, path)
+    ours = _ours("lp_blip2_opt", tiny_bert_dir, llm_dirs["opt"], stage1_checkpoint=str(path))
+    s1, s2 = stage1.state_dict(), ours.state_dict()
+    shared = [k for k in s2 if k.startswith(("Qformer.", "query_tokens", "ln_vision.",
+                                             "visual_encoder."))]
+    assert len(shared) > 20 and all(torch.equal(s1[k], s2[k]) for k in shared)
+
+
+def test_llm_folder_must_exist(lp, tiny_bert_dir, tmp_path):
+    with pytest.raises(UserError, match="not a local folder"):
+        _ours("lp_blip2_opt", tiny_bert_dir, tmp_path / "nowhere")
+
+
+def test_unknown_config_key_lists_accepted_keys(lp, tiny_bert_dir, llm_dirs):
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['opt_modle'\].*accepted keys"):
+        _ours("lp_blip2_opt", tiny_bert_dir, llm_dirs["opt"], opt_modle="x")
