@@ -18,6 +18,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # tiny models are overhead-bound: one intra-op thread is faster than two fighting for cores
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def lp():
     """The imported plugin package (registers everything into LAVIS's registry)."""
