@@ -1,0 +1,221 @@
+"""Zero-shot text-video retrieval with the stage-1 BLIP-2 model: ``lp_blip2_video_qformer``.
+
+A subclass of ``lp_blip2_qformer`` with the same weights and checkpoints and no new parameters.
+A video ``(B, C, T, H, W)`` is read as T frames, each through the frozen image encoder and the
+Q-Former, and scored against text in the two steps of BLIP-2's retrieval inference:
+
+1. ITC similarity, for candidate selection: for each frame, the image-text similarity of
+   BLIP-2 (the max over the Nq query embeddings of their cosine similarity with the text [CLS]
+   embedding); the video's similarity is the **mean over frames** of these per-frame values.
+   The mean (not the max) keeps every frame's evidence: a caption describes the whole clip.
+2. ITM re-ranking of the ``k_test`` best candidates: the ITM pass runs with the **concatenated
+   image features of all frames** (B, T * N, Dv) as the Q-Former's cross-attention memory, so the
+   queries and the text see every frame at once (BLIP's "concatenate the frames' features").
+   The T * Nq query outputs could not serve: the cross-attention layers read image-encoder
+   features (width Dv, e.g. 1408), not Q-Former outputs (width 768); and with concatenated
+   features a 1-frame video scores exactly as its image.
+
+The final score of a pair is ``itm + itc`` (LAVIS's ``compute_sim_matrix``); pairs that were not
+re-ranked score -100.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from lavis.common.registry import registry
+from torch import Tensor
+
+from lavis_plugins.common import dist
+from lavis_plugins.common.errors import UserError, unknown_name
+from lavis_plugins.models.blip2_qformer import Blip2Stage1Output, LPBlip2Qformer
+from lavis_plugins.models.qformer import padding_mask
+from lavis_plugins.paths import config_path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_K_TEST = 128  # candidates re-ranked by ITM per video and per text (BLIP-2's k)
+NOT_RERANKED = -100.0  # score of a pair outside the ITC top-k (as LAVIS)
+_TEXT_CHUNK = 4096  # texts per similarity matmul (bounds memory with many captions)
+_ITM_CHUNK = 64  # (video, text) pairs per ITM pass
+
+
+@registry.register_model("lp_blip2_video_qformer")
+class LPBlip2VideoQformer(LPBlip2Qformer):
+    """``lp_blip2_qformer`` scoring texts against videos by frame sampling (module docstring).
+
+    Model types: those of ``lp_blip2_qformer`` (same weights), each YAML with the video
+    processors.
+    """
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        t: config_path(f"models/lp_blip2_video_qformer_{t}.yaml")
+        for t in LPBlip2Qformer.PRETRAINED_MODEL_CONFIG_DICT
+    }
+
+    @classmethod
+    def default_config_path(cls, model_type: str) -> str:
+        if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
+            raise unknown_name("model_type of lp_blip2_video_qformer", model_type,
+                               cls.PRETRAINED_MODEL_CONFIG_DICT)
+        return cls.PRETRAINED_MODEL_CONFIG_DICT[model_type]
+
+    # ------------------------------------------------------------------ features
+    def forward(self, samples: Mapping[str, Any]) -> Blip2Stage1Output:
+        """Image-text training as ``lp_blip2_qformer`` (``samples["image"]``); videos are for
+        zero-shot evaluation only."""
+        if "video" in samples:
+            raise UserError("lp_blip2_video_qformer evaluates videos zero-shot and does not train "
+                            "on them; train lp_blip2_qformer on images and load its checkpoint")
+        return super().forward(samples)
+
+    @staticmethod
+    def _check_video(video: Tensor) -> Tensor:
+        if not torch.is_tensor(video) or video.dim() != 5 or video.shape[2] < 1:
+            shape = tuple(video.shape) if torch.is_tensor(video) else type(video).__name__
+            raise UserError(f"a video batch must be a (B, C, T, H, W) tensor with T >= 1 (the "
+                            f"lp_video_* processors make (C, T, H, W) per video); got {shape}")
+        return video
+
+    def video_features(self, video: Tensor) -> Tuple[Tensor, Tensor]:
+        """Videos (B, C, T, H, W) -> per-frame ITC embeddings (B, T, Nq, E), L2-normalised, and
+        the frames' image features concatenated in time order (B, T * N, Dv) (ITM memory)."""
+        b, c, t, h, w = self._check_video(video).shape
+        frames = video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # row b*T + t
+        image_embeds = self.encode_image(frames)  # (B*T, N, Dv)
+        query = self.query_output(image_embeds)  # (B*T, Nq, D)
+        feats = F.normalize(self.vision_proj(query), dim=-1)
+        feats = feats.reshape(b, t, *feats.shape[1:])  # (B, T, Nq, E)
+        memory = image_embeds.reshape(b, t * image_embeds.shape[1], image_embeds.shape[2])
+        return feats, memory
+
+    def text_features(self, texts: Sequence[str]) -> Tuple[Tensor, Tensor, Tensor]:
+        """Captions -> (input ids (Nt, L), attention mask (Nt, L), [CLS] ITC embeddings (Nt, E),
+        L2-normalised)."""
+        tokens = self.tokenize(list(texts))
+        feats = []
+        for s in range(0, tokens.input_ids.shape[0], 256):
+            part = type(tokens)({k: v[s:s + 256] for k, v in tokens.items()})
+            feats.append(F.normalize(self.text_proj(self.forward_text(part)), dim=-1))
+        return tokens.input_ids, tokens.attention_mask, torch.cat(feats)
+
+    @staticmethod
+    def video_text_similarity(frame_feats: Tensor, text_feats: Tensor) -> Tensor:
+        """ITC similarity (B, Nt): per frame the max over queries of the cosine similarity, then
+        the mean over frames. frame_feats (B, T, Nq, E), text_feats (Nt, E)."""
+        out = []
+        for s in range(0, text_feats.shape[0], _TEXT_CHUNK):
+            sim = torch.einsum("btqe,ne->btqn", frame_feats, text_feats[s:s + _TEXT_CHUNK])
+            out.append(sim.max(dim=2).values.mean(dim=1))  # (B, chunk)
+        return torch.cat(out, dim=1)
+
+    def itm_scores(self, memory: Tensor, rows: Tensor, text_ids: Tensor, text_atts: Tensor
+                   ) -> Tensor:
+        """Matched-logit ITM scores (P,) (LAVIS's ``compute_itm``) of P pairs: text p with video
+        ``rows[p]`` of ``memory`` (V, T * N, Dv); each video's keys/values are computed once."""
+        kv = self.Qformer.bert.image_kv(memory)
+        hidden, _ = self.Qformer.bert(
+            input_ids=text_ids, query_embeds=self.query_tokens.expand(text_ids.shape[0], -1, -1),
+            attention_mask=padding_mask(text_atts, self.num_query), image_kv=kv,
+            image_index=rows)
+        return self.itm_head(hidden[:, :self.num_query]).mean(1)[:, 1]
+
+    # ------------------------------------------------------------------ retrieval
+    @torch.no_grad()
+    def compute_sim_matrix(self, data_loader, task_cfg: Optional[Mapping[str, Any]] = None,
+                           return_skipped: bool = False):
+        """Video-to-text and text-to-video score matrices over ``data_loader.dataset``.
+
+        The dataset provides ``text`` (all captions) and yields ``{"video", "index"}`` batches
+        (``lp_msrvtt_retrieval`` eval split); under the runner each process sees its own share
+        of the videos. Every process encodes all captions; ITC similarities of all videos are
+        gathered; each process re-ranks with ITM the pairs whose video it holds (video
+        features never leave their process); the scores are merged.
+
+        Args:
+            data_loader: loader of the evaluation dataset (this process's share of it).
+            task_cfg: the run config; ``k_test`` (default 128) candidates are re-ranked.
+            return_skipped: also return the skip records of videos that could not be read
+                (``on_bad_video: skip``); their rows / columns are -inf.
+        Returns:
+            ``(score_i2t (V, Nt), score_t2i (Nt, V))`` numpy arrays on every process (plus the
+            skip records when ``return_skipped``).
+        """
+        k_test = int((task_cfg or {}).get("k_test", DEFAULT_K_TEST))
+        dataset = data_loader.dataset
+        num_videos, texts = len(dataset), list(dataset.text)
+        text_ids, text_atts, text_feats = self.text_features(texts)
+
+        local_index: List[int] = []
+        local_sims, local_memory, skipped = [], [], []
+        for samples in data_loader:
+            skipped.extend(samples.get("skipped", []) or [])
+            if "video" not in samples:
+                continue
+            feats, memory = self.video_features(samples["video"].to(self.device))
+            local_sims.append(self.video_text_similarity(feats, text_feats).float().cpu())
+            local_memory.extend(memory.cpu().unbind(0))  # ITM memory waits on the CPU (as LAVIS)
+            idx = samples["index"]
+            local_index.extend(int(i) for i in (idx.tolist() if torch.is_tensor(idx) else idx))
+
+        sims = torch.full((num_videos, len(texts)), -math.inf)
+        all_skipped = []
+        for index, part, skip in dist.all_gather_object(
+                (local_index, torch.cat(local_sims) if local_sims else None, skipped)):
+            if part is not None:
+                sims[index] = part
+            all_skipped.extend(skip)
+        score_i2t, score_t2i = self._rerank(sims, local_index, local_memory, text_ids, text_atts,
+                                            k_test)
+        out = (score_i2t.numpy(), score_t2i.numpy())
+        return (*out, all_skipped) if return_skipped else out
+
+    def _rerank(self, sims: Tensor, local_index: List[int], local_memory: List[Tensor],
+                text_ids: Tensor, text_atts: Tensor, k_test: int) -> Tuple[Tensor, Tensor]:
+        """ITM + ITC scores of the ITC top-k pairs in both directions; -100 elsewhere, -inf for
+        videos without features (skipped)."""
+        num_videos, num_texts = sims.shape
+        present = torch.isfinite(sims[:, 0]) if num_texts else torch.zeros(num_videos, dtype=bool)
+        k_texts = min(k_test, num_texts)
+        k_videos = min(k_test, int(present.sum()))
+        # the pairs each direction re-ranks, as {video: set(texts)}
+        pairs: Dict[int, set] = {}
+        for v in range(num_videos):
+            if present[v] and k_texts:
+                pairs.setdefault(v, set()).update(sims[v].topk(k_texts).indices.tolist())
+        t2i_top = sims.t().topk(k_videos, dim=1).indices if k_videos else None  # (Nt, k)
+        if t2i_top is not None:
+            for t, videos in enumerate(t2i_top.tolist()):
+                for v in videos:
+                    pairs.setdefault(v, set()).add(t)
+        # this process scores the pairs of its own videos
+        mine = {v: i for i, v in enumerate(local_index)}
+        scored: List[Tuple[int, int, float]] = []
+        for v, row in mine.items():
+            ts = sorted(pairs.get(v, ()))
+            memory = local_memory[row].to(self.device)[None]  # (1, T*N, Dv)
+            for s in range(0, len(ts), _ITM_CHUNK):
+                chunk = torch.tensor(ts[s:s + _ITM_CHUNK], device=self.device)
+                itm = self.itm_scores(memory, torch.zeros_like(chunk), text_ids[chunk],
+                                      text_atts[chunk]).float().cpu()
+                scored.extend((v, t, float(x)) for t, x in zip(chunk.tolist(), itm.tolist()))
+        itm_all = {}
+        for part in dist.all_gather_object(scored):
+            itm_all.update({(v, t): x for v, t, x in part})
+
+        score_i2t = torch.full((num_videos, num_texts), NOT_RERANKED)
+        score_t2i = torch.full((num_texts, num_videos), NOT_RERANKED)
+        for v in range(num_videos):
+            if present[v] and k_texts:
+                for t in sims[v].topk(k_texts).indices.tolist():
+                    score_i2t[v, t] = itm_all[(v, t)] + sims[v, t]
+        if t2i_top is not None:
+            for t, videos in enumerate(t2i_top.tolist()):
+                for v in videos:
+                    score_t2i[t, v] = itm_all[(v, t)] + sims[v, t]
+        score_i2t[~present] = -math.inf
+        score_t2i[:, ~present] = -math.inf
+        return score_i2t, score_t2i
