@@ -287,8 +287,12 @@ class PluginRunner(RunnerBase):
                                        world_size=dist_utils.get_world_size(),
                                        equal_shards=is_train)
                 self._samplers[split] = sampler
-                bs = int(run.batch_size_train if is_train else run.get("batch_size_eval",
-                                                                        run.batch_size_train))
+                bs = run.get("batch_size_train") if is_train else (
+                    run.get("batch_size_eval") or run.get("batch_size_train"))
+                if not bs:
+                    raise UserError(f"split {split!r} needs run.batch_size_"
+                                    f"{'train' if is_train else 'eval'}")
+                bs = int(bs)
                 num_workers = int(run.get("num_workers", 0))
                 loaders[split] = DataLoader(
                     dataset, batch_size=bs, sampler=sampler, num_workers=num_workers,
