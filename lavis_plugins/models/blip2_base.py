@@ -1,0 +1,306 @@
+"""What the BLIP-2 stage-1 and stage-2 models share: tokenizer, frozen image encoder, Q-Former.
+
+``LPBlip2Base`` keeps LAVIS's attribute (state-dict) names — ``visual_encoder``, ``ln_vision``,
+``Qformer`` (``.bert``, ``.cls``), ``query_tokens`` — so LAVIS checkpoints load unchanged. Unlike
+LAVIS's ``Blip2Base`` it downloads nothing: BERT and the image-encoder weights come from local
+paths, and a missing or wrong file is a :class:`~lavis_plugins.common.errors.UserError`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import types
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Tuple, Union
+
+import torch
+from lavis.models.base_model import BaseModel
+from lavis.models.blip2_models.blip2 import disabled_train
+from torch import Tensor, nn
+from transformers import BertTokenizer
+
+from lavis_plugins.common.errors import UserError
+from lavis_plugins.models.qformer import KV, ImageKV, QFormer
+
+logger = logging.getLogger(__name__)
+
+# where LAVIS downloads the image-encoder weights from; we only name them in error messages
+VIT_URLS = {
+    "eva_clip_g": "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/"
+                  "BLIP2/eva_vit_g.pth",
+    "clip_L": "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/"
+              "BLIP2/clip_vit_L.pth",
+}
+VIT_MODELS = ("eva_clip_g", "clip_L", "tiny")
+RANDOM_WEIGHTS = "random"  # vit_path value that builds the encoder untrained (benchmarks only)
+TINY_BERT = "tiny"  # bert_path value that makes (once) and uses a tiny random BERT
+
+
+@dataclass
+class TinyVitConfig:
+    """A small EVA-style ViT (LAVIS's ``eva_vit.VisionTransformer``) for tests and demos."""
+
+    width: int = 32  # token width (= num_features, the Q-Former's vision_width)
+    depth: int = 1  # transformer blocks
+    heads: int = 2  # attention heads
+    patch_size: int = 8  # pixels per patch side; image_size must be a multiple
+    mlp_ratio: float = 2.0  # feed-forward width / token width
+
+    @classmethod
+    def from_any(cls, value: Union["TinyVitConfig", Mapping[str, Any], None]) -> "TinyVitConfig":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        value = dict(value)
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"unknown tiny_vit key(s) {unknown}; accepted: "
+                            f"{[f.name for f in fields(cls)]}")
+        return cls(**value)
+
+
+def resolve_bert_path(bert_path: str) -> str:
+    """``bert_path`` as given, or for ``"tiny"`` a tiny random BERT made once in the cache folder
+    (``$LAVIS_PLUGINS_CACHE`` or ``~/.cache/lavis_plugins``)."""
+    if bert_path != TINY_BERT:
+        return bert_path
+    from lavis_plugins.common.tiny_bert import make_tiny_bert
+
+    cache = Path(os.environ.get("LAVIS_PLUGINS_CACHE", Path.home() / ".cache" / "lavis_plugins"))
+    folder = cache / "tiny-bert"
+    if not (folder / "config.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        # made beside and renamed into place, so concurrent ranks never read a half-written one
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tiny-bert-"))
+        make_tiny_bert(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process won the race; theirs is identical (fixed seed)
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
+@contextlib.contextmanager
+def _lavis_vit_from_file(module: types.ModuleType, path: str):
+    """Make LAVIS's ``create_*_vit_*`` read ``path`` instead of downloading, and record which of
+    the model's keys the file lacks (LAVIS loads with strict=False and would not say)."""
+    report = {}
+    original = module.interpolate_pos_embed
+
+    def interpolate_and_check(model, state_dict, *args, **kwargs):
+        report["missing"] = sorted(set(model.state_dict()) - set(state_dict))
+        report["unexpected"] = sorted(set(state_dict) - set(model.state_dict()))
+        return original(model, state_dict, *args, **kwargs)
+
+    saved = module.download_cached_file, module.interpolate_pos_embed
+    module.download_cached_file = lambda url, *a, **k: path
+    module.interpolate_pos_embed = interpolate_and_check
+    try:
+        yield report
+    finally:
+        module.download_cached_file, module.interpolate_pos_embed = saved
+
+
+def _cast_vit(model: nn.Module, precision: str) -> None:
+    """Conv/Linear weights to half precision, as LAVIS's ``convert_weights_to_fp16`` does."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            m.weight.data = m.weight.data.to(dtype)
+            if m.bias is not None:
+                m.bias.data = m.bias.data.to(dtype)
+
+
+class LPBlip2Base(BaseModel):
+    """Tokenizer, image encoder and Q-Former of BLIP-2, with LAVIS's attribute names.
+
+    Subclasses set ``visual_encoder``, ``ln_vision``, ``Qformer`` and ``query_tokens`` (see the
+    ``init_*`` class methods) and call :meth:`freeze_vision_encoder` when ``freeze_vit``.
+    """
+
+    _vit_frozen = False  # set by freeze_vision_encoder: encode_image runs the ViT without grad
+
+    @classmethod
+    def init_tokenizer(cls, bert_path: str) -> BertTokenizer:
+        """BERT's WordPiece tokenizer plus the [DEC] bos token that starts ITG / captions."""
+        path = resolve_bert_path(bert_path)
+        try:
+            tokenizer = BertTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:  # ValueError: not a folder nor a hub name
+            raise UserError(f"bert_path {bert_path!r}: cannot load a BERT tokenizer from it ({e}). "
+                            "Give a local folder holding a BERT (e.g. bert-base-uncased: "
+                            "config.json, vocab.txt, weights), or 'tiny' for a tiny random one."
+                            ) from e
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        return tokenizer
+
+    @classmethod
+    def init_vision_encoder(
+        cls,
+        vit_model: str,
+        img_size: int,
+        drop_path_rate: float,
+        use_grad_checkpoint: bool,
+        precision: str,
+        vit_path: Optional[str] = None,
+        tiny: Union[TinyVitConfig, Mapping[str, Any], None] = None,
+    ) -> Tuple[nn.Module, nn.Module]:
+        """The image encoder and the LayerNorm on its output: ``(visual_encoder, ln_vision)``.
+
+        Args:
+            vit_model: "eva_clip_g" (EVA ViT-g/14, 1408 wide), "clip_L" (CLIP ViT-L/14, 1024) —
+                both LAVIS's definitions — or "tiny" (:class:`TinyVitConfig`, random weights).
+            img_size: input side in pixels (position embeddings are interpolated to it).
+            drop_path_rate: stochastic depth (eva_clip_g and tiny).
+            use_grad_checkpoint: recompute the ViT blocks in backward (unfrozen encoder).
+            precision: "fp32", "fp16" or "bf16": dtype of the encoder's Conv/Linear weights
+                (LAVIS's ``vit_precision``; half precision needs a GPU).
+            vit_path: local weights file for eva_clip_g / clip_L (LAVIS's eva_vit_g.pth /
+                clip_vit_L.pth), or "random" for untrained weights (benchmarks).
+            tiny: sizes of the tiny encoder.
+        The encoder exposes ``num_features`` (its token width).
+        """
+        if vit_model not in VIT_MODELS:
+            raise UserError(f"unknown vit_model {vit_model!r}; choose one of {list(VIT_MODELS)}")
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise UserError(f"vit_precision {precision!r}: choose fp32, fp16 or bf16")
+        if vit_model == "tiny":
+            encoder = cls._tiny_vit(TinyVitConfig.from_any(tiny), img_size, drop_path_rate,
+                                    use_grad_checkpoint)
+        else:
+            encoder = cls._lavis_vit(vit_model, img_size, drop_path_rate, use_grad_checkpoint,
+                                     vit_path)
+        if precision != "fp32":
+            _cast_vit(encoder, precision)
+        return encoder, nn.LayerNorm(encoder.num_features)
+
+    @staticmethod
+    def _tiny_vit(cfg: TinyVitConfig, img_size: int, drop_path_rate: float,
+                  use_grad_checkpoint: bool) -> nn.Module:
+        from lavis.models.eva_vit import VisionTransformer
+
+        if img_size % cfg.patch_size:
+            raise UserError(f"image_size {img_size} is not a multiple of tiny_vit.patch_size "
+                            f"{cfg.patch_size}")
+        return VisionTransformer(
+            img_size=img_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
+            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
+            drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            use_checkpoint=use_grad_checkpoint)
+
+    @staticmethod
+    def _lavis_vit(vit_model: str, img_size: int, drop_path_rate: float,
+                   use_grad_checkpoint: bool, vit_path: Optional[str]) -> nn.Module:
+        from lavis.models import clip_vit, eva_vit
+
+        if vit_path is None:
+            raise UserError(
+                f"vit_path is not set for vit_model {vit_model!r}: download {VIT_URLS[vit_model]} "
+                "and set model.vit_path to the local file (or 'random' for untrained weights, "
+                "benchmarks only)")
+        random = vit_path == RANDOM_WEIGHTS
+        if not random and not os.path.isfile(vit_path):
+            raise UserError(f"vit_path {vit_path!r} for {vit_model!r} is not a file; download "
+                            f"{VIT_URLS[vit_model]}")
+        with contextlib.ExitStack() as stack:
+            if random:  # LAVIS's builders always load a file: give them an empty state dict
+                empty = stack.enter_context(tempfile.TemporaryDirectory()) + "/empty.pth"
+                torch.save({}, empty)
+            module = eva_vit if vit_model == "eva_clip_g" else clip_vit
+            source = empty if random else vit_path
+            report = stack.enter_context(_lavis_vit_from_file(module, source))
+            if vit_model == "eva_clip_g":
+                encoder = eva_vit.create_eva_vit_g(img_size, drop_path_rate, use_grad_checkpoint,
+                                                   "fp32")
+            else:
+                encoder = clip_vit.create_clip_vit_L(img_size, use_grad_checkpoint, "fp32")
+        if random:
+            logger.warning("%s built with RANDOM weights (vit_path='random')", vit_model)
+        elif report.get("missing"):
+            raise UserError(
+                f"vit_path {vit_path!r} is not a {vit_model} checkpoint: it lacks "
+                f"{len(report['missing'])} of the encoder's weights (e.g. {report['missing'][:3]})")
+        elif report.get("unexpected"):
+            logger.info("vit_path %s: ignored %d unused keys", vit_path, len(report["unexpected"]))
+        return encoder
+
+    @classmethod
+    def init_qformer(
+        cls, bert_path: str, num_query_token: int, vision_width: int, cross_attention_freq: int = 2
+    ) -> Tuple[QFormer, nn.Parameter]:
+        """A Q-Former initialised from the BERT at ``bert_path`` and its learned queries
+        (1, num_query_token, hidden) ~ N(0, initializer_range), as LAVIS's ``init_Qformer``."""
+        path = resolve_bert_path(bert_path)
+        try:
+            qformer = QFormer.from_bert(path, num_query_token, vision_width, cross_attention_freq)
+        except (OSError, ValueError) as e:  # ValueError: not a folder nor a hub name
+            raise UserError(f"bert_path {bert_path!r}: cannot load BERT weights from it ({e})"
+                            ) from e
+        query_tokens = nn.Parameter(torch.zeros(1, num_query_token, qformer.config.hidden_size))
+        query_tokens.data.normal_(mean=0.0, std=qformer.config.initializer_range)
+        return qformer, query_tokens
+
+    def freeze_vision_encoder(self) -> None:
+        """LAVIS's ``freeze_vit``: no gradients, eval mode for good (``train()`` does nothing)."""
+        for p in self.visual_encoder.parameters():
+            p.requires_grad = False
+        self.visual_encoder.eval()
+        # a partial, not a bound method, so that the model still pickles
+        self.visual_encoder.train = partial(disabled_train, self.visual_encoder)
+        self._vit_frozen = True
+        logger.info("freeze vision encoder")
+
+    def encode_image(self, image: Tensor) -> Tensor:
+        """(B, 3, H, W) -> image features (B, N, vision_width), ``ln_vision`` applied, in
+        ``ln_vision``'s dtype (fp32 unless the whole model was cast).
+
+        A frozen encoder runs without autograd. Half-precision encoder weights run under CUDA
+        autocast of their dtype; on the CPU the encoder must be fp32 (``vit_precision: fp32``).
+        """
+        # the Conv/Linear weights carry vit_precision (norms and embeddings stay fp32, as LAVIS)
+        weight_dtype = next(m.weight.dtype for m in self.visual_encoder.modules()
+                            if isinstance(m, (nn.Conv2d, nn.Linear)))
+        if weight_dtype not in (torch.float16, torch.bfloat16):
+            cast = contextlib.nullcontext()
+        elif image.is_cuda:
+            cast = torch.autocast("cuda", dtype=weight_dtype)
+        else:
+            raise UserError(f"the image encoder holds {weight_dtype} weights, which need a GPU; "
+                            "set model.vit_precision: fp32 to run on the CPU")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._vit_frozen), cast:
+            feats = self.visual_encoder(image.to(weight_dtype))
+        return self.ln_vision(feats.to(self.ln_vision.weight.dtype))
+
+    def encode_samples(self, samples: Mapping[str, Any]) -> Tensor:
+        """Image features (B, N, Dv) of a batch: from ``samples["image_embeds"]`` — the frozen
+        encoder's outputs read from a feature cache (``lavis_plugins.common.feature_cache``),
+        ``ln_vision`` still to apply — when the batch has them, else by running the encoder on
+        ``samples["image"]``."""
+        cached = samples.get("image_embeds")
+        if cached is None:
+            return self.encode_image(samples["image"])
+        if not self._vit_frozen:
+            raise UserError("the batch holds cached image-encoder features, but the encoder is "
+                            "being trained (freeze_vit: false); train from images instead")
+        return self.ln_vision(cached.to(self.device, self.ln_vision.weight.dtype))
+
+    def query_kv_pass(self, image_embeds: Tensor, image_kv: Optional[ImageKV] = None
+                      ) -> Tuple[Tensor, List[KV]]:
+        """Queries through the Q-Former over ``image_embeds`` (B, N, Dv): their last hidden state
+        (B, Nq, D) and per layer their self-attention (keys, values), for later text passes.
+        ``image_kv`` (from ``Qformer.bert.image_kv``) saves recomputing the image keys/values."""
+        if image_kv is None:
+            image_kv = self.Qformer.bert.image_kv(image_embeds)
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.Qformer.bert(query_embeds=queries, image_kv=image_kv)
+
+    def query_output(self, image_embeds: Tensor) -> Tensor:
+        """(B, N, Dv) image features -> (B, Nq, D) last hidden state of the queries."""
+        return self.query_kv_pass(image_embeds)[0]

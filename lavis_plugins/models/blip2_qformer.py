@@ -1,0 +1,511 @@
+"""BLIP-2 stage 1: Q-Former representation learning with ITC, ITM and ITG on a frozen image encoder.
+
+Registered as ``lp_blip2_qformer``. Same losses, masks and checkpoints as LAVIS's ``Blip2Qformer``
+(``blip2`` / ``blip2_feature_extractor``), proven equal in ``tests/test_stage1_parity.py``, and
+faster (``benchmarks/bench_stage1.py``) because it
+
+- pads each batch's text to its longest caption, not to ``max_txt_len`` (padding is masked out
+  of every attention and loss, so the results are the same);
+- projects each image's features to cross-attention keys/values once per layer, shared by the
+  ITC query pass and the 3 ITM copies (LAVIS projects 4 copies);
+- uses fused attention, samples all hard negatives in one call, and runs the LM head only on
+  tokens that have a next-token label.
+
+It needs no process group; under one, features are gathered with gradients, so N processes with
+batch B compute the ITC loss and gradients of 1 process with batch N*B (LAVIS detaches the
+gathered features). Captions longer than ``max_txt_len`` tokens are truncated; an empty caption
+is a ``UserError`` naming the sample.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from lavis.common import dist_utils
+from lavis.common.registry import registry
+from lavis.common.utils import is_url
+from lavis.models.base_model import all_gather_with_grad, concat_all_gather
+from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from transformers.modeling_outputs import ModelOutput
+
+from lavis_plugins.common.errors import UserError
+from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
+from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
+from lavis_plugins.paths import config_path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Blip2QformerConfig:
+    """Every setting of the stage-1 model (each default is written here only)."""
+
+    # BERT folder (or a name in the HF cache) for the Q-Former and tokenizer; "tiny": a tiny
+    # random BERT made once in the cache folder
+    bert_path: str = "bert-base-uncased"
+    vit_model: str = "eva_clip_g"  # image encoder: eva_clip_g | clip_L | tiny
+    # local weights file of eva_clip_g / clip_L; "random": untrained (benchmarks only)
+    vit_path: Optional[str] = None
+    image_size: int = 224  # input side in pixels
+    drop_path_rate: float = 0.0  # stochastic depth of the image encoder
+    use_grad_checkpoint: bool = False  # image-encoder gradient checkpointing (unfrozen encoder)
+    vit_precision: str = "fp16"  # fp32 | fp16 | bf16 encoder Conv/Linear weights (half: GPU)
+    freeze_vit: bool = True  # image encoder gets no gradients and stays in eval mode
+    tiny_vit: TinyVitConfig = field(default_factory=TinyVitConfig)  # sizes for vit_model "tiny"
+    num_query_token: int = 32  # learned queries
+    cross_attention_freq: int = 2  # Q-Former layers 0, f, 2f, ... cross-attend to the image
+    embed_dim: int = 256  # width of the ITC projections (vision_proj, text_proj)
+    max_txt_len: int = 32  # text tokens kept, [CLS] and [SEP] included; longer is truncated
+    qformer_grad_checkpoint: bool = False  # recompute Q-Former layers in backward (less memory)
+    load_pretrained: bool = False  # after building, load `pretrained`
+    pretrained: str = ""  # local LAVIS-format .pth ({"model": state_dict} or a state dict)
+    load_finetuned: bool = False  # after building, load `finetuned` (instead of `pretrained`)
+    finetuned: str = ""  # local LAVIS-format .pth
+
+    # keys of a LAVIS model config that are bookkeeping, not settings
+    LAVIS_KEYS = ("arch", "model_type")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> "Blip2QformerConfig":
+        """From a LAVIS ``model:`` config; an unknown key is a ``UserError`` naming it."""
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        values = {k: v for k, v in dict(cfg).items() if k not in cls.LAVIS_KEYS}
+        accepted = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(accepted))
+        if unknown:
+            raise UserError(f"lp_blip2_qformer: unknown model config key(s) {unknown}. "
+                            f"Accepted: {accepted + list(cls.LAVIS_KEYS)}")
+        if "tiny_vit" in values:
+            values["tiny_vit"] = TinyVitConfig.from_any(values["tiny_vit"])
+        return cls(**values)
+
+
+@dataclass
+class Blip2Stage1Output(ModelOutput):
+    """Stage-1 training step: scalars (accuracies are detached, for logging)."""
+
+    loss: Optional[Tensor] = None  # loss_itc + loss_itm + loss_itg
+    loss_itc: Optional[Tensor] = None  # image-text contrastive
+    loss_itm: Optional[Tensor] = None  # image-text matching (1 positive, 2 hard negatives per pair)
+    loss_itg: Optional[Tensor] = None  # image-grounded text generation (LAVIS's loss_lm)
+    acc_itc: Optional[Tensor] = None  # image->text top-1 over the (global) batch
+    acc_itm: Optional[Tensor] = None  # matched / not matched, over the 3B ITM pairs
+
+
+class ItcResult(NamedTuple):
+    loss: Tensor
+    sim_i2t: Tensor  # (B, W*B) local images vs all texts, divided by the temperature
+    sim_t2i: Tensor  # (B, W*B) local texts vs all images
+    acc: Tensor
+
+
+def _gather_with_grad(x: Tensor) -> Tensor:
+    """All ranks' ``x`` concatenated on dim 0, gradients flowing back to their owners."""
+    return x if dist_utils.get_world_size() == 1 else all_gather_with_grad(x)
+
+
+def _pad_right(ids: Tensor, length: int, value: int) -> Tensor:
+    return F.pad(ids, (0, length - ids.shape[1]), value=value)
+
+
+@registry.register_model("lp_blip2_qformer")
+class LPBlip2Qformer(LPBlip2Base):
+    """BLIP-2 first stage: frozen image encoder + Q-Former trained with ITC, ITM and ITG.
+
+    Model types: "pretrain" (EVA ViT-g), "pretrain_vitL" (CLIP ViT-L), "coco" (retrieval
+    fine-tuning, 364 px, unfrozen encoder) and "tiny" (tests and demos). Weights are local files:
+    ``vit_path`` for the encoder, ``pretrained`` / ``finetuned`` for LAVIS checkpoints.
+    """
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "pretrain": config_path("models/lp_blip2_qformer_pretrain.yaml"),
+        "pretrain_vitL": config_path("models/lp_blip2_qformer_pretrain_vitL.yaml"),
+        "coco": config_path("models/lp_blip2_qformer_coco.yaml"),
+        "tiny": config_path("models/lp_blip2_qformer_tiny.yaml"),
+    }
+    # weights a stage-1 checkpoint must hold (the image encoder may come from vit_path)
+    TRAINED_PREFIXES = ("Qformer.", "query_tokens", "ln_vision.", "vision_proj.", "text_proj.",
+                        "itm_head.", "temp")
+
+    def __init__(self, cfg: Optional[Blip2QformerConfig] = None):
+        super().__init__()
+        cfg = cfg or Blip2QformerConfig()
+        self.cfg = cfg
+        self.tokenizer = self.init_tokenizer(cfg.bert_path)
+        self.visual_encoder, self.ln_vision = self.init_vision_encoder(
+            cfg.vit_model, cfg.image_size, cfg.drop_path_rate, cfg.use_grad_checkpoint,
+            cfg.vit_precision, vit_path=cfg.vit_path, tiny=cfg.tiny_vit)
+        if cfg.freeze_vit:
+            self.freeze_vision_encoder()
+        self.Qformer, self.query_tokens = self.init_qformer(
+            cfg.bert_path, cfg.num_query_token, self.visual_encoder.num_features,
+            cfg.cross_attention_freq)
+        # room for [DEC] (transformers' resize, as LAVIS calls it)
+        self.Qformer.resize_token_embeddings(len(self.tokenizer))
+        self.Qformer.bert.gradient_checkpointing = cfg.qformer_grad_checkpoint
+        d = self.Qformer.config.hidden_size
+        self.vision_proj = nn.Linear(d, cfg.embed_dim)
+        self.text_proj = nn.Linear(d, cfg.embed_dim)
+        self.itm_head = nn.Linear(d, 2)
+        self.temp = nn.Parameter(0.07 * torch.ones([]))
+        self.max_txt_len = cfg.max_txt_len
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "LPBlip2Qformer":
+        model = cls(Blip2QformerConfig.from_mapping(cfg))
+        model.load_checkpoint_from_config(cfg)
+        return model
+
+    @property
+    def num_query(self) -> int:
+        return self.query_tokens.shape[1]
+
+    # ------------------------------------------------------------------ inputs
+    def tokenize(self, texts: Sequence[str], samples: Optional[Mapping[str, Any]] = None):
+        """Captions -> ``BatchEncoding`` (input_ids, attention_mask) (B, T) on the model's device,
+        padded to the longest caption and truncated to ``max_txt_len`` tokens."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise UserError(f"text_input must be a list of captions, got {type(texts).__name__}")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                ident = "".join(f", {k}={samples[k][i]!r}" for k in ("image_id", "instance_id")
+                                if samples is not None and k in samples)
+                raise UserError(f"sample {i} of the batch{ident} has an empty or non-text caption "
+                                f"({t!r}); fix or drop it in the annotation file")
+        return self.tokenizer(list(texts), padding="longest", truncation=True,
+                              max_length=self.max_txt_len, return_tensors="pt").to(self.device)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, samples: Mapping[str, Any]) -> Blip2Stage1Output:
+        """samples: "image" (B, 3, H, W) or cached encoder outputs "image_embeds" (B, N, Dv),
+        and "text_input" (B captions)."""
+        text = self.tokenize(samples["text_input"], samples)
+        image_embeds = self.encode_samples(samples)  # (B, N, Dv)
+        if text.input_ids.shape[0] != image_embeds.shape[0]:
+            raise UserError(f"{image_embeds.shape[0]} images but {text.input_ids.shape[0]} "
+                            "captions in the batch")
+        image_kv = self.Qformer.bert.image_kv(image_embeds)  # shared by the ITC and ITM passes
+        query_hidden, query_kv = self.query_kv_pass(image_embeds, image_kv)  # (B, Nq, D)
+        text_hidden, _ = self.Qformer.bert(  # ITC needs only [CLS]
+            input_ids=text.input_ids, attention_mask=padding_mask(text.attention_mask),
+            last_rows=1)
+        image_feats = F.normalize(self.vision_proj(query_hidden), dim=-1)  # (B, Nq, E)
+        text_feat = F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)  # (B, E) from [CLS]
+
+        itc = self._itc_loss(image_feats, text_feat)
+        loss_itm, acc_itm = self._itm_loss(image_embeds, image_kv, text, itc.sim_i2t, itc.sim_t2i)
+        loss_itg = self._itg_loss(text, query_kv)
+        return Blip2Stage1Output(loss=itc.loss + loss_itm + loss_itg, loss_itc=itc.loss,
+                                 loss_itm=loss_itm, loss_itg=loss_itg, acc_itc=itc.acc,
+                                 acc_itm=acc_itm)
+
+    def _itc_loss(self, image_feats: Tensor, text_feat: Tensor) -> ItcResult:
+        """Contrastive loss between the queries (B, Nq, E) and text [CLS] (B, E) of this rank and
+        those of all ranks; image-text similarity is the max over the queries."""
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)  # as LAVIS's BLIP models; 0.07 at init
+        rank, b = dist_utils.get_rank(), text_feat.shape[0]
+        image_feats_all = _gather_with_grad(image_feats)  # (W*B, Nq, E)
+        text_feat_all = _gather_with_grad(text_feat)  # (W*B, E)
+        sim_i2t = (image_feats @ text_feat_all.t()).max(dim=1).values / self.temp  # (B, W*B)
+        sim_t2i = (image_feats_all @ text_feat.t()).max(dim=1).values.t() / self.temp  # (B, W*B)
+        targets = torch.arange(rank * b, rank * b + b, device=text_feat.device)
+        loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1)
+                + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+        acc = (sim_i2t.detach().argmax(1) == targets).float().mean()
+        return ItcResult(loss, sim_i2t, sim_t2i, acc)
+
+    def _itm_loss(self, image_embeds: Tensor, image_kv: ImageKV, text, sim_i2t: Tensor,
+                  sim_t2i: Tensor) -> Tuple[Tensor, Tensor]:
+        """Matching loss on B positives, B (image, hard negative text) and B (text, hard negative
+        image) pairs; negatives are drawn from the softmaxed similarities over all ranks."""
+        rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+        b = image_embeds.shape[0]
+        if world * b < 2:
+            raise UserError("ITM needs at least 2 image-text pairs per step to draw negatives; "
+                            "raise the batch size")
+        local = torch.arange(b, device=image_embeds.device)
+        with torch.no_grad():
+            weights_t2i = F.softmax(sim_t2i, dim=1) + 1e-4
+            weights_t2i[local, rank * b + local] = 0  # never the positive
+            weights_i2t = F.softmax(sim_i2t, dim=1) + 1e-4
+            weights_i2t[local, rank * b + local] = 0
+            neg_image = torch.multinomial(weights_t2i, 1).squeeze(1)  # per text, in 0..W*B-1
+            neg_text = torch.multinomial(weights_i2t, 1).squeeze(1)  # per image
+
+        ids, mask = text.input_ids, text.attention_mask
+        if world == 1:
+            neg_kv = image_kv.select(neg_image)
+            neg_ids, neg_mask = ids[neg_text], mask[neg_text]
+        else:
+            # keys/values of the chosen images, which may live on other ranks
+            neg_kv = self.Qformer.bert.image_kv(_gather_with_grad(image_embeds)[neg_image])
+            # ranks pad to different lengths: gather at max_txt_len, trim after choosing
+            pad = self.tokenizer.pad_token_id
+            ids = _pad_right(ids, self.max_txt_len, pad)
+            mask = _pad_right(mask, self.max_txt_len, 0)
+            neg_ids, neg_mask = concat_all_gather(ids)[neg_text], concat_all_gather(mask)[neg_text]
+            length = int(torch.maximum(mask.sum(1).max(), neg_mask.sum(1).max()))
+            ids, mask, neg_ids, neg_mask = (t[:, :length] for t in (ids, mask, neg_ids, neg_mask))
+
+        # rows: (image, text), (image, negative text) -- both attend to this batch's images,
+        # together -- then (negative image, text)
+        hidden, _ = self.Qformer.bert(
+            input_ids=torch.cat([ids, neg_ids, ids]),
+            query_embeds=self.query_tokens.expand(3 * b, -1, -1),
+            attention_mask=padding_mask(torch.cat([mask, neg_mask, mask]), self.num_query),
+            image_kv=[image_kv._replace(repeats=2), neg_kv], last_rows=self.num_query)
+        logits = self.itm_head(hidden).mean(dim=1)  # (3B, 2) from the query outputs
+        labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]
+                           ).to(logits.device)
+        acc = (logits.detach().argmax(1) == labels).float().mean()
+        return F.cross_entropy(logits, labels), acc
+
+    def _itg_loss(self, text, query_kv: List[KV]) -> Tensor:
+        """Caption loss: [DEC] + caption, each token sees all queries (their cached keys/values)
+        and the tokens before it; next-token cross-entropy with label smoothing 0.1."""
+        ids = text.input_ids.clone()
+        ids[:, 0] = self.tokenizer.bos_token_id  # [CLS] -> [DEC]
+        hidden, _ = self.Qformer.bert(
+            input_ids=ids, attention_mask=causal_text_mask(text.attention_mask, self.num_query),
+            past_key_values=query_kv)
+        target = ids[:, 1:]
+        keep = text.attention_mask[:, 1:].bool()  # padding has no label
+        logits = self.Qformer.cls(hidden[:, :-1][keep])  # LM head on labelled positions only
+        return F.cross_entropy(logits, target[keep], label_smoothing=0.1)
+
+    # ------------------------------------------------------------------ inference
+    def forward_image(self, image: Tensor) -> Tuple[Tensor, Tensor]:
+        """(B, 3, H, W) -> query last hidden state (B, Nq, D) and image features (B, N, Dv)."""
+        image_embeds = self.encode_image(image)
+        return self.query_output(image_embeds), image_embeds
+
+    def forward_text(self, text_tokens) -> Tensor:
+        """Tokenized text -> [CLS] last hidden state (B, D)."""
+        hidden, _ = self.Qformer.bert(input_ids=text_tokens.input_ids,
+                                      attention_mask=padding_mask(text_tokens.attention_mask),
+                                      last_rows=1)
+        return hidden[:, 0]
+
+    def _multimodal_queries(self, image_embeds: Tensor, text_ids: Tensor, text_atts: Tensor,
+                            image_kv: Optional[ImageKV] = None) -> Tensor:
+        """Query outputs (B, Nq, D) of the image-grounded pass: queries and text see each
+        other, queries cross-attend to image features (B, N, Dv) (or to ``image_kv``, e.g. one
+        image's keys/values with ``repeats`` = B)."""
+        hidden, _ = self.Qformer.bert(
+            input_ids=text_ids, query_embeds=self.query_tokens.expand(text_ids.shape[0], -1, -1),
+            attention_mask=padding_mask(text_atts, self.num_query),
+            image_kv=self.Qformer.bert.image_kv(image_embeds) if image_kv is None else image_kv,
+            last_rows=self.num_query)
+        return hidden
+
+    def itm_logits(self, image_embeds: Tensor, text_ids: Tensor, text_atts: Tensor,
+                   image_kv: Optional[ImageKV] = None) -> Tensor:
+        """Matching logits (B, 2) (index 1: matched) for image features (B, N, Dv) and text
+        (B, T): the ITM head on each query output, averaged over the queries."""
+        return self.itm_head(
+            self._multimodal_queries(image_embeds, text_ids, text_atts, image_kv)).mean(1)
+
+    def compute_itm(self, image_inputs: Tensor, text_ids: Tensor, text_atts: Tensor) -> Tensor:
+        """LAVIS's ITM score: the matched logit averaged over the queries, (B,)."""
+        return self.itm_logits(image_inputs, text_ids, text_atts)[:, 1]
+
+    def compute_sim_matrix(self, data_loader, task_cfg: Optional[Mapping[str, Any]] = None):
+        """Retrieval scores ``(score_i2t, score_t2i)`` as LAVIS's ``retrieval`` task asks for;
+        see :func:`lavis_plugins.tasks.retrieval.compute_retrieval_scores`."""
+        from lavis_plugins.tasks.retrieval import DEFAULT_K_TEST, compute_retrieval_scores
+
+        return compute_retrieval_scores(self, data_loader,
+                                        int((task_cfg or {}).get("k_test", DEFAULT_K_TEST)))
+
+    @torch.no_grad()
+    def extract_features(self, samples: Mapping[str, Any], mode: str = "multimodal"
+                         ) -> BlipOutputFeatures:
+        """LAVIS's features, same fields and shapes.
+
+        mode "image": image_embeds (B, Nq, D) query outputs, image_embeds_proj (B, Nq, E)
+        normalised; "text": text_embeds (B, T, D), text_embeds_proj (B, T, E) normalised;
+        "multimodal": multimodal_embeds (B, Nq, D), query outputs of the image-grounded pass.
+        """
+        if mode not in ("image", "text", "multimodal"):
+            raise UserError(f"extract_features mode {mode!r}: choose image, text or multimodal")
+        image, caption = samples.get("image"), samples.get("text_input")
+        if mode in ("image", "multimodal") and image is None:
+            raise UserError(f"extract_features mode {mode!r} needs samples['image']")
+        if mode in ("text", "multimodal") and caption is None:
+            raise UserError(f"extract_features mode {mode!r} needs samples['text_input']")
+        out = {}
+        if mode == "image":
+            hidden = self.query_output(self.encode_image(image))
+            out.update(image_embeds=hidden,
+                       image_embeds_proj=F.normalize(self.vision_proj(hidden), dim=-1))
+        elif mode == "text":
+            text = self.tokenize(caption, samples)
+            hidden, _ = self.Qformer.bert(input_ids=text.input_ids,
+                                          attention_mask=padding_mask(text.attention_mask))
+            out.update(text_embeds=hidden,
+                       text_embeds_proj=F.normalize(self.text_proj(hidden), dim=-1))
+        else:
+            text = self.tokenize(caption, samples)
+            out.update(multimodal_embeds=self._multimodal_queries(
+                self.encode_image(image), text.input_ids, text.attention_mask))
+        return BlipOutputFeatures(**out)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        samples: Mapping[str, Any],
+        use_nucleus_sampling: bool = False,
+        num_beams: int = 3,
+        max_length: int = 30,
+        min_length: int = 10,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.0,
+    ) -> List[str]:
+        """Q-Former captions for samples["image"] (B, 3, H, W): B strings.
+
+        Beam search (``num_beams``) or nucleus sampling (``top_p``, and transformers' default
+        top-k 50, as LAVIS's call to ``generate`` gets). Lengths count the [DEC] start token.
+        The queries run once per image; the beams share their cached keys/values.
+        """
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            MinLengthLogitsProcessor,
+            RepetitionPenaltyLogitsProcessor,
+        )
+
+        max_pos = self.Qformer.config.max_position_embeddings
+        if not 1 < max_length <= max_pos:
+            raise UserError(f"max_length {max_length}: must be in 2..{max_pos}")
+        _, query_kv = self.query_kv_pass(self.encode_image(samples["image"]))
+        processors = LogitsProcessorList()
+        if repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        if min_length > 0:
+            processors.append(MinLengthLogitsProcessor(min_length, self.tokenizer.sep_token_id))
+        if use_nucleus_sampling or num_beams == 1:
+            ids = self._sample(query_kv, processors, max_length, top_p, use_nucleus_sampling)
+        else:
+            ids = self._beam_search(query_kv, processors, max_length, num_beams)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def _decode_step(self, last_ids: Tensor, past: List[KV]) -> Tuple[Tensor, List[KV]]:
+        """Next-token logits (N, V) for the last tokens (N, 1) after the cached rows."""
+        hidden, past = self.Qformer.bert(input_ids=last_ids, past_key_values=past)
+        return self.Qformer.cls(hidden[:, -1]).float(), past
+
+    def _start(self, query_kv: List[KV], copies: int) -> Tuple[Tensor, List[KV]]:
+        past = [(k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0))
+                for k, v in query_kv]
+        ids = torch.full((past[0][0].shape[0], 1), self.tokenizer.bos_token_id,
+                         dtype=torch.long, device=past[0][0].device)
+        return ids, past
+
+    def _sample(self, query_kv, processors, max_length, top_p, sample: bool) -> Tensor:
+        """Nucleus sampling (``sample``) or greedy decoding; finished rows continue as padding."""
+        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+        eos, pad = self.tokenizer.sep_token_id, self.tokenizer.pad_token_id
+        ids, past = self._start(query_kv, 1)
+        unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        while ids.shape[1] < max_length and unfinished.any():
+            logits, past = self._decode_step(ids[:, -1:], past)
+            scores = processors(ids, logits)
+            if sample:
+                scores = TopPLogitsWarper(top_p)(ids, TopKLogitsWarper(50)(ids, scores))
+                nxt = torch.multinomial(F.softmax(scores, dim=-1), 1).squeeze(1)
+            else:
+                nxt = scores.argmax(-1)
+            nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            unfinished &= nxt != eos
+        return ids
+
+    def _beam_search(self, query_kv, processors, max_length, num_beams) -> Tensor:
+        """transformers' beam search (length penalty 1, no early stopping) on our cache."""
+        from transformers.generation.beam_search import BeamSearchScorer
+
+        eos, pad = self.tokenizer.sep_token_id, self.tokenizer.pad_token_id
+        b = query_kv[0][0].shape[0]
+        ids, past = self._start(query_kv, num_beams)
+        scorer = BeamSearchScorer(b, num_beams, ids.device, max_length=max_length)
+        beam_scores = torch.zeros(b, num_beams, device=ids.device)
+        beam_scores[:, 1:] = -1e9  # all beams start equal: expand the first only
+        beam_scores = beam_scores.view(-1)
+        while True:
+            logits, past = self._decode_step(ids[:, -1:], past)
+            scores = processors(ids, F.log_softmax(logits, dim=-1)) + beam_scores[:, None]
+            vocab = scores.shape[-1]
+            top, flat = scores.view(b, num_beams * vocab).topk(2 * num_beams, dim=1)
+            out = scorer.process(ids, top, flat % vocab, flat // vocab, pad_token_id=pad,
+                                 eos_token_id=eos, decoder_prompt_len=1)
+            beam_scores, beam_idx = out["next_beam_scores"], out["next_beam_indices"]
+            ids = torch.cat([ids[beam_idx], out["next_beam_tokens"][:, None]], dim=1)
+            past = [(k[beam_idx], v[beam_idx]) for k, v in past]
+            if scorer.is_done or ids.shape[1] >= max_length:
+                break
+        return scorer.finalize(ids, beam_scores, out["next_beam_tokens"], beam_idx,
+                               max_length=max_length, pad_token_id=pad, eos_token_id=eos,
+                               decoder_prompt_len=1)["sequences"]
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_checkpoint(self, url_or_filename: str):
+        """Load a LAVIS-format checkpoint ({"model": state_dict} or a state dict) by name.
+
+        Keys absent from the file (e.g. the image encoder, which a LAVIS run does not save when
+        frozen) and keys the model lacks are logged. A file without the trained stage-1 weights
+        (``TRAINED_PREFIXES``) or with differently shaped ones is another model: ``UserError``.
+        """
+        path = url_or_filename
+        if is_url(path):
+            raise UserError(f"checkpoint {path!r} is a URL; download it and give the local path")
+        if not os.path.isfile(path):
+            raise UserError(f"checkpoint {path!r} is not a file")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise UserError(f"checkpoint {path!r} holds no state dict (expected a dict of "
+                            "tensors, or one under 'model')")
+        own = self.state_dict()
+        wrong_shape = [f"{k} {tuple(state[k].shape)} (model: {tuple(own[k].shape)})"
+                       for k in state if k in own and state[k].shape != own[k].shape]
+        absent = [k for k, _ in self.named_parameters()
+                  if k.startswith(self.TRAINED_PREFIXES) and k not in state]
+        if wrong_shape or absent:
+            raise UserError(
+                f"checkpoint {path!r} does not fit lp_blip2_qformer with this config: "
+                + (f"{len(absent)} trained weights missing (e.g. {absent[:3]}); " if absent else "")
+                + (f"{len(wrong_shape)} with other shapes (e.g. {wrong_shape[:3]})"
+                   if wrong_shape else "")
+                + ". Is it a stage-1 (blip2 / blip2_feature_extractor) checkpoint of the same "
+                  "sizes (num_query_token, embed_dim, BERT)?")
+        msg = self.load_state_dict(state, strict=False)
+        if msg.missing_keys:
+            logger.info("checkpoint %s: %d keys not in the file, kept as built (e.g. %s)", path,
+                        len(msg.missing_keys), msg.missing_keys[:3])
+        if msg.unexpected_keys:
+            logger.warning("checkpoint %s: %d unexpected keys ignored: %s", path,
+                           len(msg.unexpected_keys), msg.unexpected_keys[:10])
+        logger.info("loaded checkpoint %s", path)
+        return msg
+
+    load_from_pretrained = load_checkpoint  # what LAVIS calls for `pretrained`
+
+    def load_checkpoint_from_config(self, cfg: Mapping[str, Any], **kwargs) -> None:
+        """LAVIS's keys: ``load_finetuned`` + ``finetuned``, else ``load_pretrained`` +
+        ``pretrained``; a flag set without its path is a ``UserError``."""
+        for flag, key in (("load_finetuned", "finetuned"), ("load_pretrained", "pretrained")):
+            if cfg.get(flag, False):
+                if not cfg.get(key):
+                    raise UserError(f"model.{flag} is true but model.{key} is empty: give a "
+                                    "local checkpoint path")
+                self.load_checkpoint(cfg[key])
+                return
