@@ -90,9 +90,12 @@ def test_two_processes_equal_one_process_with_double_batch(lp, tmp_path, tiny_be
     # each gradient relative to its own size, floored at 1% of the largest (parameters ITC
     # barely reaches have gradients that are pure rounding noise)
     scale = {n: max(g.abs().max().item(), 1e-2 * top) for n, g in ref_grads.items()}
-    floor = max((perm_grads[n] - g).abs().max().item() / scale[n] for n, g in ref_grads.items())
+    # parameters whose ITC gradient is mathematically zero (e.g. attention key biases) hold
+    # only rounding noise: compare the others
+    checked = {n: g for n, g in ref_grads.items() if g.abs().max().item() > 1e-3 * top}
+    floor = max((perm_grads[n] - g).abs().max().item() / scale[n] for n, g in checked.items())
     assert floor < 1e-2
-    for name, g in ref_grads.items():
+    for name, g in checked.items():
         err = (got["grads"][name] - g).abs().max().item() / scale[name]
         assert err <= 4 * floor + 1e-6, f"{name}: relative error {err:.2e}, floor {floor:.2e}"
     # the comparison is not vacuous: the Q-Former and projections do receive ITC gradients
