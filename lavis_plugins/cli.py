@@ -2,6 +2,7 @@
 
     lavis-plugins train    --cfg-path projects/demo/stage1.yaml [--options run.max_epoch=2 ...]
     lavis-plugins evaluate --cfg-path projects/blip2/eval/vqav2_zeroshot_opt2.7b.yaml
+    lavis-plugins cache-features --cfg-path X   # frozen-encoder outputs for feature_cache datasets
     lavis-plugins zoo      # LAVIS's and the plugin's models
     lavis-plugins names    # the names this plugin registered
     torchrun --nproc_per_node=2 -m lavis_plugins.cli train --cfg-path ...
@@ -33,6 +34,12 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         p.add_argument("--options", nargs="+", default=[],
                        help="overrides as key=value in dot notation, e.g. run.max_epoch=1")
         p.add_argument("--job-id", default=None, help="output sub-folder name (default: time)")
+    p = sub.add_parser("cache-features",
+                       help="pre-compute the frozen image encoder's outputs of each dataset that "
+                            "sets feature_cache: <folder> in the YAML")
+    p.add_argument("--cfg-path", required=True)
+    p.add_argument("--options", nargs="+", default=[])
+    p.add_argument("--split", default="train")
     sub.add_parser("zoo", help="list registered models and their types")
     sub.add_parser("names", help="list the names this plugin registered")
     return parser.parse_args(argv)
@@ -180,6 +187,37 @@ def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional
     return runner, result
 
 
+def cache_features(cfg_path: str, options: List[str], split: str = "train") -> List[Path]:
+    """Build the feature cache of every dataset in the YAML that names one (``feature_cache``)."""
+    import lavis_plugins  # noqa: F401
+    from lavis.tasks import setup_task
+    from lavis.tasks.base_task import BaseTask
+
+    from lavis_plugins.common import dist as dist_utils
+    from lavis_plugins.common.feature_cache import build_feature_cache
+
+    cfg = load_config(cfg_path, list(options))
+    wanted = {n: d.feature_cache for n, d in cfg.datasets_cfg.items() if d.get("feature_cache")}
+    if not wanted:
+        raise UserError(f"no dataset in {cfg_path} sets feature_cache: <folder>")
+    _setup_seeds(int(cfg.run_cfg.get("seed", 42)))  # as `train` does: same random init, if any
+    task = setup_task(cfg)
+    # LAVIS's plain dataset building: the plugin's task would read the cache being built
+    datasets = BaseTask.build_datasets(task, cfg)
+    model = BaseTask.build_model(task, cfg)
+    device = dist_utils.choose_device(cfg.run_cfg.get("device"))
+    out = []
+    for name, folder in wanted.items():
+        if split not in datasets[name]:
+            raise UserError(f"dataset {name!r} has no split {split!r}: {sorted(datasets[name])}")
+        out.append(build_feature_cache(
+            model.visual_encoder, datasets[name][split], folder,
+            image_size=int(cfg.model_cfg.get("image_size", 224)),
+            batch_size=int(cfg.run_cfg.get("batch_size_eval") or 32), device=device))
+        print(f"lavis-plugins: cached {name}/{split} encoder features in {folder}", flush=True)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
     try:
@@ -193,6 +231,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             for kind, names in lavis_plugins.plugin_names().items():
                 print(f"{kind:<13} {', '.join(names) if names else '-'}")
+            return 0
+        if args.command == "cache-features":
+            cache_features(args.cfg_path, args.options, args.split)
             return 0
         run(args.cfg_path, args.options, evaluate_only=args.command == "evaluate",
             job_id=args.job_id)
