@@ -199,3 +199,30 @@ def test_eval_sampler_shards_without_duplicates():
     train = [list(EpochSampler(10, shuffle=True, seed=0, rank=r, world_size=3,
                                equal_shards=True)) for r in range(3)]
     assert len({len(s) for s in train}) == 1 and len(set(sum(train, []))) == 9
+
+
+def test_stage1_layer_decay_sets_each_vit_block_lr(lp, tmp_path, tiny_bert_dir):
+    """An unfrozen encoder with run.layer_decay: block i of L gets lr * decay ** (L + 1 - (i+1)),
+    the embeddings decay ** (L + 1), the Q-Former the full lr — in the optimizer the runner uses."""
+    from lavis.tasks.base_task import BaseTask
+
+    from lavis_plugins.runners.runner import PluginRunner
+
+    model = lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir),
+                          freeze_vit=False, tiny_vit={"depth": 3})
+    cfg = _Cfg(max_epoch=1, init_lr=1e-3, min_lr=0.0, warmup_steps=0, weight_decay=0.05,
+               batch_size_train=8, num_workers=0, seed=1, output_dir=str(tmp_path), device="cpu",
+               train_splits=["train"], layer_decay=0.5, lr_sched="lp_constant")
+    runner = PluginRunner(cfg=cfg, task=BaseTask(), model=model,
+                          datasets={"pairs": {"train": NoisyPairs()}}, job_id="ld")
+    runner.lr_scheduler.step(0)
+    lr_of = {}
+    for g in runner.optimizer.param_groups:
+        for p in g["params"]:
+            lr_of[id(p)] = g["lr"]
+    named = dict(model.named_parameters())
+    for i in range(3):
+        w = named[f"visual_encoder.blocks.{i}.mlp.fc1.weight"]
+        assert lr_of[id(w)] == pytest.approx(1e-3 * 0.5 ** (3 - i))
+    assert lr_of[id(named["visual_encoder.patch_embed.proj.weight"])] == pytest.approx(1e-3 * 0.5 ** 4)
+    assert lr_of[id(named["query_tokens"])] == pytest.approx(1e-3)

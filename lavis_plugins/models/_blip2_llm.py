@@ -535,30 +535,6 @@ class Blip2LLMBase(LPBlip2Base):
         logger.info("loaded %d tensors from %s; kept as built (not in the file): %s",
                     len(state), source, absent or "nothing")
 
-    # ------------------------------------------------------------------ optimisation
-    def optimizer_param_groups(self, weight_decay: float, layer_decay: float = 1.0
-                               ) -> Optional[List[Dict[str, Any]]]:
-        """Param groups with weight decay off for biases/norms; with an unfrozen ViT and
-        ``layer_decay`` < 1, ViT block i gets lr scale ``layer_decay ** (depth + 1 - (i + 1))``
-        (patch/pos embeddings: layer 0); Q-Former and projection keep scale 1."""
-        from lavis_plugins.common.optim import layerwise_lr_scale
-
-        depth = len(getattr(self.visual_encoder, "blocks", []))
-        groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            wd = 0.0 if (p.ndim < 2 or "bias" in name or "norm" in name.lower()
-                         or name.startswith("ln_") or name == "query_tokens") else weight_decay
-            scale = 1.0
-            if name.startswith("visual_encoder.") and layer_decay < 1.0 and depth:
-                m = re.match(r"visual_encoder\.blocks\.(\d+)\.", name)
-                layer = int(m.group(1)) + 1 if m else 0
-                scale = layerwise_lr_scale(depth, layer, layer_decay)
-            groups.setdefault((wd, scale), []).append(p)
-        return [{"params": ps, "weight_decay": wd, "lr_scale": scale}
-                for (wd, scale), ps in groups.items()]
-
     # ------------------------------------------------------------------ prompts
     @staticmethod
     def batch_prompts(prompt: Any, batch_size: int, field: str = "prompt") -> List[str]:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 import types
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from lavis.models.base_model import BaseModel
@@ -304,3 +305,27 @@ class LPBlip2Base(BaseModel):
     def query_output(self, image_embeds: Tensor) -> Tensor:
         """(B, N, Dv) image features -> (B, Nq, D) last hidden state of the queries."""
         return self.query_kv_pass(image_embeds)[0]
+
+    # ------------------------------------------------------------------ optimisation
+    def optimizer_param_groups(self, weight_decay: float, layer_decay: float = 1.0
+                               ) -> Optional[List[Dict[str, Any]]]:
+        """Param groups with weight decay off for biases/norms; with an unfrozen ViT and
+        ``layer_decay`` < 1, ViT block i gets lr scale ``layer_decay ** (depth + 1 - (i + 1))``
+        (patch/pos embeddings: layer 0); Q-Former and projection keep scale 1."""
+        from lavis_plugins.common.optim import layerwise_lr_scale
+
+        depth = len(getattr(self.visual_encoder, "blocks", []))
+        groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            wd = 0.0 if (p.ndim < 2 or "bias" in name or "norm" in name.lower()
+                         or name.startswith("ln_") or name == "query_tokens") else weight_decay
+            scale = 1.0
+            if name.startswith("visual_encoder.") and layer_decay < 1.0 and depth:
+                m = re.match(r"visual_encoder\.blocks\.(\d+)\.", name)
+                layer = int(m.group(1)) + 1 if m else 0
+                scale = layerwise_lr_scale(depth, layer, layer_decay)
+            groups.setdefault((wd, scale), []).append(p)
+        return [{"params": ps, "weight_decay": wd, "lr_scale": scale}
+                for (wd, scale), ps in groups.items()]
