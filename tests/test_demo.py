@@ -254,7 +254,7 @@ def test_text_dataset_has_captions_and_question_answer_strings(lp, tmp_path):
     vqa = tmp_path / "q.json"
     vqa.write_text(json.dumps([{"question": "what color is it?", "answer": ["red"] * 10,
                                 "question_id": 1, "image": "x"}]))
-    ds = ShapesTextDataset([str(caps), str(vqa)])
+    ds = ShapesTextDataset([str(caps), str(vqa)], context=False)
     assert [ds[i]["text_input"] for i in range(len(ds))] == [
         "a red circle", "b", "c", "Question: what color is it? Answer: red"]
     assert ds.collater([ds[0], ds[3]]) == {"text_input": ["a red circle",
