@@ -36,7 +36,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lavis_plugins.common.errors import UserError
 
@@ -55,6 +55,16 @@ N_VIDEO_EXAMPLES = 4
 # thread, and when anything else runs on a 2-core machine two spinning OpenMP threads slow each
 # step by up to 50x (measured: 0.06-0.08 s per stage-1 step with 1 thread, 0.2-5 s with 2)
 DEMO_THREADS = 1
+# where the demo's set-up differs from BLIP-2's, stated in every report
+SETUP_NOTES = (
+    "Nothing is pre-trained elsewhere: the image encoder is a tiny ViT trained by stage 1 (BLIP-2 "
+    "keeps a pre-trained one frozen) and frozen from stage 2 on; the Q-Former starts from a tiny "
+    "random BERT (BLIP-2: BERT-base).",
+    "The frozen LLM is a 2-layer OPT pre-trained on the dataset's text alone, each text after "
+    "soft context vectors made from another caption of its image: a model this small cannot "
+    "otherwise be steered by a soft prompt (why: lavis_plugins/models/text_lm.py). It never sees "
+    "an image, and no video is trained on by any stage.",
+)
 
 
 # ------------------------------------------------------------------------------------ stages
@@ -272,16 +282,16 @@ def write_report(out: Path, rows: Sequence[MetricRow], stages: Sequence[StageRes
     images = dict(images)
     md = ["# lavis_plugins demo: BLIP-2 on the built-in shapes dataset", ""]
     when = datetime.now().strftime("%Y-%m-%d %H:%M")
-    took = f", in {_clock(total_seconds)}" if total_seconds is not None else ""
-    md += [f"Run {when}{took} on {os.cpu_count()} CPU core(s). Every number below comes from the "
+    took = (f"; its stages and this report took {_clock(total_seconds)}"
+            if total_seconds is not None else "")
+    md += [f"Run {when} on {os.cpu_count()} CPU core(s){took}. Every number below comes from the "
            "test split; the chance levels are computed from the same data.", ""]
     md += ["## Metrics", "", format_table(rows), ""]
     passed = all(r.ratio >= TARGET_RATIO for r in rows)
     md += [f"Every metric is at least {TARGET_RATIO:g}x its chance level: "
            f"**{'yes' if passed else 'NO'}**.", ""]
     md += ["Chance levels:", ""] + [f"- {r.name}: {r.chance_rule}" for r in rows] + [""]
-    if notes:
-        md += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    md += ["Notes:", ""] + [f"- {n}" for n in (*notes, *SETUP_NOTES)] + [""]
     md += ["## Stages", "", "| stage | command | time | output |", "|---|---|---:|---|"]
     by_key = {s.key: s for s in STAGES}
     for s in stages:
@@ -400,8 +410,8 @@ def stage_options(key: str, ctx: DemoContext) -> List[str]:
     raise KeyError(key)
 
 
-def _header(i: int, stage: Stage, t0: float) -> None:
-    line = f"[{i}/{len(STAGES)}] {stage.key}: {stage.title}   (elapsed {_clock(time.time() - t0)})"
+def _header(i: int, n: int, stage: Stage, t0: float) -> None:
+    line = f"[{i}/{n}] {stage.key}: {stage.title}   (elapsed {_clock(time.time() - t0)})"
     print("\n" + "=" * len(line) + "\n" + line + "\n" + "=" * len(line), flush=True)
 
 
@@ -529,7 +539,7 @@ def _run_demo(out: Path, force: bool, options: Optional[Mapping[str, Sequence[st
     make_demo_bert(ctx.bert_dir)
     todo = [s for s in STAGES if s.key in stages]
     for i, stage in enumerate(todo, 1):
-        _header(i, stage, t0)
+        _header(i, len(todo), stage, t0)
         ctx.results[stage.key] = run_stage(stage, ctx, options.get(stage.key, ()))
         if stage.key == "text_lm":
             export_llm(ctx)

@@ -245,6 +245,37 @@ def test_text_lm_rejects_unknown_config_keys(lp):
         TextLM.from_config({"arch": "lp_text_lm", "hiden_size": 32})
 
 
+def test_text_lm_puts_the_soft_context_before_the_text_and_takes_no_loss_on_it(lp):
+    import torch
+
+    from lavis_plugins.models.text_lm import TextLM
+
+    model = TextLM.from_config({"arch": "lp_text_lm", "hidden_size": 32, "ffn_dim": 64,
+                                "context_tokens": 3, "context_max_repeats": 2})
+    texts = ["a photo of a small red circle on the left"]
+    plain = model({"text_input": texts})
+    length = model.tokenize(texts, "\n")["input_ids"].shape[1]
+    assert plain.logits.shape[1] == length
+    for seed in range(4):  # repeats drawn per batch: 1 or 2 groups of 3 vectors
+        __import__("random").seed(seed)
+        out = model({"text_input": texts, "text_context": ["there is a small red circle"]})
+        assert out.logits.shape[1] - length in (3, 6)
+    # the context changes the prediction of every text token, BOS included
+    assert not torch.allclose(out.logits[0, -length:], plain.logits[0])
+
+
+def test_chunk_means_average_consecutive_chunks_of_real_tokens():
+    import torch
+
+    from lavis_plugins.models.text_lm import chunk_means
+
+    embeds = torch.arange(6, dtype=torch.float32).view(1, 6, 1).repeat(2, 1, 1)  # tokens 0..5
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]])
+    out = chunk_means(embeds, mask, 2)[..., 0]
+    assert out[0].tolist() == [1.0, 3.5]  # chunks (0, 1, 2) and (3, 4); padding ignored
+    assert out[1].tolist() == [0.0, 0.0]  # one token: every chunk is that token
+
+
 def test_text_dataset_has_captions_and_question_answer_strings(lp, tmp_path):
     from lavis_plugins.datasets.builders.shapes_text_builder import ShapesTextDataset
 
@@ -261,23 +292,42 @@ def test_text_dataset_has_captions_and_question_answer_strings(lp, tmp_path):
                                                           "Question: what color is it? Answer: red"]}
 
 
+def test_text_dataset_gives_each_text_another_caption_of_its_image_as_context(lp, tmp_path):
+    from lavis_plugins.datasets.builders.shapes_text_builder import ShapesTextDataset
+
+    caps = tmp_path / "c.json"
+    caps.write_text(json.dumps([{"image": "x", "caption": "a red circle"},
+                                {"image": "x", "caption": "one red circle"},
+                                {"image": "y", "caption": "a blue square"}]))
+    vqa = tmp_path / "q.json"
+    vqa.write_text(json.dumps([{"question": "what color is it?", "answer": ["blue"],
+                                "question_id": 1, "image": "y"}]))
+    ds = ShapesTextDataset([str(caps), str(vqa)], caption_template="a photo of {caption}")
+    items = [ds[i] for i in range(len(ds))]
+    assert items == [
+        {"text_input": "a photo of a red circle", "text_context": "one red circle"},
+        {"text_input": "a photo of one red circle", "text_context": "a red circle"},
+        # the only caption of its image: it is its own context
+        {"text_input": "a photo of a blue square", "text_context": "a blue square"},
+        {"text_input": "Question: what color is it? Answer: blue",
+         "text_context": "a blue square"}]
+    lonely = tmp_path / "lonely.json"
+    lonely.write_text(json.dumps([{"question": "q?", "answer": "a", "question_id": 2,
+                                   "image": "z"}]))
+    with pytest.raises(UserError, match="no caption"):
+        ShapesTextDataset([str(lonely)])
+
+
 # ------------------------------------------------------------------------------- the demo
 
 
-# fewer iterations than the shipped YAMLs: the same stages, shorter
-SHORT_OPTIONS = {
-    "text_lm": ["run.iters_per_epoch=150"],
-    "stage1": ["run.iters_per_epoch=150"],
-    "stage2": ["run.iters_per_epoch=150"],
-    "vqa_ft": ["run.iters_per_epoch=150"],
-}
-
-
 @pytest.mark.slow
-def test_short_demo_reaches_3x_chance_on_every_metric(lp, tmp_path):
+def test_demo_reaches_3x_chance_on_every_metric(lp, tmp_path):
+    """The whole demo with the shipped YAMLs (4-5 min on 2 cores): every metric of its report
+    is at least 3x its chance level, and the report's files exist."""
     from lavis_plugins import demo
 
-    report, rows = demo.run_demo(tmp_path / "demo", options=SHORT_OPTIONS)
+    report, rows = demo.run_demo(tmp_path / "demo")
     names = " ".join(r.name for r in rows)
     for what in ("retrieval", "captioning CIDEr", "image VQA", "video QA"):
         assert what in names
