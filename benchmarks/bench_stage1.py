@@ -108,7 +108,8 @@ def build(args, bert_dir: Path):
                             precision):  # same encoder as ours, no download
         return LPBlip2Base.init_vision_encoder(
             vit["vit_model"], img_size, drop_path_rate, use_grad_checkpoint,
-            vit["vit_precision"], vit_path=vit.get("vit_path"), tiny=vit.get("tiny_vit"))
+            vit["vit_precision"], vit_path=vit.get("vit_path"), tiny=vit.get("tiny_vit"),
+            sdpa=False)  # LAVIS's own EVA attention
 
     Blip2Base.init_vision_encoder = classmethod(init_vision_encoder)
     # LAVIS's forward asks torch.distributed for the rank even in one process

@@ -140,7 +140,8 @@ def build(args, root: Path):
                             precision):  # the same encoder as ours, no download
         return LPBlip2Base.init_vision_encoder(
             vit["vit_model"], img_size, drop_path_rate, use_grad_checkpoint,
-            vit["vit_precision"], vit_path=vit.get("vit_path"), tiny=vit.get("tiny_vit"))
+            vit["vit_precision"], vit_path=vit.get("vit_path"), tiny=vit.get("tiny_vit"),
+            sdpa=False)  # LAVIS's own EVA attention
 
     Blip2Base.init_vision_encoder = classmethod(init_vision_encoder)
     os.chdir(root)  # LAVIS loads "bert-base-uncased" from the working directory

@@ -40,7 +40,8 @@ def build_lavis(mp: pytest.MonkeyPatch, bert_dir):
 
     def tiny_vit(cls, model_name, img_size, drop_path_rate, use_grad_checkpoint, precision):
         return LPBlip2Base.init_vision_encoder("tiny", img_size, drop_path_rate,
-                                               use_grad_checkpoint, "fp32", tiny=tiny_vit_config())
+                                               use_grad_checkpoint, "fp32", tiny=tiny_vit_config(),
+                                               sdpa=False)  # LAVIS's own attention
 
     mp.chdir(bert_dir.parent)  # LAVIS loads the literal name "bert-base-uncased"
     mp.setattr(Blip2Base, "init_vision_encoder", classmethod(tiny_vit))

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from lavis_plugins.common.errors import UserError
+from lavis_plugins.models.blip2_base import use_sdpa_attention
 
 B = 3
 CAPTIONS = ["a photo of a cat on the tree", "a photo of two dogs",
@@ -60,6 +61,7 @@ def _lavis(cls_name, ours, llm_dir, tiny_bert_dir, **kw):
     from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
     vit = copy.deepcopy(ours.visual_encoder)
+    assert use_sdpa_attention(vit, enabled=False)  # LAVIS's own EVA attention
     saved = blip2.Blip2Base.init_vision_encoder
     cwd = os.getcwd()
     blip2.Blip2Base.init_vision_encoder = classmethod(
