@@ -1,0 +1,269 @@
+"""End-to-end zero-shot video QA throughput (videos/s): decode + image encoder + Q-Former + LLM.
+
+    .venv/bin/python benchmarks/bench_video_qa.py                    # CPU, small config
+    .venv/bin/python benchmarks/bench_video_qa.py --device cuda --real-size
+
+Ours: ``lp_video_eval`` (PyAV, the default backend; BLIP's eval resize and normalisation per
+frame) -> ``lp_blip2_video_opt`` ``predict_answers`` with fusion ``concat`` (every frame through
+the encoder and Q-Former as one batch, all frames' query tokens in time order as the prompt).
+
+Reference: the same pipeline as a LAVIS user builds it from LAVIS's own parts, since LAVIS has no
+BLIP-2 video model: LAVIS's ``alpro_video_eval`` processor (``load_video``: decord, frames resized
+while decoding) -> LAVIS's ``Blip2OPT`` modules on every frame (its EVA attention, its Q-Former)
+-> the frames' projected queries concatenated -> its vendored OPT's ``generate``. Both models hold
+the same weights (copied from ours), so with fp32 weights they should give the same answers; the
+script prints how many agree.
+
+Sizes as ``bench_stage2.py``: default a tiny ViT (2 x 256, 224 px), Q-Former 4 x 256, OPT
+``--opt-layers`` x ``--opt-hidden`` (vocabulary 512), fp32; ``--real-size`` EVA ViT-g, Q-Former
+12 x 768, OPT-2.7B shapes, random weights, fp16 (as LAVIS keeps them). Videos: the 10 s H.264
+clips of ``bench_video_decode.py`` (360p by default, keyframe interval 30 and 250, alternated),
+``--videos`` per measurement in batches of ``--batch``; every video asks the same question (the
+reference's tokenizer pads on the right, which its generate cannot take for prompts of different
+lengths) and greedy decoding is forced to ``--new-tokens`` tokens so both do the same LLM work.
+Decoding runs in the main process, one video after another, as a DataLoader with
+``num_workers=0`` does; with workers it overlaps the model.
+
+Each (frames, implementation) pair runs ``--rounds`` times, alternating, after one warm-up batch;
+figures are medians. Per stage (seconds per video): decode (file -> normalised (C, T, H, W)),
+encoder (ViT + ln_vision, all frames), Q-Former + projection, LLM (prompt + generation).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Dict, List
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_stage2  # noqa: E402  (sizes, weights folders and the LAVIS model builder)
+import bench_video_decode  # noqa: E402  (the cached H.264 clips)
+
+QUESTION = "what is moving in the video?"
+PROMPT = "Question: {} Answer:"  # BLIP-2's zero-shot VQA prompt for OPT
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--real-size", action="store_true", help="ViT-g + BERT-base + OPT-2.7B shapes")
+    p.add_argument("--frames", type=int, nargs="+", default=[4, 8], help="frames per video")
+    p.add_argument("--videos", type=int, default=8, help="videos per measurement")
+    p.add_argument("--batch", type=int, default=4, help="videos per model call")
+    p.add_argument("--new-tokens", type=int, default=5, help="answer tokens generated")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--clip-size", default="360p", choices=list(bench_video_decode.SIZES))
+    p.add_argument("--opt-layers", type=int, default=4, help="small config: OPT layers")
+    p.add_argument("--opt-hidden", type=int, default=256, help="small config: OPT width")
+    p.add_argument("--cache-dir", type=Path,
+                   default=Path(tempfile.gettempdir()) / "lavis_plugins_bench_video")
+    return p.parse_args(argv)
+
+
+class StageClock:
+    """Accumulates wall seconds per stage name; synchronises CUDA around each interval."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.seconds: Dict[str, float] = defaultdict(float)
+
+    def _sync(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] += time.perf_counter() - t0
+
+    def wrap(self, fn: Callable, name: str) -> Callable:
+        def timed(*a, **k):
+            with self.stage(name):
+                return fn(*a, **k)
+        return timed
+
+
+def build_ours(args, root: Path, n_frms: int):
+    from lavis_plugins.models.blip2_video import Blip2VideoOPTConfig, LPBlip2VideoOPT
+    from lavis_plugins.processors.video_processors import VideoEvalConfig, VideoEvalProcessor
+
+    cfg = Blip2VideoOPTConfig(
+        bert_path=str(root / "bert-base-uncased"), opt_model=str(root / "opt"),
+        llm_dtype="fp16" if args.real_size else "fp32", prompt="", num_query_token=32,
+        fusion="concat", **bench_stage2.vit_settings(args))
+    model = LPBlip2VideoOPT(cfg).to(args.device).eval()
+    return model, VideoEvalProcessor(VideoEvalConfig(n_frms=n_frms, image_size=224))
+
+
+def build_reference(args, root: Path, ours, n_frms: int):
+    from lavis.processors.alpro_processors import AlproVideoEvalProcessor
+
+    ns = argparse.Namespace(**vars(args), impl="lavis")
+    ref = bench_stage2.build(ns, root)  # LAVIS's Blip2OPT, LAVIS's EVA attention
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    if missing or unexpected:
+        sys.exit(f"reference does not take our weights: missing {missing[:3]}, "
+                 f"unexpected {unexpected[:3]}")
+    ref = ref.to(args.device).eval()
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    return ref, AlproVideoEvalProcessor(image_size=224, mean=mean, std=std, n_frms=n_frms)
+
+
+def reference_answers(ref, video, questions: List[str], new_tokens: int, clock: StageClock):
+    """What a LAVIS user writes: per-frame BLIP-2 encoding, concatenated queries, OPT generate."""
+    import torch
+
+    b, c, t, h, w = video.shape
+    frames = video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # (B*T, C, H, W)
+    with torch.no_grad(), ref.maybe_autocast():
+        with clock.stage("encoder"):
+            image_embeds = ref.ln_vision(ref.visual_encoder(frames))  # (B*T, N, Dv)
+        with clock.stage("qformer"):
+            atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=frames.device)
+            query = ref.Qformer.bert(
+                query_embeds=ref.query_tokens.expand(b * t, -1, -1),
+                encoder_hidden_states=image_embeds, encoder_attention_mask=atts,
+                return_dict=True).last_hidden_state
+            inputs_opt = ref.opt_proj(query).reshape(b, -1, ref.opt_proj.out_features)
+        with clock.stage("llm"):
+            tokens = ref.opt_tokenizer([PROMPT.format(q) for q in questions],
+                                       return_tensors="pt").to(frames.device)
+            mask = torch.cat([torch.ones(inputs_opt.shape[:-1], dtype=torch.long,
+                                         device=frames.device), tokens.attention_mask], dim=1)
+            n_prompt = tokens.input_ids.shape[1]
+            out = ref.opt_model.generate(
+                input_ids=tokens.input_ids, query_embeds=inputs_opt, attention_mask=mask,
+                num_beams=1, max_new_tokens=new_tokens,
+                min_length=new_tokens + n_prompt,  # LAVIS's OPT counts the prompt here
+                eos_token_id=ref.eos_token_id)
+            return [s.strip() for s in ref.opt_tokenizer.batch_decode(
+                out[:, n_prompt:], skip_special_tokens=True)]
+
+
+def our_answers(model, video, questions: List[str], new_tokens: int, clock: StageClock):
+    with clock.stage("model"):
+        return model.predict_answers({"video": video, "text_input": questions}, num_beams=1,
+                                     max_len=new_tokens, min_len=new_tokens, prompt=PROMPT)
+
+
+def instrument_ours(model, clock: StageClock) -> None:
+    """Time the encoder and the whole visual prompt; the LLM is the rest of ``model``."""
+    model.encode_image = clock.wrap(model.encode_image, "encoder")
+    model.visual_prompt = clock.wrap(model.visual_prompt, "visual")
+
+
+def measure(impl: str, model, processor, paths: List[str], args, clock: StageClock):
+    """Answers for ``paths`` in batches; returns (answers, seconds for the whole run)."""
+    import torch
+
+    answers = []
+    clock._sync()
+    t0 = time.perf_counter()
+    for i in range(0, len(paths), args.batch):
+        batch = paths[i:i + args.batch]
+        with clock.stage("decode"):
+            video = torch.stack([processor(p) for p in batch]).to(args.device)
+        questions = [QUESTION] * len(batch)
+        if impl == "ours":
+            answers += our_answers(model, video, questions, args.new_tokens, clock)
+        else:
+            answers += reference_answers(model, video, questions, args.new_tokens, clock)
+    clock._sync()
+    return answers, time.perf_counter() - t0
+
+
+def stages(impl: str, seconds: Dict[str, float]) -> Dict[str, float]:
+    if impl == "ours":  # nested timers: visual includes encoder, model includes visual
+        return {"decode": seconds["decode"], "encoder": seconds["encoder"],
+                "qformer": seconds["visual"] - seconds["encoder"],
+                "llm": seconds["model"] - seconds["visual"]}
+    return {k: seconds[k] for k in ("decode", "encoder", "qformer", "llm")}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    clips = [str(p) for name, p in bench_video_decode.clips(args.cache_dir, [args.clip_size])]
+    paths = [clips[i % len(clips)] for i in range(args.videos)]
+    size = ("real size: EVA ViT-g, Q-Former 12x768, OPT-2.7B shapes, fp16" if args.real_size
+            else f"small: tiny ViT 2x256, Q-Former 4x256, OPT {args.opt_layers}x"
+                 f"{args.opt_hidden}, fp32")
+    print(f"# zero-shot video QA, {size}, {args.device}, torch threads "
+          f"{torch.get_num_threads()}, {args.videos} {args.clip_size} videos in batches of "
+          f"{args.batch}, {args.new_tokens} answer tokens, greedy", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        cwd = os.getcwd()
+        bench_stage2.make_folders(argparse.Namespace(**vars(args)), root)
+        for n in args.frames:
+            torch.manual_seed(0)
+            ours, our_proc = build_ours(args, root, n)
+            ref, ref_proc = build_reference(args, root, ours, n)
+            os.chdir(cwd)
+            runs = {"ours": (ours, our_proc), "LAVIS": (ref, ref_proc)}
+            totals, parts, answers = defaultdict(list), defaultdict(list), {}
+            for impl, (model, proc) in runs.items():  # warm-up: one batch each
+                clock = StageClock(cuda)
+                if impl == "ours":
+                    instrument_ours(model, clock)
+                measure(impl, model, proc, paths[:args.batch], args, clock)
+            for r in range(args.rounds):
+                for impl, (model, proc) in runs.items():
+                    clock = StageClock(cuda)
+                    if impl == "ours":
+                        instrument_ours(model, clock)
+                    answers[impl], total = measure(impl, model, proc, paths, args, clock)
+                    totals[impl].append(total)
+                    parts[impl].append(stages(impl, clock.seconds))
+                    print(f"  {n} frames, round {r}, {impl:5s}: {args.videos / total:7.2f} "
+                          f"videos/s", flush=True)
+            agree = sum(a == b for a, b in zip(answers["ours"], answers["LAVIS"]))
+            rows.append((n, totals, parts, agree))
+            del ours, ref, runs
+            if cuda:
+                torch.cuda.empty_cache()
+    report(args, rows)
+
+
+def report(args, rows) -> None:
+    print()
+    print("| frames | impl | videos/s | decode | encoder | Q-Former | LLM | ours / LAVIS "
+          "| same answers |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, totals, parts, agree in rows:
+        vps = {k: args.videos / statistics.median(v) for k, v in totals.items()}
+        for impl in ("ours", "LAVIS"):
+            per = {s: 1e3 * statistics.median(p[s] for p in parts[impl]) / args.videos
+                   for s in ("decode", "encoder", "qformer", "llm")}
+            ratio = f"{vps['ours'] / vps['LAVIS']:.2f}" if impl == "ours" else ""
+            same = f"{agree}/{args.videos}" if impl == "ours" else ""
+            print(f"| {n} | {impl} | {vps[impl]:.2f} | " + " | ".join(
+                f"{per[s]:.0f} ms" for s in ("decode", "encoder", "qformer", "llm"))
+                + f" | {ratio} | {same} |")
+    print("\n# stage columns: median milliseconds per video")
+
+
+if __name__ == "__main__":
+    main()
