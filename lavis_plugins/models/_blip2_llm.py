@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -36,6 +36,7 @@ from transformers.utils import ModelOutput
 
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
+from lavis_plugins.models.blip2_qformer import init_vision_and_qformer
 
 logger = logging.getLogger(__name__)
 
@@ -279,8 +280,18 @@ class Blip2LLMBase(LPBlip2Base):
 
     CONFIG_CLASS = Blip2LLMConfig
     PROJ_NAME = "llm_proj"  # state-dict name of the projection (opt_proj / t5_proj)
-    LLM_NAME = "llm"  # state-dict name of the LLM (opt_model / t5_model)
+    # state-dict name of the LLM (opt_model / t5_model), also the config key of its folder
+    LLM_NAME = "llm"
     PRETRAINED_MODEL_CONFIG_DICT: ClassVar[Dict[str, str]] = {}
+    # --- the LLM family; subclasses set these (classes by name: transformers is imported lazily)
+    LLM_CLASS = ""  # transformers model class, e.g. "OPTForCausalLM"
+    LLM_MODEL_TYPE = ""  # ``text_config.model_type`` a transformers BLIP-2 folder must have
+    LLM_LABEL = ""  # the LLM family in messages, e.g. "OPT"
+    OTHER_ARCH_HINT = ""  # the model to use for the other family, e.g. "lp_blip2_t5 for FlanT5"
+    TOKENIZER_CLASS = "AutoTokenizer"  # transformers tokenizer class
+    TOKENIZER_NAME = "llm_tokenizer"  # attribute holding the tokenizer (opt_/t5_tokenizer)
+    # files of which any one means a folder holds the LLM's tokenizer
+    TOKENIZER_FILES: ClassVar[Tuple[str, ...]] = ("tokenizer.json",)
 
     @classmethod
     def arch_name(cls) -> str:
@@ -305,14 +316,7 @@ class Blip2LLMBase(LPBlip2Base):
         self.cfg = cfg
         self.prompt = cfg.prompt
         self.max_txt_len = cfg.max_txt_len
-        self.visual_encoder, self.ln_vision = self.init_vision_encoder(
-            cfg.vit_model, cfg.image_size, cfg.drop_path_rate, cfg.use_grad_checkpoint,
-            cfg.vit_precision, vit_path=cfg.vit_path, tiny=cfg.tiny_vit)
-        if cfg.freeze_vit:
-            self.freeze_vision_encoder()
-        self.Qformer, self.query_tokens = self.init_qformer(
-            cfg.bert_path, cfg.num_query_token, self.visual_encoder.num_features,
-            cfg.cross_attention_freq)
+        init_vision_and_qformer(self, cfg)
         self._drop_qformer_text_branch()
         llm = self._build_llm(hf_folder)
         llm.requires_grad_(False)
@@ -333,12 +337,63 @@ class Blip2LLMBase(LPBlip2Base):
             layer.output = None
             layer.intermediate = None
 
-    def _build_llm(self, hf_folder: Optional[str]) -> nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _build_llm(self, hf_folder: Optional[str]) -> nn.Module:
+        """The frozen LLM (and its tokenizer, see ``_load_tokenizer``) in ``llm_load_dtype``.
+
+        From a transformers BLIP-2 folder (``hf_folder``): the architecture of its
+        ``text_config``, weights left uninitialised (``load_hf_blip2`` fills them), the folder's
+        tokenizer when it has one, else the one of ``model.<LLM_NAME>``. Otherwise: the plain LLM
+        folder ``model.<LLM_NAME>``, weights and tokenizer.
+        """
+        import transformers
+        from transformers import Blip2Config
+        from transformers.modeling_utils import no_init_weights
+
+        llm_cls = getattr(transformers, self.LLM_CLASS)
+        dtype = self.llm_load_dtype()
+        llm_path = getattr(self.cfg, self.LLM_NAME)
+        if hf_folder is not None:
+            text_cfg = Blip2Config.from_pretrained(hf_folder).text_config
+            if text_cfg.model_type != self.LLM_MODEL_TYPE:
+                raise UserError(f"{hf_folder} holds a BLIP-2 with a {text_cfg.model_type!r} LLM; "
+                                f"{self.arch_name()} needs {self.LLM_LABEL} (use "
+                                f"{self.OTHER_ARCH_HINT})")
+            with no_init_weights():  # every weight comes from the folder
+                llm = llm_cls._from_config(text_cfg, torch_dtype=dtype)
+            llm.tie_weights()  # transformers ties only when it initialises
+            has_tokenizer = any(os.path.isfile(os.path.join(hf_folder, n))
+                                for n in self.TOKENIZER_FILES)
+            tok_folder = hf_folder if has_tokenizer else self.resolve_llm_folder(
+                llm_path, self.LLM_NAME)
+        else:
+            tok_folder = self.resolve_llm_folder(llm_path, self.LLM_NAME)
+            llm = self._llm_from_folder(llm_cls, tok_folder, dtype)
+        self._load_tokenizer(tok_folder)
+        return llm
+
+    def _llm_from_folder(self, llm_cls: type, folder: str, dtype: torch.dtype) -> nn.Module:
+        """The LLM of a plain transformers folder (subclasses adjust its config here)."""
+        return llm_cls.from_pretrained(folder, torch_dtype=dtype)
+
+    def _load_tokenizer(self, folder: str) -> None:
+        """Set ``TOKENIZER_NAME`` to the tokenizer of ``folder`` (subclasses add checks)."""
+        import transformers
+
+        setattr(self, self.TOKENIZER_NAME,
+                getattr(transformers, self.TOKENIZER_CLASS).from_pretrained(folder))
 
     @property
     def llm(self) -> nn.Module:
         return getattr(self, self.LLM_NAME)
+
+    @property
+    def llm_tokenizer(self):
+        return getattr(self, self.TOKENIZER_NAME)
+
+    @property
+    def context_length(self) -> int:  # pragma: no cover - abstract
+        """How many input positions the LLM accepts (visual prompt and prompt text included)."""
+        raise NotImplementedError
 
     @property
     def llm_proj(self) -> nn.Linear:
@@ -576,6 +631,99 @@ class Blip2LLMBase(LPBlip2Base):
         if prompt and "{}" not in prompt:
             raise UserError(f"the VQA prompt {prompt!r} has no '{{}}' where the question goes")
         return [prompt.format(q) for q in questions] if prompt else list(questions)
+
+    # ------------------------------------------------------------------ generation
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The LLM's input embeddings of token ids (B, L) -> (B, L, H)."""
+        return self.llm.get_input_embeddings()(ids)
+
+    def _llm_inputs(self, inputs_llm: torch.Tensor, atts_llm: torch.Tensor,
+                    prompts: Sequence[str], max_new_tokens: int = 0
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        """``[visual prompt][prompt tokens]`` embeddings (B, Nq + P, H) and mask (B, Nq + P),
+        checked against ``context_length`` (with room for ``max_new_tokens`` where generated
+        tokens share that context)."""
+        raise NotImplementedError
+
+    def _generation_kwargs(self) -> Dict[str, Any]:
+        """Extra ``generate`` arguments of the LLM family (e.g. its stop token)."""
+        return {}
+
+    @torch.no_grad()
+    def generate(self, samples: Dict[str, Any], use_nucleus_sampling: bool = False,
+                 num_beams: int = 5, max_length: int = 30, min_length: int = 1,
+                 top_p: float = 0.9, repetition_penalty: float = 1.0,
+                 length_penalty: float = 1.0, num_captions: int = 1,
+                 temperature: float = 1.0) -> List[str]:
+        """Captions (or prompted text) for a batch of images.
+
+        Args:
+            samples: ``image`` (B, 3, H, W); optional ``prompt``: one string or B strings
+                (default ``model.prompt``).
+            use_nucleus_sampling: sample with ``top_p`` / ``temperature`` (else beam search).
+            num_beams: beam width (1 = greedy); ignored when sampling.
+            max_length / min_length: most / fewest new tokens.
+            num_captions: outputs per image (<= num_beams for beam search).
+        Returns:
+            B * num_captions strings, the captions of image i at ``i*num_captions ...``.
+        """
+        image = samples["image"]
+        prompts = self.batch_prompts(samples.get("prompt", self.prompt), image.shape[0])
+        inputs_llm, atts_llm = self.visual_prompt(image)
+        return self._generate(inputs_llm, atts_llm, prompts, use_nucleus_sampling, num_beams,
+                              max_length, min_length, top_p, repetition_penalty, length_penalty,
+                              num_captions, temperature)
+
+    def _generate(self, inputs_llm, atts_llm, prompts, use_nucleus_sampling, num_beams,
+                  max_length, min_length, top_p, repetition_penalty, length_penalty,
+                  num_captions, temperature) -> List[str]:
+        if use_nucleus_sampling:
+            num_beams = 1
+        elif num_captions > num_beams:
+            raise UserError(f"num_captions ({num_captions}) > num_beams ({num_beams}): beam "
+                            "search returns at most num_beams sequences; raise num_beams or "
+                            "use nucleus sampling")
+        # top_p / temperature only mean something when sampling (transformers warns otherwise)
+        sampling = dict(top_p=top_p, temperature=temperature) if use_nucleus_sampling else {}
+        if num_beams > 1:  # the same for length_penalty and beams
+            sampling["length_penalty"] = length_penalty
+        with self.autocast():
+            embeds, mask = self._llm_inputs(inputs_llm, atts_llm, prompts, max_length)
+            out = self.llm.generate(
+                inputs_embeds=embeds, attention_mask=mask, do_sample=use_nucleus_sampling,
+                num_beams=num_beams, **sampling,
+                max_new_tokens=max_length, min_new_tokens=min_length,
+                **self._generation_kwargs(),
+                repetition_penalty=repetition_penalty,
+                num_return_sequences=num_captions)
+        # with inputs_embeds, a decoder-only LLM's generate returns only the new tokens
+        return [t.strip() for t in self.llm_tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def predict_answers(self, samples: Dict[str, Any], num_beams: int = 5,
+                        inference_method: str = "generate", max_len: int = 10,
+                        min_len: int = 1, num_ans_candidates: int = 128,
+                        answer_list: Optional[Sequence[str]] = None,
+                        prompt: Optional[str] = None, length_penalty: float = -1.0,
+                        **kwargs: Any) -> List[str]:
+        """Answers to ``samples["text_input"]`` (B questions) about ``samples["image"]``.
+
+        ``prompt`` (default: the class's ``VQA_PROMPT``, e.g. "Question: {} Answer:") holds each
+        question; ``inference_method`` "generate" runs beam search, "rank" picks from
+        ``answer_list`` (see rank_answers).
+        """
+        prompt = self.VQA_PROMPT if prompt is None else prompt
+        if inference_method == "rank":
+            return self.rank_answers(samples, answer_list, num_ans_candidates, prompt)
+        if inference_method != "generate":
+            raise UserError(f"inference_method {inference_method!r}: use 'generate' or 'rank'")
+        questions = self.format_questions(samples["text_input"], prompt)
+        inputs_llm, atts_llm = self.visual_prompt(samples["image"])
+        if len(questions) != inputs_llm.shape[0]:
+            raise UserError(f"{len(questions)} questions for {inputs_llm.shape[0]} images")
+        answers = self._generate(inputs_llm, atts_llm, questions, False, num_beams, max_len,
+                                 min_len, 1.0, 1.0, length_penalty, 1, 1.0)
+        return self.postprocess_answers(answers)
 
     # ------------------------------------------------------------------ answer ranking
     VQA_PROMPT = ""  # subclasses: BLIP-2's zero-shot VQA prompt for their LLM

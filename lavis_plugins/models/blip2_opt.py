@@ -17,7 +17,6 @@ Differences from LAVIS's ``Blip2OPT`` (numerics are equal, tested in tests/test_
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -25,7 +24,6 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from lavis.common.registry import registry
-from torch import nn
 
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.models._blip2_llm import (
@@ -69,6 +67,12 @@ class LPBlip2OPT(Blip2LLMBase):
     CONFIG_CLASS = Blip2OPTConfig
     PROJ_NAME = "opt_proj"
     LLM_NAME = "opt_model"
+    LLM_CLASS = "OPTForCausalLM"
+    LLM_MODEL_TYPE = "opt"
+    LLM_LABEL = "OPT"
+    OTHER_ARCH_HINT = "lp_blip2_t5 for FlanT5"
+    TOKENIZER_NAME = "opt_tokenizer"
+    TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
     VQA_PROMPT = "Question: {} Answer:"  # BLIP-2's zero-shot VQA prompt for OPT
 
     # ------------------------------------------------------------------ construction
@@ -77,32 +81,13 @@ class LPBlip2OPT(Blip2LLMBase):
 
         make_tiny_opt(folder)
 
-    def _build_llm(self, hf_folder: Optional[str]) -> nn.Module:
-        from transformers import AutoTokenizer, Blip2Config, OPTForCausalLM
-        from transformers.modeling_utils import no_init_weights
-
-        dtype = self.llm_load_dtype()
-        if hf_folder is not None:
-            text_cfg = Blip2Config.from_pretrained(hf_folder).text_config
-            if text_cfg.model_type != "opt":
-                raise UserError(f"{hf_folder} holds a BLIP-2 with a {text_cfg.model_type!r} LLM; "
-                                "lp_blip2_opt needs OPT (use lp_blip2_t5 for FlanT5)")
-            with no_init_weights():  # every weight comes from the folder
-                llm = OPTForCausalLM._from_config(text_cfg, torch_dtype=dtype)
-            llm.tie_weights()  # transformers ties only when it initialises
-            tok_folder = hf_folder if _has_tokenizer(hf_folder) else self.resolve_llm_folder(
-                self.cfg.opt_model, "opt_model")
-        else:
-            folder = self.resolve_llm_folder(self.cfg.opt_model, "opt_model")
-            llm = OPTForCausalLM.from_pretrained(folder, torch_dtype=dtype)
-            tok_folder = folder
-        self.opt_tokenizer = AutoTokenizer.from_pretrained(tok_folder)
+    def _load_tokenizer(self, folder: str) -> None:
+        super()._load_tokenizer(folder)
         if self.opt_tokenizer.pad_token_id is None:
-            raise UserError(f"the OPT tokenizer in {tok_folder} has no pad token")
+            raise UserError(f"the OPT tokenizer in {folder} has no pad token")
         # BLIP-2 ends every training caption with "\n" and stops generation there
         self.eos_token_id = self.opt_tokenizer("\n", add_special_tokens=False).input_ids[0]
         self.prompt_length = len(self.opt_tokenizer(self.prompt).input_ids)
-        return llm
 
     @property
     def context_length(self) -> int:
@@ -132,9 +117,6 @@ class LPBlip2OPT(Blip2LLMBase):
             logits = self.opt_model.lm_head(text_hidden).float() if return_logits else None
         return Blip2LLMOutput(loss=loss, loss_lm=loss, logits=logits,
                               targets=targets if return_logits else None)
-
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.opt_model.get_input_embeddings()(ids)
 
     def _lm_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy, the LM head applied only where targets are set."""
@@ -185,41 +167,9 @@ class LPBlip2OPT(Blip2LLMBase):
         return ids, mask, targets
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(
-        self,
-        samples: Dict[str, Any],
-        use_nucleus_sampling: bool = False,
-        num_beams: int = 5,
-        max_length: int = 30,
-        min_length: int = 1,
-        top_p: float = 0.9,
-        repetition_penalty: float = 1.0,
-        length_penalty: float = 1.0,
-        num_captions: int = 1,
-        temperature: float = 1.0,
-    ) -> List[str]:
-        """Captions (or prompted text) for a batch of images.
-
-        Args:
-            samples: ``image`` (B, 3, H, W); optional ``prompt``: one string or B strings
-                (default ``model.prompt``).
-            use_nucleus_sampling: sample with ``top_p`` / ``temperature`` (else beam search).
-            num_beams: beam width (1 = greedy); ignored when sampling.
-            max_length / min_length: most / fewest new tokens.
-            num_captions: outputs per image (<= num_beams for beam search).
-        Returns:
-            B * num_captions strings, the captions of image i at ``i*num_captions ...``.
-        """
-        image = samples["image"]
-        prompts = self.batch_prompts(samples.get("prompt", self.prompt), image.shape[0])
-        inputs_opt, atts_opt = self.visual_prompt(image)
-        return self._generate(inputs_opt, atts_opt, prompts, use_nucleus_sampling, num_beams,
-                              max_length, min_length, top_p, repetition_penalty, length_penalty,
-                              num_captions, temperature)
-
-    def _prefix(self, inputs_opt: torch.Tensor, atts_opt: torch.Tensor, prompts: Sequence[str],
-                max_new_tokens: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _llm_inputs(self, inputs_opt: torch.Tensor, atts_opt: torch.Tensor,
+                    prompts: Sequence[str], max_new_tokens: int = 0
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``[visual prompt][left-padded prompt tokens]`` embeddings (B, Nq + P, H) and mask."""
         enc = self.opt_tokenizer(list(prompts), return_tensors="pt", padding="longest",
                                  padding_side="left").to(inputs_opt.device)
@@ -233,62 +183,9 @@ class LPBlip2OPT(Blip2LLMBase):
         embeds = torch.cat([inputs_opt, self._embed(enc.input_ids).to(inputs_opt.dtype)], dim=1)
         return embeds, torch.cat([atts_opt, enc.attention_mask], dim=1)
 
-    def _generate(self, inputs_opt, atts_opt, prompts, use_nucleus_sampling, num_beams,
-                  max_length, min_length, top_p, repetition_penalty, length_penalty,
-                  num_captions, temperature) -> List[str]:
-        if use_nucleus_sampling:
-            num_beams = 1
-        elif num_captions > num_beams:
-            raise UserError(f"num_captions ({num_captions}) > num_beams ({num_beams}): beam "
-                            "search returns at most num_beams sequences; raise num_beams or "
-                            "use nucleus sampling")
-        # top_p / temperature only mean something when sampling (transformers warns otherwise)
-        sampling = dict(top_p=top_p, temperature=temperature) if use_nucleus_sampling else {}
-        if num_beams > 1:  # the same for length_penalty and beams
-            sampling["length_penalty"] = length_penalty
-        with self.autocast():
-            embeds, mask = self._prefix(inputs_opt, atts_opt, prompts, max_length)
-            out = self.opt_model.generate(
-                inputs_embeds=embeds, attention_mask=mask, do_sample=use_nucleus_sampling,
-                num_beams=num_beams, **sampling,
-                max_new_tokens=max_length, min_new_tokens=min_length,
-                eos_token_id=self.eos_token_id, pad_token_id=self.opt_tokenizer.pad_token_id,
-                repetition_penalty=repetition_penalty,
-                num_return_sequences=num_captions)
-        # with inputs_embeds, generate returns only the new tokens
-        return [t.strip() for t in self.opt_tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-    @torch.no_grad()
-    def predict_answers(
-        self,
-        samples: Dict[str, Any],
-        num_beams: int = 5,
-        inference_method: str = "generate",
-        max_len: int = 10,
-        min_len: int = 1,
-        num_ans_candidates: int = 128,
-        answer_list: Optional[Sequence[str]] = None,
-        prompt: Optional[str] = None,
-        length_penalty: float = -1.0,
-        **kwargs: Any,
-    ) -> List[str]:
-        """Answers to ``samples["text_input"]`` (B questions) about ``samples["image"]``.
-
-        ``prompt`` (default "Question: {} Answer:") holds each question; ``inference_method``
-        "generate" runs beam search, "rank" picks from ``answer_list`` (see rank_answers).
-        """
-        prompt = self.VQA_PROMPT if prompt is None else prompt
-        if inference_method == "rank":
-            return self.rank_answers(samples, answer_list, num_ans_candidates, prompt)
-        if inference_method != "generate":
-            raise UserError(f"inference_method {inference_method!r}: use 'generate' or 'rank'")
-        questions = self.format_questions(samples["text_input"], prompt)
-        inputs_opt, atts_opt = self.visual_prompt(samples["image"])
-        if len(questions) != inputs_opt.shape[0]:
-            raise UserError(f"{len(questions)} questions for {inputs_opt.shape[0]} images")
-        answers = self._generate(inputs_opt, atts_opt, questions, False, num_beams, max_len,
-                                 min_len, 1.0, 1.0, length_penalty, 1, 1.0)
-        return self.postprocess_answers(answers)
+    def _generation_kwargs(self) -> Dict[str, Any]:
+        return {"eos_token_id": self.eos_token_id,
+                "pad_token_id": self.opt_tokenizer.pad_token_id}
 
     # ------------------------------------------------------------------ answer ranking
     def _candidate_tokens(self, answers: Sequence[str]) -> List[List[int]]:
@@ -299,7 +196,7 @@ class LPBlip2OPT(Blip2LLMBase):
     def _score_prefix(self, image: torch.Tensor, prompts: Sequence[str]):
         inputs_opt, atts_opt = self.visual_prompt(image)
         with self.autocast():
-            embeds, mask = self._prefix(inputs_opt, atts_opt, prompts)
+            embeds, mask = self._llm_inputs(inputs_opt, atts_opt, prompts)
             out = self.opt_model.model.decoder(inputs_embeds=embeds, attention_mask=mask,
                                                use_cache=True, return_dict=True)
             first = F.log_softmax(
@@ -325,7 +222,3 @@ class LPBlip2OPT(Blip2LLMBase):
         rest = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # token t+1 given up to t
         return first + (rest * mask[:, 1:]).sum(1)
 
-
-def _has_tokenizer(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, n)) for n in
-               ("tokenizer.json", "vocab.json", "tokenizer_config.json"))

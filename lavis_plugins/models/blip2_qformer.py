@@ -116,6 +116,22 @@ def _pad_right(ids: Tensor, length: int, value: int) -> Tensor:
     return F.pad(ids, (0, length - ids.shape[1]), value=value)
 
 
+def init_vision_and_qformer(model: LPBlip2Base, cfg: Any) -> None:
+    """Set ``model.visual_encoder`` and ``ln_vision`` (frozen when ``cfg.freeze_vit``), then
+    ``model.Qformer`` and ``query_tokens``, from the settings both BLIP-2 stages name alike
+    (``Blip2QformerConfig``, ``Blip2LLMConfig``): vit_model, image_size, drop_path_rate,
+    use_grad_checkpoint, vit_precision, vit_path, tiny_vit, freeze_vit, bert_path,
+    num_query_token, cross_attention_freq."""
+    model.visual_encoder, model.ln_vision = model.init_vision_encoder(
+        cfg.vit_model, cfg.image_size, cfg.drop_path_rate, cfg.use_grad_checkpoint,
+        cfg.vit_precision, vit_path=cfg.vit_path, tiny=cfg.tiny_vit)
+    if cfg.freeze_vit:
+        model.freeze_vision_encoder()
+    model.Qformer, model.query_tokens = model.init_qformer(
+        cfg.bert_path, cfg.num_query_token, model.visual_encoder.num_features,
+        cfg.cross_attention_freq)
+
+
 @registry.register_model("lp_blip2_qformer")
 class LPBlip2Qformer(LPBlip2Base):
     """BLIP-2 first stage: frozen image encoder + Q-Former trained with ITC, ITM and ITG.
@@ -140,14 +156,7 @@ class LPBlip2Qformer(LPBlip2Base):
         cfg = cfg or Blip2QformerConfig()
         self.cfg = cfg
         self.tokenizer = self.init_tokenizer(cfg.bert_path)
-        self.visual_encoder, self.ln_vision = self.init_vision_encoder(
-            cfg.vit_model, cfg.image_size, cfg.drop_path_rate, cfg.use_grad_checkpoint,
-            cfg.vit_precision, vit_path=cfg.vit_path, tiny=cfg.tiny_vit)
-        if cfg.freeze_vit:
-            self.freeze_vision_encoder()
-        self.Qformer, self.query_tokens = self.init_qformer(
-            cfg.bert_path, cfg.num_query_token, self.visual_encoder.num_features,
-            cfg.cross_attention_freq)
+        init_vision_and_qformer(self, cfg)
         # room for [DEC] (transformers' resize, as LAVIS calls it)
         self.Qformer.resize_token_embeddings(len(self.tokenizer))
         self.Qformer.bert.gradient_checkpointing = cfg.qformer_grad_checkpoint

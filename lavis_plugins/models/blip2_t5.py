@@ -87,6 +87,13 @@ class LPBlip2T5(Blip2LLMBase):
     CONFIG_CLASS = Blip2T5Config
     PROJ_NAME = "t5_proj"
     LLM_NAME = "t5_model"
+    LLM_CLASS = "T5ForConditionalGeneration"
+    LLM_MODEL_TYPE = "t5"
+    LLM_LABEL = "T5"
+    OTHER_ARCH_HINT = "lp_blip2_opt for OPT"
+    TOKENIZER_CLASS = "T5TokenizerFast"
+    TOKENIZER_NAME = "t5_tokenizer"
+    TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
     VQA_PROMPT = "Question: {} Short answer:"  # BLIP-2's zero-shot VQA prompt for FlanT5
 
     # ------------------------------------------------------------------ construction
@@ -95,31 +102,13 @@ class LPBlip2T5(Blip2LLMBase):
 
         make_tiny_t5(folder)
 
-    def _build_llm(self, hf_folder: Optional[str]) -> nn.Module:
-        from transformers import Blip2Config, T5Config, T5ForConditionalGeneration, T5TokenizerFast
-        from transformers.modeling_utils import no_init_weights
+    def _llm_from_folder(self, llm_cls: type, folder: str, dtype: torch.dtype) -> nn.Module:
+        from transformers import T5Config
 
-        dtype = self.llm_load_dtype()
-        if hf_folder is not None:
-            text_cfg = Blip2Config.from_pretrained(hf_folder).text_config
-            if text_cfg.model_type != "t5":
-                raise UserError(f"{hf_folder} holds a BLIP-2 with a {text_cfg.model_type!r} LLM; "
-                                "lp_blip2_t5 needs T5 (use lp_blip2_opt for OPT)")
-            with no_init_weights():  # every weight comes from the folder
-                llm = T5ForConditionalGeneration._from_config(text_cfg, torch_dtype=dtype)
-            llm.tie_weights()  # transformers ties only when it initialises
-            tok_folder = hf_folder if _has_t5_tokenizer(hf_folder) else self.resolve_llm_folder(
-                self.cfg.t5_model, "t5_model")
-        else:
-            folder = self.resolve_llm_folder(self.cfg.t5_model, "t5_model")
-            config = T5Config.from_pretrained(folder)
-            if self.cfg.t5_dense_act_fn:
-                config.dense_act_fn = self.cfg.t5_dense_act_fn
-            llm = T5ForConditionalGeneration.from_pretrained(folder, config=config,
-                                                             torch_dtype=dtype)
-            tok_folder = folder
-        self.t5_tokenizer = T5TokenizerFast.from_pretrained(tok_folder)
-        return llm
+        config = T5Config.from_pretrained(folder)
+        if self.cfg.t5_dense_act_fn:
+            config.dense_act_fn = self.cfg.t5_dense_act_fn
+        return llm_cls.from_pretrained(folder, config=config, torch_dtype=dtype)
 
     @property
     def context_length(self) -> int:
@@ -155,9 +144,6 @@ class LPBlip2T5(Blip2LLMBase):
                               logits=out.logits.float() if return_logits else None,
                               targets=targets if return_logits else None)
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.t5_model.get_input_embeddings()(ids)
-
     def prefix_lm_texts(self, samples: Dict[str, Any]) -> Tuple[List[str], List[str]]:
         """(encoder texts, decoder targets) of a training batch."""
         texts = as_text_list(samples.get("text_input"), "text_input")
@@ -189,35 +175,11 @@ class LPBlip2T5(Blip2LLMBase):
         return " ".join(words[:k]), " ".join(words[k:])
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(
-        self,
-        samples: Dict[str, Any],
-        use_nucleus_sampling: bool = False,
-        num_beams: int = 5,
-        max_length: int = 30,
-        min_length: int = 1,
-        top_p: float = 0.9,
-        repetition_penalty: float = 1.0,
-        length_penalty: float = 1.0,
-        num_captions: int = 1,
-        temperature: float = 1.0,
-    ) -> List[str]:
-        """Captions (or prompted text) for a batch of images; arguments as
-        :meth:`LPBlip2OPT.generate <lavis_plugins.models.blip2_opt.LPBlip2OPT.generate>`.
-
-        Returns B * num_captions strings, image i's at ``i*num_captions ...``.
-        """
-        image = samples["image"]
-        prompts = self.batch_prompts(samples.get("prompt", self.prompt), image.shape[0])
-        inputs_t5, atts_t5 = self.visual_prompt(image)
-        return self._generate(inputs_t5, atts_t5, prompts, use_nucleus_sampling, num_beams,
-                              max_length, min_length, top_p, repetition_penalty, length_penalty,
-                              num_captions, temperature)
-
-    def _encoder_inputs(self, inputs_t5: torch.Tensor, atts_t5: torch.Tensor,
-                        prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``[visual prompt][prompt tokens]`` embeddings (B, Nq + P, H) and mask (B, Nq + P)."""
+    def _llm_inputs(self, inputs_t5: torch.Tensor, atts_t5: torch.Tensor,
+                    prompts: Sequence[str], max_new_tokens: int = 0
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``[visual prompt][prompt tokens]`` embeddings (B, Nq + P, H) and mask (B, Nq + P)
+        for the encoder (``max_new_tokens`` is not counted: the decoder generates them)."""
         enc = self.t5_tokenizer(list(prompts), padding="longest",
                                 return_tensors="pt").to(inputs_t5.device)
         total = inputs_t5.shape[1] + enc.input_ids.shape[1]
@@ -229,61 +191,6 @@ class LPBlip2T5(Blip2LLMBase):
         embeds = torch.cat([inputs_t5, self._embed(enc.input_ids).to(inputs_t5.dtype)], dim=1)
         return embeds, torch.cat([atts_t5, enc.attention_mask], dim=1)
 
-    def _generate(self, inputs_t5, atts_t5, prompts, use_nucleus_sampling, num_beams,
-                  max_length, min_length, top_p, repetition_penalty, length_penalty,
-                  num_captions, temperature) -> List[str]:
-        if use_nucleus_sampling:
-            num_beams = 1
-        elif num_captions > num_beams:
-            raise UserError(f"num_captions ({num_captions}) > num_beams ({num_beams}): beam "
-                            "search returns at most num_beams sequences; raise num_beams or "
-                            "use nucleus sampling")
-        # top_p / temperature only mean something when sampling (transformers warns otherwise)
-        sampling = dict(top_p=top_p, temperature=temperature) if use_nucleus_sampling else {}
-        if num_beams > 1:  # the same for length_penalty and beams
-            sampling["length_penalty"] = length_penalty
-        with self.autocast():
-            embeds, mask = self._encoder_inputs(inputs_t5, atts_t5, prompts)
-            out = self.t5_model.generate(
-                inputs_embeds=embeds, attention_mask=mask, do_sample=use_nucleus_sampling,
-                num_beams=num_beams, **sampling,
-                max_new_tokens=max_length, min_new_tokens=min_length,
-                repetition_penalty=repetition_penalty,
-                num_return_sequences=num_captions)
-        return [t.strip() for t in self.t5_tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-    @torch.no_grad()
-    def predict_answers(
-        self,
-        samples: Dict[str, Any],
-        num_beams: int = 5,
-        inference_method: str = "generate",
-        max_len: int = 10,
-        min_len: int = 1,
-        num_ans_candidates: int = 128,
-        answer_list: Optional[Sequence[str]] = None,
-        prompt: Optional[str] = None,
-        length_penalty: float = -1.0,
-        **kwargs: Any,
-    ) -> List[str]:
-        """Answers to ``samples["text_input"]`` (B questions) about ``samples["image"]``.
-
-        ``prompt`` (default "Question: {} Short answer:") holds each question;
-        ``inference_method`` "generate" runs beam search, "rank" picks from ``answer_list``.
-        """
-        prompt = self.VQA_PROMPT if prompt is None else prompt
-        if inference_method == "rank":
-            return self.rank_answers(samples, answer_list, num_ans_candidates, prompt)
-        if inference_method != "generate":
-            raise UserError(f"inference_method {inference_method!r}: use 'generate' or 'rank'")
-        questions = self.format_questions(samples["text_input"], prompt)
-        inputs_t5, atts_t5 = self.visual_prompt(samples["image"])
-        if len(questions) != inputs_t5.shape[0]:
-            raise UserError(f"{len(questions)} questions for {inputs_t5.shape[0]} images")
-        answers = self._generate(inputs_t5, atts_t5, questions, False, num_beams, max_len,
-                                 min_len, 1.0, 1.0, length_penalty, 1, 1.0)
-        return self.postprocess_answers(answers)
-
     # ------------------------------------------------------------------ answer ranking
     def _candidate_tokens(self, answers: Sequence[str]) -> List[List[int]]:
         return self.t5_tokenizer([a.strip() for a in answers]).input_ids  # ends with </s>
@@ -291,7 +198,7 @@ class LPBlip2T5(Blip2LLMBase):
     def _score_prefix(self, image: torch.Tensor, prompts: Sequence[str]) -> Dict[str, Any]:
         inputs_t5, atts_t5 = self.visual_prompt(image)
         with self.autocast():
-            embeds, mask = self._encoder_inputs(inputs_t5, atts_t5, prompts)
+            embeds, mask = self._llm_inputs(inputs_t5, atts_t5, prompts)
             hidden = self.t5_model.encoder(inputs_embeds=embeds, attention_mask=mask,
                                            return_dict=True).last_hidden_state
             start = torch.full((hidden.shape[0], 1), self.t5_model.config.decoder_start_token_id,
@@ -314,8 +221,3 @@ class LPBlip2T5(Blip2LLMBase):
         logp = F.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None])[..., 0]  # (K, A)
         return (logp * mask).sum(1)
 
-
-def _has_t5_tokenizer(folder: str) -> bool:
-    import os
-
-    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "spiece.model"))

@@ -35,6 +35,7 @@ from lavis.common.registry import registry
 from lavis_plugins.common.errors import UserError, unknown_name
 from lavis_plugins.common.vqa_eval import normalize_answer
 from lavis_plugins.models._blip2_llm import Blip2LLMOutput
+from lavis_plugins.models._video_frames import check_video, flatten_frames
 from lavis_plugins.models.blip2_opt import Blip2OPTConfig, LPBlip2OPT
 from lavis_plugins.models.blip2_t5 import Blip2T5Config, LPBlip2T5
 from lavis_plugins.paths import config_path
@@ -101,8 +102,6 @@ def majority_vote(answers: Sequence[str]) -> str:
 class VideoFusionMixin:
     """Frames -> soft visual prompt, and per-frame voting, on top of a ``Blip2LLMBase`` model."""
 
-    TOKENIZER_NAME = ""  # attribute holding the LLM's tokenizer (subclasses set it)
-
     @property
     def fusion(self) -> str:
         return self.cfg.fusion
@@ -118,19 +117,7 @@ class VideoFusionMixin:
             if image is None or image.dim() != 5:
                 return None
             video = image
-        if not torch.is_tensor(video) or video.dim() != 5:
-            shape = tuple(video.shape) if torch.is_tensor(video) else type(video).__name__
-            raise UserError(f"samples['video'] must be a (B, C, T, H, W) tensor (the lp_video_* "
-                            f"processors make (C, T, H, W) per video); got {shape}")
-        if video.shape[2] < 1:
-            raise UserError("samples['video'] has no frames (T = 0)")
-        return video
-
-    @staticmethod
-    def frames_of(video: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> (B * T, C, H, W), video-major: row b * T + t is frame t of video b."""
-        b, c, t, h, w = video.shape
-        return video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        return check_video(video)
 
     def _as_images(self, samples: Dict[str, Any], video: torch.Tensor) -> Dict[str, Any]:
         """The batch with the video under ``image`` (the stage-2 methods read ``image``)."""
@@ -141,7 +128,7 @@ class VideoFusionMixin:
     def _per_frame(self, samples: Dict[str, Any], video: torch.Tensor) -> Dict[str, Any]:
         """A batch of B * T single images: each frame, with its video's text fields repeated."""
         t = video.shape[2]
-        out: Dict[str, Any] = {"image": self.frames_of(video)}
+        out: Dict[str, Any] = {"image": flatten_frames(video)}
         for key in ("text_input", "prompt"):
             if key in samples:
                 value = samples[key]
@@ -162,7 +149,7 @@ class VideoFusionMixin:
                             "visual prompt for a video (training / logits need fusion concat or "
                             "mean)")
         b, _, t = image.shape[:3]
-        tokens, _ = super().visual_prompt(self.frames_of(image))  # (B*T, Nq, H)
+        tokens, _ = super().visual_prompt(flatten_frames(image))  # (B*T, Nq, H)
         tokens = tokens.reshape(b, t, *tokens.shape[1:])  # (B, T, Nq, H)
         if self.fusion == "mean":
             fused = tokens.float().mean(dim=1).to(tokens.dtype)  # (B, Nq, H)
@@ -180,11 +167,10 @@ class VideoFusionMixin:
     def frame_cue(self, index: int, device: torch.device) -> torch.Tensor:
         """LLM input embeddings (L, H) of ``frame_prompt`` for frame ``index`` (0-based)."""
         text = self.cfg.frame_prompt.format(i=index + 1)
-        tokenizer = getattr(self, self.TOKENIZER_NAME)
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = self.llm_tokenizer(text, add_special_tokens=False).input_ids
         if not ids:
             raise UserError(f"model.frame_prompt {self.cfg.frame_prompt!r} tokenizes to nothing")
-        return self.llm.get_input_embeddings()(torch.tensor(ids, device=device))
+        return self._embed(torch.tensor(ids, device=device))
 
     # ------------------------------------------------------------------ training / logits
     def forward(self, samples: Dict[str, Any], **kwargs: Any) -> Blip2LLMOutput:
@@ -262,14 +248,7 @@ class LPBlip2VideoOPT(VideoFusionMixin, LPBlip2OPT):
 
     PRETRAINED_MODEL_CONFIG_DICT = _video_types(LPBlip2OPT.PRETRAINED_MODEL_CONFIG_DICT, "opt")
     CONFIG_CLASS = Blip2VideoOPTConfig
-    TOKENIZER_NAME = "opt_tokenizer"
-
-    @classmethod
-    def default_config_path(cls, model_type: str) -> str:
-        if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
-            raise unknown_name("model_type of lp_blip2_video_opt", model_type,
-                               cls.PRETRAINED_MODEL_CONFIG_DICT)
-        return cls.PRETRAINED_MODEL_CONFIG_DICT[model_type]
+    OTHER_ARCH_HINT = "lp_blip2_video_t5 for FlanT5"
 
 
 @registry.register_model("lp_blip2_video_t5")
@@ -281,7 +260,7 @@ class LPBlip2VideoT5(VideoFusionMixin, LPBlip2T5):
 
     PRETRAINED_MODEL_CONFIG_DICT = _video_types(LPBlip2T5.PRETRAINED_MODEL_CONFIG_DICT, "t5")
     CONFIG_CLASS = Blip2VideoT5Config
-    TOKENIZER_NAME = "t5_tokenizer"
+    OTHER_ARCH_HINT = "lp_blip2_video_opt for OPT"
     # how many times the image model's encoder length (FlanT5's 512-token training length) a
     # video input may take: 16 frames x 32 queries alone fill 512 tokens. T5's relative position
     # buckets have no maximum (distances beyond 128 share a bucket), so longer inputs are
@@ -291,10 +270,3 @@ class LPBlip2VideoT5(VideoFusionMixin, LPBlip2T5):
     @property
     def context_length(self) -> int:
         return self.VIDEO_CONTEXT_FACTOR * super().context_length
-
-    @classmethod
-    def default_config_path(cls, model_type: str) -> str:
-        if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
-            raise unknown_name("model_type of lp_blip2_video_t5", model_type,
-                               cls.PRETRAINED_MODEL_CONFIG_DICT)
-        return cls.PRETRAINED_MODEL_CONFIG_DICT[model_type]

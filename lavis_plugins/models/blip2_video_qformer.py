@@ -31,6 +31,7 @@ from torch import Tensor
 
 from lavis_plugins.common import dist
 from lavis_plugins.common.errors import UserError, unknown_name
+from lavis_plugins.models._video_frames import check_video, flatten_frames
 from lavis_plugins.models.blip2_qformer import Blip2Stage1Output, LPBlip2Qformer
 from lavis_plugins.models.qformer import padding_mask
 from lavis_plugins.paths import config_path
@@ -72,20 +73,11 @@ class LPBlip2VideoQformer(LPBlip2Qformer):
                             "on them; train lp_blip2_qformer on images and load its checkpoint")
         return super().forward(samples)
 
-    @staticmethod
-    def _check_video(video: Tensor) -> Tensor:
-        if not torch.is_tensor(video) or video.dim() != 5 or video.shape[2] < 1:
-            shape = tuple(video.shape) if torch.is_tensor(video) else type(video).__name__
-            raise UserError(f"a video batch must be a (B, C, T, H, W) tensor with T >= 1 (the "
-                            f"lp_video_* processors make (C, T, H, W) per video); got {shape}")
-        return video
-
     def video_features(self, video: Tensor) -> Tuple[Tensor, Tensor]:
         """Videos (B, C, T, H, W) -> per-frame ITC embeddings (B, T, Nq, E), L2-normalised, and
         the frames' image features concatenated in time order (B, T * N, Dv) (ITM memory)."""
-        b, c, t, h, w = self._check_video(video).shape
-        frames = video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # row b*T + t
-        image_embeds = self.encode_image(frames)  # (B*T, N, Dv)
+        b, _, t = check_video(video, "a video batch").shape[:3]
+        image_embeds = self.encode_image(flatten_frames(video))  # (B*T, N, Dv), row b*T + t
         query = self.query_output(image_embeds)  # (B*T, Nq, D)
         feats = F.normalize(self.vision_proj(query), dim=-1)
         feats = feats.reshape(b, t, *feats.shape[1:])  # (B, T, Nq, E)
