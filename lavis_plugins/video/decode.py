@@ -456,26 +456,36 @@ def _allow_frame_threads() -> None:
         av.logging.set_level(None)
 
 
-def _read_pyav(
-    index: VideoIndex,
-    opened,
-    n: int,
-    strategy: SamplingStrategy,
-    rng,
-    allow_repeat: bool,
-    deadline: float,
-    timeout_s: float,
-) -> DecodedFrames:
+class _Request(NamedTuple):
+    """What ``read_frames`` was asked for, handed to the backend that decodes."""
+
+    n: int  # frames to return
+    strategy: SamplingStrategy
+    rng: Optional[_Rng]
+    allow_repeat: bool
+    deadline: float  # ``time.monotonic()`` value after which decoding stops
+    timeout_s: float  # the budget ``deadline`` was set from (for messages)
+
+    def sample(self, path: str, available: int) -> List[int]:
+        """``n`` indices among ``available`` frames (``sample_indices``); errors name ``path``."""
+        try:
+            return sample_indices(available, self.n, self.strategy, rng=self.rng,
+                                  allow_repeat=self.allow_repeat)
+        except VideoDecodeError as e:
+            raise e.with_path(path) from None
+
+
+def _read_pyav(index: VideoIndex, opened, req: _Request) -> DecodedFrames:
     """Decode with PyAV; ``opened`` is the (container, stream) the index came from, or None."""
     path = index.path
     container, stream = opened if opened is not None else _open_pyav(path)
     try:
         _allow_frame_threads()
         stream.thread_type = "AUTO"  # frame and slice threads
-        decoder = _PyavDecoder(container, stream, path, deadline, timeout_s)
+        decoder = _PyavDecoder(container, stream, path, req.deadline, req.timeout_s)
         available = index.num_frames
         for _ in range(_MAX_RESAMPLES + 1):
-            indices = _sample(path, available, n, strategy, rng, allow_repeat)
+            indices = req.sample(path, available)
             try:
                 got = _decode_pyav(decoder, index, indices)
             except _Shortfall as s:
@@ -499,15 +509,7 @@ def _read_pyav(
     )
 
 
-def _read_decord(
-    index: VideoIndex,
-    n: int,
-    strategy: SamplingStrategy,
-    rng,
-    allow_repeat: bool,
-    deadline: float,
-    timeout_s: float,
-) -> DecodedFrames:
+def _read_decord(index: VideoIndex, req: _Request) -> DecodedFrames:
     import decord
 
     path = index.path
@@ -518,7 +520,7 @@ def _read_decord(
         # indexed frames before the cut that decode
         logger.warning("%s: decord cannot open it (%s); decoding its %d indexed frames with PyAV",
                        path, str(e).strip().splitlines()[-1], index.num_frames)
-        return _read_pyav(index, None, n, strategy, rng, allow_repeat, deadline, timeout_s)
+        return _read_pyav(index, None, req)
     if len(reader) != index.num_frames:
         logger.warning(
             "%s: decord counts %d frames but %d are decodable; decord's indices are not "
@@ -526,9 +528,9 @@ def _read_decord(
             path, len(reader), index.num_frames,
         )
         del reader
-        return _read_pyav(index, None, n, strategy, rng, allow_repeat, deadline, timeout_s)
-    indices = _sample(path, index.num_frames, n, strategy, rng, allow_repeat)
-    _deadline_check(deadline, path, timeout_s, "opening the video")
+        return _read_pyav(index, None, req)
+    indices = req.sample(path, index.num_frames)
+    _deadline_check(req.deadline, path, req.timeout_s, "opening the video")
     try:
         batch = reader.get_batch(indices)
     except Exception as e:
@@ -536,13 +538,6 @@ def _read_decord(
     # LAVIS switches decord's global bridge to torch when its data_utils is imported
     frames = batch if torch.is_tensor(batch) else torch.from_numpy(batch.asnumpy())
     return DecodedFrames(frames.contiguous(), list(indices))
-
-
-def _sample(path: str, available: int, n: int, strategy, rng, allow_repeat: bool) -> List[int]:
-    try:
-        return sample_indices(available, n, strategy, rng=rng, allow_repeat=allow_repeat)
-    except VideoDecodeError as e:
-        raise e.with_path(path) from None
 
 
 def read_frames(
@@ -584,8 +579,8 @@ def read_frames(
             "%s: the file breaks off after %d frames (%s); sampling from those",
             path, index.num_frames, index.demux_error,
         )
+    req = _Request(n, strategy, rng, allow_repeat, deadline, timeout_s)
     if backend == "pyav":  # decodes from the container the index came from (closes it)
-        return _read_pyav(index, (container, stream), n, strategy, rng, allow_repeat, deadline,
-                          timeout_s)
+        return _read_pyav(index, (container, stream), req)
     container.close()
-    return _read_decord(index, n, strategy, rng, allow_repeat, deadline, timeout_s)
+    return _read_decord(index, req)
