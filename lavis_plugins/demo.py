@@ -369,19 +369,11 @@ def make_demo_bert(folder: Path) -> Path:
     ``DEMO_BERT_INIT_STD``, stage 1 learns within the demo's CPU budget. The same config also
     initialises the Q-Former's cross-attention layers, which no BERT file holds.
     """
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
-
     from lavis_plugins.common.tiny_bert import make_tiny_bert
     from lavis_plugins.demo_data import shapes_vocabulary
 
-    make_tiny_bert(folder, words=shapes_vocabulary())
-    config = BertConfig.from_pretrained(folder)
-    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
-    config.initializer_range = DEMO_BERT_INIT_STD
-    torch.manual_seed(0)
-    BertForMaskedLM(config).save_pretrained(folder, safe_serialization=False)  # re-initialised
-    return folder
+    return make_tiny_bert(folder, words=shapes_vocabulary(), initializer_range=DEMO_BERT_INIT_STD,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def stage_options(key: str, ctx: DemoContext) -> List[str]:

@@ -33,11 +33,17 @@ def make_tiny_bert(
     intermediate_size: int = 64,
     max_position_embeddings: int = 64,
     seed: int = 0,
+    initializer_range: float = 0.02,
+    hidden_dropout_prob: float = 0.1,
+    attention_probs_dropout_prob: float = 0.1,
 ) -> Path:
     """Write a BERT config, vocabulary and random weights to ``folder`` and return it.
 
     The vocabulary holds the special tokens, ``BASIC_WORDS`` + ``words``, single characters and
-    their ``##`` continuations (so any lower-case ASCII text tokenises without [UNK]).
+    their ``##`` continuations (so any lower-case ASCII text tokenises without [UNK]). The weights
+    are drawn with ``torch.manual_seed(seed)``, from N(0, ``initializer_range``) as BERT's own
+    initialisation; the dropout rates are written to the config (``BertConfig``'s defaults:
+    0.02, 0.1, 0.1).
     """
     import torch
     from transformers import BertConfig, BertForMaskedLM
@@ -61,6 +67,9 @@ def make_tiny_bert(
         num_attention_heads=num_attention_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
+        hidden_dropout_prob=hidden_dropout_prob,
+        attention_probs_dropout_prob=attention_probs_dropout_prob,
     )
     torch.manual_seed(seed)
     model = BertForMaskedLM(config)
