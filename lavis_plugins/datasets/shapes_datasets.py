@@ -106,42 +106,39 @@ def check_sample_paths(annotation: list[dict], key: str, vis_root: str) -> None:
         resolve_inside(vis_root, ann[key], f"sample {i} {key} path")
 
 
-class ShapesCaptionDataset(CaptionDataset):
-    """Training captions: one sample per (image, caption); LAVIS's ``CaptionDataset`` items."""
+class _ShapesAnnotations:
+    """What every shapes dataset does first: sort the split's annotation files by content (kept
+    as ``ann_files``), hand LAVIS's dataset class (the next base) only the sample lists, and
+    refuse samples whose ``MEDIA_KEY`` path is missing or escapes ``vis_root``."""
+
+    MEDIA_KEY = "image"  # sample field holding the path of the image (or video)
 
     def __init__(self, vis_processor, text_processor, vis_root, ann_paths):
         files = load_annotation_files(ann_paths)
         super().__init__(vis_processor, text_processor, vis_root, files.sample_paths)
-        check_sample_paths(self.annotation, "image", vis_root)
+        check_sample_paths(self.annotation, self.MEDIA_KEY, vis_root)
+        self.ann_files = files
 
 
-class ShapesCaptionEvalDataset(CaptionEvalDataset):
+class ShapesCaptionDataset(_ShapesAnnotations, CaptionDataset):
+    """Training captions: one sample per (image, caption); LAVIS's ``CaptionDataset`` items."""
+
+
+class ShapesCaptionEvalDataset(_ShapesAnnotations, CaptionEvalDataset):
     """Captioning evaluation: one sample per image; ``coco_gt_file`` holds its references."""
 
     def __init__(self, vis_processor, text_processor, vis_root, ann_paths):
-        files = load_annotation_files(ann_paths)
-        super().__init__(vis_processor, text_processor, vis_root, files.sample_paths)
-        check_sample_paths(self.annotation, "image", vis_root)
+        super().__init__(vis_processor, text_processor, vis_root, ann_paths)
         # COCO-format ground truth for pycocoevalcap (LAVIS's captioning task downloads COCO's)
-        self.coco_gt_file = files.coco_gt_file
+        self.coco_gt_file = self.ann_files.coco_gt_file
 
 
-class ShapesRetrievalDataset(RetrievalDataset):
+class ShapesRetrievalDataset(_ShapesAnnotations, RetrievalDataset):
     """Retrieval training pairs: LAVIS's ``RetrievalDataset`` over the caption annotations."""
 
-    def __init__(self, vis_processor, text_processor, vis_root, ann_paths):
-        files = load_annotation_files(ann_paths)
-        super().__init__(vis_processor, text_processor, vis_root, files.sample_paths)
-        check_sample_paths(self.annotation, "image", vis_root)
 
-
-class ShapesRetrievalEvalDataset(RetrievalEvalDataset):
+class ShapesRetrievalEvalDataset(_ShapesAnnotations, RetrievalEvalDataset):
     """Retrieval evaluation: each image with its reference captions (``text``, ``img2txt``, ...)."""
-
-    def __init__(self, vis_processor, text_processor, vis_root, ann_paths):
-        files = load_annotation_files(ann_paths)
-        super().__init__(vis_processor, text_processor, vis_root, files.sample_paths)
-        check_sample_paths(self.annotation, "image", vis_root)
 
 
 def answer_weights(answers: Sequence[str]) -> tuple[list[str], list[float]]:
@@ -154,7 +151,7 @@ def answer_weights(answers: Sequence[str]) -> tuple[list[str], list[float]]:
     return distinct, [counts[a] / len(answers) for a in distinct]
 
 
-class ShapesVQADataset(VQADataset):
+class ShapesVQADataset(_ShapesAnnotations, VQADataset):
     """Image VQA for training and evaluation.
 
     Item: ``image`` (C, H, W), ``text_input`` (question), ``answers`` (list of str), ``weights``
@@ -165,13 +162,11 @@ class ShapesVQADataset(VQADataset):
     """
 
     def __init__(self, vis_processor, text_processor, vis_root, ann_paths):
-        files = load_annotation_files(ann_paths)
-        super().__init__(vis_processor, text_processor, vis_root, files.sample_paths)
-        check_sample_paths(self.annotation, "image", vis_root)
+        super().__init__(vis_processor, text_processor, vis_root, ann_paths)
         # attribute names read by LAVIS's VQATask.build_datasets
-        self.answer_list = files.answer_list
-        self.coco_fmt_qust_file = files.vqa_questions_file
-        self.coco_fmt_anno_file = files.vqa_annotations_file
+        self.answer_list = self.ann_files.answer_list
+        self.coco_fmt_qust_file = self.ann_files.vqa_questions_file
+        self.coco_fmt_anno_file = self.ann_files.vqa_annotations_file
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ann = self.annotation[index]
@@ -195,7 +190,7 @@ class ShapesVQADataset(VQADataset):
         return batch
 
 
-class ShapesVideoQADataset(BaseDataset):
+class ShapesVideoQADataset(_ShapesAnnotations, BaseDataset):
     """Open-ended video QA in LAVIS's MSRVTT-QA annotation format.
 
     Item: ``video`` (C, T, H, W) from the video processor (called with the file path),
@@ -204,11 +199,11 @@ class ShapesVideoQADataset(BaseDataset):
     rest.
     """
 
+    MEDIA_KEY = "video"
+
     def __init__(self, vis_processor, text_processor, vis_root, ann_paths):
-        files = load_annotation_files(ann_paths)
-        super().__init__(vis_processor, text_processor, vis_root, files.sample_paths)
-        check_sample_paths(self.annotation, "video", vis_root)
-        self.answer_list = files.answer_list  # candidates for answer ranking (None if not given)
+        super().__init__(vis_processor, text_processor, vis_root, ann_paths)
+        self.answer_list = self.ann_files.answer_list  # candidates for answer ranking (or None)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ann = self.annotation[index]
