@@ -65,6 +65,12 @@ class Blip2LLMConfig:
     num_query_token: int = 32  # learned queries = length of the soft visual prompt
     cross_attention_freq: int = 2  # a cross-attention layer every N-th Q-Former block
     stage1_checkpoint: Optional[str] = None  # stage-1 .pth that initialises the Q-Former
+    # the Q-Former also reads the text the LLM is prompted with (the question in VQA), which
+    # interacts with the queries in self-attention: BLIP-2's VQA fine-tuning ("we additionally
+    # condition Q-Former on the question"), InstructBLIP's instruction-aware Q-Former. Keeps the
+    # Q-Former's text branch (word embeddings, text feed-forward layers; from bert_path or the
+    # stage-1 checkpoint, since LAVIS's stage-2 files lack it)
+    qformer_text_input: bool = False
     # --- frozen LLM ---
     llm_dtype: str = "fp16"  # LLM weights on GPU: "fp16", "bf16" or "fp32" (fp32 without GPU)
     llm_dropout: bool = True  # keep the frozen LLM's dropout active in training (as LAVIS)
@@ -268,11 +274,12 @@ def load_pth(url_or_path: str) -> Dict[str, torch.Tensor]:
     return ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
 
 
-# stage-1 / transformers keys that stage 2 has no module for (its Q-Former has no text branch)
-_STAGE2_DROPPED = re.compile(
-    r"^(Qformer\.cls\.|Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings)\.|"
-    r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.|"
-    r"vision_proj\.|text_proj\.|itm_head\.|temp$)")
+# stage-1 keys that no stage-2 model has a module for: the LM head and the ITC/ITM heads
+_STAGE1_HEADS = re.compile(r"^(Qformer\.cls\.|vision_proj\.|text_proj\.|itm_head\.|temp$)")
+# the Q-Former's text branch, which stage 2 keeps only with qformer_text_input
+_QFORMER_TEXT_BRANCH = re.compile(
+    r"^Qformer\.bert\.(embeddings\.(word_embeddings|position_embeddings)\.|"
+    r"encoder\.layer\.\d+\.(intermediate|output)\.)")
 
 
 class Blip2LLMBase(LPBlip2Base):
@@ -317,7 +324,12 @@ class Blip2LLMBase(LPBlip2Base):
         self.prompt = cfg.prompt
         self.max_txt_len = cfg.max_txt_len
         init_vision_and_qformer(self, cfg)
-        self._drop_qformer_text_branch()
+        if cfg.qformer_text_input:
+            self.tokenizer = self.init_tokenizer(cfg.bert_path)
+            self.Qformer.resize_token_embeddings(len(self.tokenizer))  # [DEC], as stage 1
+            self.Qformer.cls = None  # no LM head in stage 2
+        else:
+            self._drop_qformer_text_branch()
         llm = self._build_llm(hf_folder)
         llm.requires_grad_(False)
         setattr(self, self.LLM_NAME, llm)
@@ -469,20 +481,55 @@ class Blip2LLMBase(LPBlip2Base):
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=dtype)
 
-    def visual_prompt(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def visual_prompt(self, image: torch.Tensor, texts: Optional[Sequence[str]] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Images -> projected query outputs.
 
         Args:
             image: (B, 3, H, W).
+            texts: the B texts the LLM is prompted with (question / instruction); the Q-Former
+                reads them when ``qformer_text_input`` is set (needed then), else ignored.
         Returns:
             ``(inputs_llm, atts_llm)``: (B, Nq, H_llm) in the LLM's dtype and (B, Nq) ones.
         """
         image_embeds = self.encode_image(image)  # (B, N, Dv) fp32; ViT precision handled there
         image_embeds = image_embeds.to(self.query_tokens.dtype)
-        query = self.query_output(image_embeds)  # (B, Nq, D)
+        if self.cfg.qformer_text_input:
+            ids, atts = self.qformer_tokens(texts, image_embeds.shape[0], image_embeds.device)
+            query = self.query_text_output(image_embeds, ids, atts)  # (B, Nq, D)
+        else:
+            query = self.query_output(image_embeds)  # (B, Nq, D)
         inputs_llm = self.llm_proj(query).to(self.llm_dtype())  # (B, Nq, H_llm)
         atts = torch.ones(inputs_llm.shape[:-1], dtype=torch.long, device=inputs_llm.device)
         return inputs_llm, atts
+
+    def qformer_tokens(self, texts: Optional[Sequence[str]], batch: int, device: torch.device
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """BERT tokens (B, T) and mask of the texts the question-aware Q-Former reads, padded to
+        the longest and truncated to ``max_txt_len``."""
+        if texts is None:
+            raise UserError(f"{self.arch_name()} has model.qformer_text_input set: the Q-Former "
+                            "reads the prompt text, but none was given for this batch")
+        texts = [texts] * batch if isinstance(texts, str) else list(texts)
+        if len(texts) != batch:
+            raise UserError(f"{len(texts)} Q-Former texts for {batch} images")
+        enc = self.tokenizer(texts, padding="longest", truncation=True,
+                             max_length=self.max_txt_len, return_tensors="pt").to(device)
+        return enc.input_ids, enc.attention_mask
+
+    def training_prompts(self, samples: Dict[str, Any]) -> List[str]:
+        """What the LLM is prompted with in training, for the question-aware Q-Former: each
+        ``text_input`` when the batch has ``text_output`` (question -> answer), else the model's
+        prompt (captions: the caption itself is the target and must not be shown)."""
+        texts = as_text_list(samples.get("text_input"), "text_input")
+        if samples.get("text_output") is None:
+            return [self.prompt] * len(texts)
+        return texts
+
+    def _unused_key(self, key: str) -> bool:
+        """Checkpoint keys this model has no module for (dropped before loading)."""
+        return bool(_STAGE1_HEADS.match(key) or (
+            not self.cfg.qformer_text_input and _QFORMER_TEXT_BRANCH.match(key)))
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
@@ -518,7 +565,7 @@ class Blip2LLMBase(LPBlip2Base):
     def load_stage1(self, url_or_path: str) -> None:
         """Initialise Q-Former, query tokens, ``ln_vision`` (and the ViT if present) from a
         stage-1 checkpoint; everything stage 2 has no module for is dropped."""
-        state = {k: v for k, v in load_pth(url_or_path).items() if not _STAGE2_DROPPED.match(k)}
+        state = {k: v for k, v in load_pth(url_or_path).items() if not self._unused_key(k)}
         keep = ("Qformer.", "query_tokens", "ln_vision.", "visual_encoder.")
         extra = sorted(k for k in state if not k.startswith(keep))
         if extra:
@@ -528,7 +575,7 @@ class Blip2LLMBase(LPBlip2Base):
 
     def load_lavis(self, url_or_path: str) -> None:
         """Load a LAVIS ``blip2_opt``/``blip2_t5`` (or this plugin's) ``.pth`` as it is."""
-        state = {k: v for k, v in load_pth(url_or_path).items() if not _STAGE2_DROPPED.match(k)}
+        state = {k: v for k, v in load_pth(url_or_path).items() if not self._unused_key(k)}
         self._check_projection(state, url_or_path)
         self._load_checked(state, url_or_path,
                            required=("Qformer.", "query_tokens", self.PROJ_NAME + "."))
@@ -542,7 +589,7 @@ class Blip2LLMBase(LPBlip2Base):
                            self.cfg.vit_model)
         state = hf_to_lavis_state_dict(read_hf_state_dict(folder), self.PROJ_NAME,
                                        self.LLM_NAME, include_vision=include_vision)
-        state = {k: v for k, v in state.items() if not _STAGE2_DROPPED.match(k)}
+        state = {k: v for k, v in state.items() if not self._unused_key(k)}
         if not include_vision:
             state = {k: v for k, v in state.items() if not k.startswith("ln_vision.")}
         self._check_projection(state, folder)
@@ -581,7 +628,9 @@ class Blip2LLMBase(LPBlip2Base):
                             f"model): {bad[:6]}. Check vit_model, bert_path, num_query_token.")
         required = tuple(required)
         params = {k for k, _ in self.named_parameters()}  # buffers (position_ids) not required
-        missing_required = sorted(k for k in params if k.startswith(required) and k not in state)
+        # the text branch of a question-aware Q-Former may come from BERT or a stage-1 file
+        missing_required = sorted(k for k in params if k.startswith(required) and k not in state
+                                  and not _QFORMER_TEXT_BRANCH.match(k))
         if missing_required:
             raise UserError(f"{source}: lacks {len(missing_required)} weight(s) it must provide, "
                             f"e.g. {missing_required[:6]}")
@@ -669,7 +718,7 @@ class Blip2LLMBase(LPBlip2Base):
         """
         image = samples["image"]
         prompts = self.batch_prompts(samples.get("prompt", self.prompt), image.shape[0])
-        inputs_llm, atts_llm = self.visual_prompt(image)
+        inputs_llm, atts_llm = self.visual_prompt(image, prompts)
         return self._generate(inputs_llm, atts_llm, prompts, use_nucleus_sampling, num_beams,
                               max_length, min_length, top_p, repetition_penalty, length_penalty,
                               num_captions, temperature)
@@ -718,9 +767,9 @@ class Blip2LLMBase(LPBlip2Base):
         if inference_method != "generate":
             raise UserError(f"inference_method {inference_method!r}: use 'generate' or 'rank'")
         questions = self.format_questions(samples["text_input"], prompt)
-        inputs_llm, atts_llm = self.visual_prompt(samples["image"])
-        if len(questions) != inputs_llm.shape[0]:
-            raise UserError(f"{len(questions)} questions for {inputs_llm.shape[0]} images")
+        if len(questions) != samples["image"].shape[0]:
+            raise UserError(f"{len(questions)} questions for {samples['image'].shape[0]} images")
+        inputs_llm, atts_llm = self.visual_prompt(samples["image"], questions)
         answers = self._generate(inputs_llm, atts_llm, questions, False, num_beams, max_len,
                                  min_len, 1.0, 1.0, length_penalty, 1, 1.0)
         return self.postprocess_answers(answers)

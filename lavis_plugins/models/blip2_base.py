@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from transformers import BertTokenizer
 
 from lavis_plugins.common.errors import UserError
-from lavis_plugins.models.qformer import KV, ImageKV, QFormer
+from lavis_plugins.models.qformer import KV, ImageKV, QFormer, padding_mask
 
 logger = logging.getLogger(__name__)
 
@@ -356,6 +356,20 @@ class LPBlip2Base(BaseModel):
     def query_output(self, image_embeds: Tensor) -> Tensor:
         """(B, N, Dv) image features -> (B, Nq, D) last hidden state of the queries."""
         return self.query_kv_pass(image_embeds)[0]
+
+    def query_text_output(self, image_embeds: Tensor, text_ids: Tensor, text_atts: Tensor,
+                          image_kv: Optional[ImageKV] = None) -> Tensor:
+        """Query outputs (B, Nq, D) of the image-grounded pass over [queries; text]: queries and
+        text (B, T) see each other in self-attention, queries cross-attend to the image features
+        (B, N, Dv) (or to ``image_kv``, e.g. one image's keys/values with ``repeats`` = B). Stage
+        1's ITM pass, and stage 2's question-aware Q-Former (``qformer_text_input``)."""
+        num_query = self.query_tokens.shape[1]
+        hidden, _ = self.Qformer.bert(
+            input_ids=text_ids, query_embeds=self.query_tokens.expand(text_ids.shape[0], -1, -1),
+            attention_mask=padding_mask(text_atts, num_query),
+            image_kv=self.Qformer.bert.image_kv(image_embeds) if image_kv is None else image_kv,
+            last_rows=num_query)
+        return hidden
 
     # ------------------------------------------------------------------ optimisation
     def optimizer_param_groups(self, weight_decay: float, layer_decay: float = 1.0

@@ -103,7 +103,8 @@ class LPBlip2OPT(Blip2LLMBase):
                 ``text_output`` (B answers: then ``text_input`` is context without loss).
             return_logits: also return the text-position logits (B, L, V) and targets (B, L).
         """
-        inputs_opt, atts_opt = self.visual_prompt(samples["image"])  # (B, Nq, H), (B, Nq)
+        inputs_opt, atts_opt = self.visual_prompt(  # (B, Nq, H), (B, Nq)
+            samples["image"], self.training_prompts(samples))
         ids, mask, targets = self._training_tokens(samples, inputs_opt.device)  # (B, L) each
         nq = inputs_opt.shape[1]
         with self.autocast():
@@ -194,7 +195,7 @@ class LPBlip2OPT(Blip2LLMBase):
                                   add_special_tokens=False).input_ids
 
     def _score_prefix(self, image: torch.Tensor, prompts: Sequence[str]):
-        inputs_opt, atts_opt = self.visual_prompt(image)
+        inputs_opt, atts_opt = self.visual_prompt(image, prompts)
         with self.autocast():
             embeds, mask = self._llm_inputs(inputs_opt, atts_opt, prompts)
             out = self.opt_model.model.decoder(inputs_embeds=embeds, attention_mask=mask,

@@ -304,24 +304,12 @@ class LPBlip2Qformer(LPBlip2Base):
                                       last_rows=1)
         return hidden[:, 0]
 
-    def _multimodal_queries(self, image_embeds: Tensor, text_ids: Tensor, text_atts: Tensor,
-                            image_kv: Optional[ImageKV] = None) -> Tensor:
-        """Query outputs (B, Nq, D) of the image-grounded pass: queries and text see each
-        other, queries cross-attend to image features (B, N, Dv) (or to ``image_kv``, e.g. one
-        image's keys/values with ``repeats`` = B)."""
-        hidden, _ = self.Qformer.bert(
-            input_ids=text_ids, query_embeds=self.query_tokens.expand(text_ids.shape[0], -1, -1),
-            attention_mask=padding_mask(text_atts, self.num_query),
-            image_kv=self.Qformer.bert.image_kv(image_embeds) if image_kv is None else image_kv,
-            last_rows=self.num_query)
-        return hidden
-
     def itm_logits(self, image_embeds: Tensor, text_ids: Tensor, text_atts: Tensor,
                    image_kv: Optional[ImageKV] = None) -> Tensor:
         """Matching logits (B, 2) (index 1: matched) for image features (B, N, Dv) and text
         (B, T): the ITM head on each query output, averaged over the queries."""
         return self.itm_head(
-            self._multimodal_queries(image_embeds, text_ids, text_atts, image_kv)).mean(1)
+            self.query_text_output(image_embeds, text_ids, text_atts, image_kv)).mean(1)
 
     def compute_itm(self, image_inputs: Tensor, text_ids: Tensor, text_atts: Tensor) -> Tensor:
         """LAVIS's ITM score: the matched logit averaged over the queries, (B,)."""
@@ -364,7 +352,7 @@ class LPBlip2Qformer(LPBlip2Base):
                        text_embeds_proj=F.normalize(self.text_proj(hidden), dim=-1))
         else:
             text = self.tokenize(caption, samples)
-            out.update(multimodal_embeds=self._multimodal_queries(
+            out.update(multimodal_embeds=self.query_text_output(
                 self.encode_image(image), text.input_ids, text.attention_mask))
         return BlipOutputFeatures(**out)
 

@@ -126,8 +126,9 @@ class LPBlip2T5(Blip2LLMBase):
                 ``text_output`` (B strings).
             return_logits: also return the decoder logits (B, L, V) and targets (B, L).
         """
-        inputs_t5, atts_t5 = self.visual_prompt(samples["image"])  # (B, Nq, H), (B, Nq)
         enc_texts, dec_texts = self.prefix_lm_texts(samples)
+        # (B, Nq, H), (B, Nq); a question-aware Q-Former reads the encoder's text
+        inputs_t5, atts_t5 = self.visual_prompt(samples["image"], enc_texts)
         tok, device = self.t5_tokenizer, inputs_t5.device
         enc = tok(enc_texts, padding="longest", truncation=True, max_length=self.max_txt_len,
                   return_tensors="pt").to(device)
@@ -196,7 +197,7 @@ class LPBlip2T5(Blip2LLMBase):
         return self.t5_tokenizer([a.strip() for a in answers]).input_ids  # ends with </s>
 
     def _score_prefix(self, image: torch.Tensor, prompts: Sequence[str]) -> Dict[str, Any]:
-        inputs_t5, atts_t5 = self.visual_prompt(image)
+        inputs_t5, atts_t5 = self.visual_prompt(image, prompts)
         with self.autocast():
             embeds, mask = self._llm_inputs(inputs_t5, atts_t5, prompts)
             hidden = self.t5_model.encoder(inputs_embeds=embeds, attention_mask=mask,

@@ -139,17 +139,21 @@ class VideoFusionMixin:
         return out
 
     # ------------------------------------------------------------------ visual prompt
-    def visual_prompt(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def visual_prompt(self, image: torch.Tensor, texts: Optional[Sequence[str]] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W) as the image model; videos (B, 3, T, H, W) -> fused prompt:
-        ``concat`` (B, T*Nq [+ cue tokens], H_llm), ``mean`` (B, Nq, H_llm); mask all ones."""
+        ``concat`` (B, T*Nq [+ cue tokens], H_llm), ``mean`` (B, Nq, H_llm); mask all ones.
+        ``texts`` (B) as the image model's; every frame of a video reads its video's text."""
         if image.dim() != 5:
-            return super().visual_prompt(image)
+            return super().visual_prompt(image, texts)
         if self.fusion == "vote":
             raise UserError("fusion 'vote' answers each frame separately and has no single "
                             "visual prompt for a video (training / logits need fusion concat or "
                             "mean)")
         b, _, t = image.shape[:3]
-        tokens, _ = super().visual_prompt(flatten_frames(image))  # (B*T, Nq, H)
+        if texts is not None and not isinstance(texts, str):
+            texts = [x for x in texts for _ in range(t)]  # video-major, as the frames
+        tokens, _ = super().visual_prompt(flatten_frames(image), texts)  # (B*T, Nq, H)
         tokens = tokens.reshape(b, t, *tokens.shape[1:])  # (B, T, Nq, H)
         if self.fusion == "mean":
             fused = tokens.float().mean(dim=1).to(tokens.dtype)  # (B, Nq, H)
