@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -33,11 +32,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-WORDS = """a an the of in on at with man woman dog cat car tree sky person sitting standing near
-next above below under over red green blue yellow black white small large big two three little
-table street road water grass field building train bus plate food pizza boy girl group people
-riding holding playing walking looking wooden open parked""".split()
+from _bench_common import WORDS, captions, lavis_uses_our_encoder, rss_kb  # noqa: E402
+
 
 
 def parse_args(argv=None):
@@ -92,7 +90,6 @@ def vit_settings(args):
 def build(args, bert_dir: Path):
     import torch
 
-    from lavis_plugins.models.blip2_base import LPBlip2Base
     from lavis_plugins.models.blip2_qformer import Blip2QformerConfig, LPBlip2Qformer
 
     vit = vit_settings(args)
@@ -101,17 +98,9 @@ def build(args, bert_dir: Path):
             bert_path=str(bert_dir), num_query_token=args.queries,
             max_txt_len=args.max_txt_len, **vit))
 
-    from lavis.models.blip2_models.blip2 import Blip2Base
     from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
-    def init_vision_encoder(cls, model_name, img_size, drop_path_rate, use_grad_checkpoint,
-                            precision):  # same encoder as ours, no download
-        return LPBlip2Base.init_vision_encoder(
-            vit["vit_model"], img_size, drop_path_rate, use_grad_checkpoint,
-            vit["vit_precision"], vit_path=vit.get("vit_path"), tiny=vit.get("tiny_vit"),
-            sdpa=False)  # LAVIS's own EVA attention
-
-    Blip2Base.init_vision_encoder = classmethod(init_vision_encoder)
+    lavis_uses_our_encoder(vit)
     # LAVIS's forward asks torch.distributed for the rank even in one process
     torch.distributed.get_rank = lambda *a, **k: 0
     torch.distributed.get_world_size = lambda *a, **k: 1
@@ -121,18 +110,8 @@ def build(args, bert_dir: Path):
                         max_txt_len=args.max_txt_len)
 
 
-def captions(args, n: int):
-    rng = random.Random(0)
-    if args.full_captions:
-        return [" ".join(rng.choice(WORDS) for _ in range(args.max_txt_len)) for _ in range(n)]
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) for _ in range(n)]
 
 
-def rss_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def run_impl(args) -> dict:
@@ -152,7 +131,7 @@ def run_impl(args) -> dict:
            else contextlib.nullcontext())
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and args.real_size)
     samples = {"image": torch.randn(args.batch, 3, 224, 224, device=args.device),
-               "text_input": captions(args, args.batch)}
+               "text_input": captions(args.batch, args.max_txt_len if args.full_captions else None)}
 
     def step():
         with amp:

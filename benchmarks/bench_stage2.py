@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -36,11 +35,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-WORDS = """a an the of in on at with man woman dog cat car tree sky person sitting standing near
-next above below under over red green blue yellow black white small large big two three little
-table street road water grass field building train bus plate food pizza boy girl group people
-riding holding playing walking looking wooden open parked""".split()
+from _bench_common import captions, lavis_uses_our_encoder, rss_kb  # noqa: E402
+
 PROMPT = "a photo of"
 
 
@@ -119,8 +117,6 @@ def vit_settings(args) -> dict:
 
 
 def build(args, root: Path):
-    import torch
-
     vit = vit_settings(args)
     llm_dtype = "fp16" if args.real_size else "fp32"
     if args.impl == "ours":
@@ -131,19 +127,9 @@ def build(args, root: Path):
                              num_query_token=32, **vit)
         return LPBlip2OPT(cfg)
 
-    from lavis.models.blip2_models.blip2 import Blip2Base
     from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
-    from lavis_plugins.models.blip2_base import LPBlip2Base
-
-    def init_vision_encoder(cls, model_name, img_size, drop_path_rate, use_grad_checkpoint,
-                            precision):  # the same encoder as ours, no download
-        return LPBlip2Base.init_vision_encoder(
-            vit["vit_model"], img_size, drop_path_rate, use_grad_checkpoint,
-            vit["vit_precision"], vit_path=vit.get("vit_path"), tiny=vit.get("tiny_vit"),
-            sdpa=False)  # LAVIS's own EVA attention
-
-    Blip2Base.init_vision_encoder = classmethod(init_vision_encoder)
+    lavis_uses_our_encoder(vit)
     os.chdir(root)  # LAVIS loads "bert-base-uncased" from the working directory
     model = Blip2OPT(vit_model=vit["vit_model"], img_size=vit["image_size"],
                      vit_precision=vit["vit_precision"], num_query_token=32,
@@ -153,16 +139,8 @@ def build(args, root: Path):
     return model
 
 
-def captions(n: int):
-    rng = random.Random(0)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) for _ in range(n)]
 
 
-def rss_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 class Meter:
