@@ -19,17 +19,19 @@ ANSWERS = ["red", "two", "yes"]
 WORDS = "bert.embeddings.word_embeddings.weight"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _model(lp, arch="lp_blip2_opt", **over):
     torch.manual_seed(0)
     return lp.load_model(arch, "tiny", qformer_text_input=True, **over)
+
+
+def _record_qformer_texts(model, monkeypatch):
+    """The list to which each batch's Q-Former texts are appended as the model tokenizes them."""
+    seen = []
+    real = model.qformer_tokens
+    monkeypatch.setattr(model, "qformer_tokens",
+                        lambda texts, *a: seen.append(list(texts)) or real(texts, *a))
+    return seen
 
 
 def _images(seed=1, b=B):
@@ -85,10 +87,7 @@ def test_the_text_conditions_the_visual_prompt_only_when_enabled(lp):
 @pytest.mark.parametrize("arch", ["lp_blip2_opt", "lp_blip2_t5"])
 def test_training_reads_the_question_and_trains_the_text_branch(lp, arch, monkeypatch):
     model = _model(lp, arch).train()
-    seen = []
-    real = model.qformer_tokens
-    monkeypatch.setattr(model, "qformer_tokens",
-                        lambda texts, *a: seen.append(list(texts)) or real(texts, *a))
+    seen = _record_qformer_texts(model, monkeypatch)
     prompts = [f"Question: {q} Answer:" for q in QUESTIONS]
     model({"image": _images(), "text_input": prompts, "text_output": ANSWERS})["loss"].backward()
     assert seen[-1] == prompts
@@ -103,10 +102,7 @@ def test_training_reads_the_question_and_trains_the_text_branch(lp, arch, monkey
 @pytest.mark.parametrize("arch", ["lp_blip2_opt", "lp_blip2_t5"])
 def test_generation_and_ranking_read_the_prompt(lp, arch, monkeypatch):
     model = _model(lp, arch).eval()
-    seen = []
-    real = model.qformer_tokens
-    monkeypatch.setattr(model, "qformer_tokens",
-                        lambda texts, *a: seen.append(list(texts)) or real(texts, *a))
+    seen = _record_qformer_texts(model, monkeypatch)
     samples = {"image": _images(), "text_input": QUESTIONS}
     answers = model.predict_answers(samples, num_beams=1, max_len=3, prompt="Q: {} A:")
     assert len(answers) == B and seen[-1] == [f"Q: {q} A:" for q in QUESTIONS]

@@ -37,14 +37,6 @@ def llm_dirs(tmp_path_factory):
     return {"opt": make_tiny_opt(root / "opt"), "t5": make_tiny_t5(root / "t5")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are dominated by thread start-up on a busy machine; one thread is faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _ours(arch, tiny_bert_dir, llm_dir, **over):
     from lavis_plugins.api import load_model

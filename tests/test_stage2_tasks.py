@@ -20,14 +20,6 @@ NORMALISATION_CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are dominated by thread start-up on a busy machine; one thread is faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ------------------------------------------------------------------ VQA metric vs LAVIS
 def test_normalisation_equals_lavis():
