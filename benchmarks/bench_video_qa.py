@@ -11,8 +11,9 @@ Reference: the same pipeline as a LAVIS user builds it from LAVIS's own parts, s
 BLIP-2 video model: LAVIS's ``alpro_video_eval`` processor (``load_video``: decord, frames resized
 while decoding) -> LAVIS's ``Blip2OPT`` modules on every frame (its EVA attention, its Q-Former)
 -> the frames' projected queries concatenated -> its vendored OPT's ``generate``. Both models hold
-the same weights (copied from ours), so with fp32 weights they should give the same answers; the
-script prints how many agree.
+the same weights (copied from ours). The two decoders pick and resize frames differently, so the
+answers are compared on the same frames (ours, decoded once): with fp32 weights both models
+should agree on every video, and the script prints how many do.
 
 Sizes as ``bench_stage2.py``: default a tiny ViT (2 x 256, 224 px), Q-Former 4 x 256, OPT
 ``--opt-layers`` x ``--opt-hidden`` (vocabulary 512), fp32; ``--real-size`` EVA ViT-g, Q-Former
@@ -77,7 +78,7 @@ class StageClock:
         self.cuda = cuda
         self.seconds: Dict[str, float] = defaultdict(float)
 
-    def _sync(self):
+    def sync(self):
         if self.cuda:
             import torch
 
@@ -85,12 +86,12 @@ class StageClock:
 
     @contextlib.contextmanager
     def stage(self, name: str):
-        self._sync()
+        self.sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self._sync()
+            self.sync()
             self.seconds[name] += time.perf_counter() - t0
 
     def wrap(self, fn: Callable, name: str) -> Callable:
@@ -130,8 +131,10 @@ def reference_answers(ref, video, questions: List[str], new_tokens: int, clock: 
     """What a LAVIS user writes: per-frame BLIP-2 encoding, concatenated queries, OPT generate."""
     import torch
 
-    b, c, t, h, w = video.shape
-    frames = video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # (B*T, C, H, W)
+    from lavis_plugins.models._video_frames import flatten_frames
+
+    b, t = video.shape[0], video.shape[2]
+    frames = flatten_frames(video)  # (B*T, C, H, W), as our video models order them
     with torch.no_grad(), ref.maybe_autocast():
         with clock.stage("encoder"):
             image_embeds = ref.ln_vision(ref.visual_encoder(frames))  # (B*T, N, Dv)
@@ -164,9 +167,10 @@ def our_answers(model, video, questions: List[str], new_tokens: int, clock: Stag
 
 
 def instrument_ours(model, clock: StageClock) -> None:
-    """Time the encoder and the whole visual prompt; the LLM is the rest of ``model``."""
-    model.encode_image = clock.wrap(model.encode_image, "encoder")
-    model.visual_prompt = clock.wrap(model.visual_prompt, "visual")
+    """Time the encoder and the whole visual prompt; the LLM is the rest of ``model``. Wraps the
+    class's methods, so that instrumenting again replaces the previous clock."""
+    for name, stage in (("encode_image", "encoder"), ("visual_prompt", "visual")):
+        setattr(model, name, clock.wrap(getattr(type(model), name).__get__(model), stage))
 
 
 def measure(impl: str, model, processor, paths: List[str], args, clock: StageClock):
@@ -174,7 +178,7 @@ def measure(impl: str, model, processor, paths: List[str], args, clock: StageClo
     import torch
 
     answers = []
-    clock._sync()
+    clock.sync()
     t0 = time.perf_counter()
     for i in range(0, len(paths), args.batch):
         batch = paths[i:i + args.batch]
@@ -185,8 +189,23 @@ def measure(impl: str, model, processor, paths: List[str], args, clock: StageClo
             answers += our_answers(model, video, questions, args.new_tokens, clock)
         else:
             answers += reference_answers(model, video, questions, args.new_tokens, clock)
-    clock._sync()
+    clock.sync()
     return answers, time.perf_counter() - t0
+
+
+def same_answers(ours, ref, processor, paths: List[str], args) -> int:
+    """How many videos get the same answer from both models, fed the same frames."""
+    import torch
+
+    agree = 0
+    for i in range(0, len(paths), args.batch):
+        video = torch.stack([processor(p) for p in paths[i:i + args.batch]]).to(args.device)
+        questions = [QUESTION] * video.shape[0]
+        clock = StageClock(False)  # untimed
+        a = our_answers(ours, video, questions, args.new_tokens, clock)
+        b = reference_answers(ref, video, questions, args.new_tokens, clock)
+        agree += sum(x == y for x, y in zip(a, b))
+    return agree
 
 
 def stages(impl: str, seconds: Dict[str, float]) -> Dict[str, float]:
@@ -223,7 +242,7 @@ def main(argv=None) -> None:
             ref, ref_proc = build_reference(args, root, ours, n)
             os.chdir(cwd)
             runs = {"ours": (ours, our_proc), "LAVIS": (ref, ref_proc)}
-            totals, parts, answers = defaultdict(list), defaultdict(list), {}
+            totals, parts = defaultdict(list), defaultdict(list)
             for impl, (model, proc) in runs.items():  # warm-up: one batch each
                 clock = StageClock(cuda)
                 if impl == "ours":
@@ -234,12 +253,12 @@ def main(argv=None) -> None:
                     clock = StageClock(cuda)
                     if impl == "ours":
                         instrument_ours(model, clock)
-                    answers[impl], total = measure(impl, model, proc, paths, args, clock)
+                    _, total = measure(impl, model, proc, paths, args, clock)
                     totals[impl].append(total)
                     parts[impl].append(stages(impl, clock.seconds))
                     print(f"  {n} frames, round {r}, {impl:5s}: {args.videos / total:7.2f} "
                           f"videos/s", flush=True)
-            agree = sum(a == b for a, b in zip(answers["ours"], answers["LAVIS"]))
+            agree = same_answers(ours, ref, our_proc, paths, args)
             rows.append((n, totals, parts, agree))
             del ours, ref, runs
             if cuda:
@@ -250,7 +269,7 @@ def main(argv=None) -> None:
 def report(args, rows) -> None:
     print()
     print("| frames | impl | videos/s | decode | encoder | Q-Former | LLM | ours / LAVIS "
-          "| same answers |")
+          "| same answers, same frames |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n, totals, parts, agree in rows:
         vps = {k: args.videos / statistics.median(v) for k, v in totals.items()}
