@@ -348,8 +348,8 @@ class LPBlip2Base(BaseModel):
         """Queries through the Q-Former over ``image_embeds`` (B, N, Dv): their last hidden state
         (B, Nq, D) and per layer their self-attention (keys, values), for later text passes.
         ``image_kv`` (from ``Qformer.bert.image_kv``) saves recomputing the image keys/values."""
-        if image_kv is None:
-            image_kv = self.Qformer.bert.image_kv(image_embeds)
+        if image_kv is None:  # one pass of the queries: fold where that is cheaper
+            image_kv = self.Qformer.bert.image_kv(image_embeds, self.query_tokens.shape[1])
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         return self.Qformer.bert(query_embeds=queries, image_kv=image_kv)
 
@@ -367,7 +367,8 @@ class LPBlip2Base(BaseModel):
         hidden, _ = self.Qformer.bert(
             input_ids=text_ids, query_embeds=self.query_tokens.expand(text_ids.shape[0], -1, -1),
             attention_mask=padding_mask(text_atts, num_query),
-            image_kv=self.Qformer.bert.image_kv(image_embeds) if image_kv is None else image_kv,
+            image_kv=(self.Qformer.bert.image_kv(image_embeds, num_query) if image_kv is None
+                      else image_kv),
             last_rows=num_query)
         return hidden
 

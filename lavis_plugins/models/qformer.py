@@ -13,14 +13,19 @@ tested equal to LAVIS's in ``tests/test_stage1_parity.py``:
   attend to the same image are attended together (:class:`ImageKV` ``repeats``), so keys/values
   are never copied per row;
 - passes return each layer's self-attention keys/values, so a text pass can attend to queries
-  computed earlier (ITG, captioning) without running them again.
+  computed earlier (ITG, captioning) without running them again;
+- a single pass of few query rows per image (stage 2, video frames, feature extraction) attends
+  to the image features without projecting them to keys/values at all
+  (:class:`FoldedImage`): the key projection moves onto the queries and the value projection
+  after the attention, which is exact and costs less whenever heads x query rows is below the
+  hidden width (0.55-0.6x the multiply-adds at BLIP-2's sizes).
 
 The simple sub-blocks (residual dense + LayerNorm, feed-forward, LM head) are transformers' BERT
 modules, which have LAVIS's parameter names.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,32 +42,46 @@ from transformers.models.bert.modeling_bert import (
 KV = Tuple[Tensor, Tensor]  # keys, values, each (B, heads, L, head_dim)
 
 
+class FoldedImage(NamedTuple):
+    """Image features (B_img, N, encoder_width) that a cross-attention layer attends to with its
+    key/value projections folded into the queries and outputs (see
+    :meth:`QFormerSelfAttention.attend_folded`), in place of precomputed keys/values."""
+
+    feats: Tensor
+
+
+ImageEntry = Union[KV, FoldedImage]  # what one cross-attention layer attends to
+
+
 class ImageKV(NamedTuple):
     """Cross-attention keys/values of a batch of B_img images, for ``repeats`` * B_img
     consecutive rows of a pass: row r attends to image r % B_img."""
 
-    layers: List[Optional[KV]]  # per Q-Former layer; None where it has no cross-attention
+    layers: List[Optional[ImageEntry]]  # per Q-Former layer; None: no cross-attention there
     repeats: int = 1
 
     def select(self, index: Tensor) -> "ImageKV":
         """The keys/values of images ``index`` (a gather: prefer ``repeats`` where it serves)."""
-        return ImageKV([None if kv is None else (kv[0][index], kv[1][index])
-                        for kv in self.layers], self.repeats)
+        return ImageKV([None if kv is None else
+                        FoldedImage(kv.feats[index]) if isinstance(kv, FoldedImage) else
+                        (kv[0][index], kv[1][index]) for kv in self.layers], self.repeats)
 
 
-def _attend_grouped(q: Tensor, groups: Sequence[Tuple[KV, int]], dropout_p: float) -> Tensor:
+def _attend_grouped(q: Tensor, groups: Sequence[Tuple[ImageEntry, int]],
+                    attend: Callable[[Tensor, ImageEntry], Tensor]) -> Tensor:
     """q (R, h, Lq, hd) split into consecutive row groups, group (kv, m) holding m * B_img rows
-    that attend to kv (B_img, h, N, hd) in turn; the m rows of one image become one longer query
-    sequence (attention is independent per query, so this is exact)."""
+    that attend to kv (B_img images) in turn via ``attend(q (B_img, h, L, hd), kv)``; the m rows
+    of one image become one longer query sequence (attention is independent per query, so this
+    is exact)."""
     outs, start = [], 0
-    for (k, v), m in groups:
-        b_img = k.shape[0]
+    for kv, m in groups:
+        b_img = (kv.feats if isinstance(kv, FoldedImage) else kv[0]).shape[0]
         qg = q[start:start + m * b_img]
         start += m * b_img
         if m > 1:  # (m*B, h, Lq, hd) -> (B, h, m*Lq, hd)
             _, h, lq, hd = qg.shape
             qg = qg.view(m, b_img, h, lq, hd).permute(1, 2, 0, 3, 4).reshape(b_img, h, m * lq, hd)
-        o = F.scaled_dot_product_attention(qg, k, v, dropout_p=dropout_p)
+        o = attend(qg, kv)
         if m > 1:
             o = o.view(b_img, h, m, lq, hd).permute(2, 0, 1, 3, 4).reshape(m * b_img, h, lq, hd)
         outs.append(o)
@@ -106,7 +125,7 @@ class QFormerSelfAttention(nn.Module):
         """(B, L, kv_width) -> keys and values (B, h, L, hd)."""
         return self.split_heads(self.key(x)), self.split_heads(self.value(x))
 
-    def forward(self, x: Tensor, kv: Union[KV, Sequence[Tuple[KV, int]]],
+    def forward(self, x: Tensor, kv: Union[KV, Sequence[Tuple[ImageEntry, int]]],
                 mask: Optional[Tensor] = None) -> Tensor:
         """x (B, Lq, D) attends to ``kv`` (keys, values), or to row groups [(kv, repeats), ...]
         (see :class:`ImageKV`); ``mask`` is boolean (True = may attend), broadcastable to
@@ -116,8 +135,52 @@ class QFormerSelfAttention(nn.Module):
         if isinstance(kv[0], Tensor):
             out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=p)
         else:
-            out = _attend_grouped(q, kv, p)
+            def attend(qg: Tensor, entry: ImageEntry) -> Tensor:
+                if isinstance(entry, FoldedImage):
+                    return self.attend_folded(qg, entry.feats, p)
+                return F.scaled_dot_product_attention(qg, entry[0], entry[1], dropout_p=p)
+
+            out = _attend_grouped(q, kv, attend)
         return out.transpose(1, 2).flatten(2)
+
+    def attend_folded(self, q: Tensor, x: Tensor, dropout_p: float = 0.0) -> Tensor:
+        """Unmasked attention of q (B, h, L, hd) to features x (B, N, C) through this layer's
+        key/value projections, without computing keys or values: -> (B, h, L, hd).
+
+        Per head, q k_n = (q W_k) x_n + q b_k: the bias term is the same for every key, so the
+        softmax drops it, and the scores are (q W_k) x^T. Likewise sum_n a_n (W_v x_n + b_v) =
+        W_v (sum_n a_n x_n) + (sum_n a_n) b_v. Cost per image 2 L D C + 2 h L N C multiply-adds
+        instead of 2 N C D + 2 L N D, and no (B, N, D) key/value tensors.
+        """
+        b, h, n_q, hd = q.shape
+        c = x.shape[-1]
+        # (h, B*L, hd) @ (h, hd, C): each head's queries into the feature space, scaled as SDPA
+        qt = torch.matmul(q.transpose(0, 1).reshape(h, b * n_q, hd) * hd ** -0.5,
+                          self.key.weight.view(h, hd, c))
+        qt = qt.view(h, b, n_q, c).transpose(0, 1).reshape(b, h * n_q, c)
+        attn = torch.softmax(torch.bmm(qt, x.transpose(1, 2)), dim=-1)  # (B, h*L, N)
+        if dropout_p:
+            attn = F.dropout(attn, dropout_p)
+        mixed = torch.bmm(attn.to(x.dtype), x)  # (B, h*L, C)
+        mixed = mixed.view(b, h, n_q, c).transpose(0, 1).reshape(h, b * n_q, c)
+        out = torch.matmul(mixed, self.value.weight.view(h, hd, c).transpose(1, 2))  # (h, B*L, hd)
+        bias = self.value.bias.view(h, 1, hd)
+        if dropout_p:  # dropped-out rows no longer sum to one
+            weight = attn.sum(-1).view(b, h, n_q).transpose(0, 1).reshape(h, b * n_q, 1)
+            out = out + weight.to(out.dtype) * bias
+        else:
+            out = out + bias
+        # the key bias has no effect (its true gradient is 0); keep it in the graph so that it
+        # gets that zero gradient, as DDP (find_unused_parameters off) needs every parameter to
+        out = out + self.key.bias.sum() * 0
+        return out.view(h, b, n_q, hd).transpose(0, 1)
+
+    def folding_pays(self, rows_per_image: int, num_features: int) -> bool:
+        """Whether :meth:`attend_folded` costs fewer multiply-adds than projecting
+        ``num_features`` image tokens to keys/values once for ``rows_per_image`` query rows."""
+        d, c, h = self.query.out_features, self.key.in_features, self.num_heads
+        r, n = rows_per_image, num_features
+        return r * d * c + h * r * n * c < n * c * d + r * n * d
 
 
 class QFormerAttention(nn.Module):
@@ -222,11 +285,26 @@ class QFormerModel(nn.Module):
         self.encoder = QFormerEncoder(config)
         self.gradient_checkpointing = False  # recompute each layer in backward when training
 
-    def image_kv(self, image_embeds: Tensor) -> ImageKV:
+    def image_kv(self, image_embeds: Tensor, rows_per_image: Optional[int] = None) -> ImageKV:
         """Cross-attention keys/values of every layer for image features (B_img, N,
-        vision_width); compute once, pass to every pass over these images."""
-        return ImageKV([layer.crossattention.self.keys_values(image_embeds)
-                        if layer.has_cross_attention else None for layer in self.encoder.layer])
+        vision_width); compute once, pass to every pass over these images.
+
+        ``rows_per_image``: the caller runs one pass in which this many query rows attend to
+        each image (e.g. the 32 queries of stage 2); where it is cheaper, the layers then attend
+        to the features directly (:class:`FoldedImage`) and no keys/values are computed. Leave
+        it None when the keys/values serve several passes (stage 1's ITC and ITM)."""
+        layers: List[Optional[ImageEntry]] = []
+        for layer in self.encoder.layer:
+            if not layer.has_cross_attention:
+                layers.append(None)
+                continue
+            attn = layer.crossattention.self
+            if rows_per_image is not None and attn.folding_pays(rows_per_image,
+                                                                image_embeds.shape[1]):
+                layers.append(FoldedImage(image_embeds))
+            else:
+                layers.append(attn.keys_values(image_embeds))
+        return ImageKV(layers)
 
     def forward(
         self,
