@@ -17,7 +17,9 @@ generated tokens per second (batch x new tokens / time). LAVIS's Blip2OPT beam s
 transformers >= 4.3x (its query embeddings are expanded for the beams twice), so compare greedy.
 
 Each implementation runs in its own process, in turns (``--rounds``), so that peak memory is its
-own and load noise hits both; the figures are medians over all rounds. Memory: on CUDA
+own and load noise hits both; the figures are medians over all rounds. On the CPU the training
+step is timed in process CPU time (wall time is printed per round too), which other jobs on a
+shared machine disturb far less than wall time; use ``--threads 1`` there. Memory: on CUDA
 ``max_memory_allocated`` above the model's resident weights during the timed work, on CPU the peak
 resident set size during it minus the size before (Linux ``clear_refs``).
 """
@@ -208,13 +210,14 @@ def run_impl(args) -> dict:
             step()
         sync()
         meter.start()
-        times = []
+        times, cpu_times = [], []
         for _ in range(args.steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             sync()
             times.append(time.perf_counter() - t0)
-        out.update(train_times=times, train_peak_mb=meter.peak_mb())
+            cpu_times.append(time.process_time() - c0)
+        out.update(train_times=times, train_cpu_times=cpu_times, train_peak_mb=meter.peak_mb())
         del opt, scaler
     if args.skip != "generate":
         model.eval()
@@ -264,7 +267,8 @@ def main(argv=None) -> None:
                 results[impl].append(res)
                 msg = [f"round {r} {impl:5s}:"]
                 if "train_times" in res:
-                    msg.append(f"step {statistics.median(res['train_times']) * 1e3:8.1f} ms")
+                    msg.append(f"step {statistics.median(res['train_times']) * 1e3:8.1f} ms wall"
+                               f" {statistics.median(res['train_cpu_times']) * 1e3:8.1f} ms CPU")
                 if "gen_times" in res:
                     msg.append(f"generate {statistics.median(res['gen_times']):7.2f} s")
                 print(" ".join(msg), flush=True)
@@ -284,9 +288,12 @@ def report(args, results) -> None:
     print(f"\nstage 2, {size}, 32 queries, {args.device}")
     print(f"{'':28s}{'ours':>12s}{'LAVIS':>12s}{'ours speed-up':>15s}")
     if args.skip != "train":
-        t = {k: med(k, "train_times") for k in results}
+        # on the CPU, process time: a shared machine's load inflates wall time unevenly
+        key = "train_times" if args.device.startswith("cuda") else "train_cpu_times"
+        t = {k: med(k, key) for k in results}
         m = {k: peak(k, "train_peak_mb") for k in results}
-        print(f"{f'train step, batch {args.batch} (ms)':28s}{t['ours'] * 1e3:12.1f}"
+        unit = 'ms' if args.device.startswith('cuda') else 'ms CPU'
+        print(f"{f'train step, batch {args.batch} ({unit})':28s}{t['ours'] * 1e3:12.1f}"
               f"{t['lavis'] * 1e3:12.1f}{t['lavis'] / t['ours']:15.2f}")
         print(f"{'  peak memory (MB)':28s}{m['ours']:12.0f}{m['lavis']:12.0f}"
               f"{m['lavis'] / max(m['ours'], 1e-9):15.2f}")
