@@ -7,7 +7,8 @@ LAVIS's Blip2OPT on the same config, batch and device, with their peak memory.
 Default (CPU): tiny ViT (224 px, patch 14: 257 tokens, width 256, 2 blocks), Q-Former 4 x 256,
 32 queries, OPT 4 x 256 (``--opt-layers`` x ``--opt-hidden``; vocabulary 512), fp32. ``--real-size``: EVA ViT-g (random weights,
 fp16), BERT-base-sized Q-Former (12 x 768), OPT-2.7B shapes (32 x 2560, vocabulary 50272, random
-weights, fp16 as LAVIS keeps it), fp16 autocast + loss scaling as LAVIS's runner.
+weights, fp16 as LAVIS keeps it), fp16 autocast + loss scaling as LAVIS's runner; on the CPU the
+real shapes run in fp32 throughout (about 20 GB of memory; use a small ``--batch``).
 
 Training step: forward + backward + AdamW on the trainable weights (Q-Former, queries,
 projection, ln_vision), batch ``--batch`` of 5-15 word captions. Generation: ``--gen-batch``
@@ -89,8 +90,8 @@ def make_folders(args, root: Path) -> None:
                    hidden_size=b["hidden"], num_hidden_layers=b["layers"],
                    num_attention_heads=b["hidden"] // 64, intermediate_size=4 * b["hidden"],
                    max_position_embeddings=512)
-    o = s["opt"]
     # the tokenizer, and the weights of the small config (replaced below at real size)
+    o = sizes(parse_args([])).get("opt") if args.real_size else s["opt"]
     opt_dir = make_tiny_opt(root / "opt", hidden_size=o["hidden_size"],
                             num_hidden_layers=o["num_hidden_layers"],
                             num_attention_heads=o["num_attention_heads"], ffn_dim=o["ffn_dim"],
@@ -103,16 +104,23 @@ def make_folders(args, root: Path) -> None:
                            bos_token_id=2, eos_token_id=2, **o)
         with torch.device(args.device):  # random init of 2.7B weights is quick on the GPU
             model = OPTForCausalLM._from_config(config, torch_dtype=torch.float16)
-        (opt_dir / "pytorch_model.bin").unlink()
-        model.save_pretrained(opt_dir)  # model.safetensors, fp16
+        for old in [*opt_dir.glob("pytorch_model*"), *opt_dir.glob("model*.safetensors*")]:
+            old.unlink()  # the small config's weights
+        model.save_pretrained(opt_dir)  # model*.safetensors, fp16, with its config
         del model
+
+
+def half(args) -> str:
+    """The frozen parts' precision at real size: fp16 on a GPU (as LAVIS runs them), fp32 on
+    the CPU, which has no fast fp16 (a CPU run of the real shapes needs about 20 GB)."""
+    return "fp16" if args.device.startswith("cuda") else "fp32"
 
 
 def vit_settings(args) -> dict:
     from lavis_plugins.models.blip2_base import TinyVitConfig
 
     if args.real_size:
-        return dict(vit_model="eva_clip_g", vit_path="random", vit_precision="fp16",
+        return dict(vit_model="eva_clip_g", vit_path="random", vit_precision=half(args),
                     image_size=224)
     return dict(vit_model="tiny", vit_precision="fp32", image_size=224,
                 tiny_vit=TinyVitConfig(width=256, depth=2, heads=4, patch_size=14, mlp_ratio=4.0))
@@ -120,7 +128,7 @@ def vit_settings(args) -> dict:
 
 def build(args, root: Path):
     vit = vit_settings(args)
-    llm_dtype = "fp16" if args.real_size else "fp32"
+    llm_dtype = half(args) if args.real_size else "fp32"
     if args.impl == "ours":
         from lavis_plugins.models.blip2_opt import Blip2OPTConfig, LPBlip2OPT
 
@@ -136,7 +144,7 @@ def build(args, root: Path):
     model = Blip2OPT(vit_model=vit["vit_model"], img_size=vit["image_size"],
                      vit_precision=vit["vit_precision"], num_query_token=32,
                      opt_model=str(root / "opt"), prompt="")
-    if not args.real_size:
+    if half(args) == "fp32" or not args.real_size:
         model = model.float()  # LAVIS loads OPT in fp16 even on CPU; compare fp32 with fp32
     return model
 
@@ -282,7 +290,8 @@ def report(args, results) -> None:
     def peak(impl, key):
         return max(r[key] for r in results[impl])
 
-    size = ("real size: EVA ViT-g, Q-Former 12x768, OPT-2.7B shapes, fp16" if args.real_size
+    size = (f"real size: EVA ViT-g, Q-Former 12x768, OPT-2.7B shapes, {half(args)}"
+            if args.real_size
             else f"small: tiny ViT 2x256, Q-Former 4x256, OPT {args.opt_layers}x"
                  f"{args.opt_hidden}, fp32")
     print(f"\nstage 2, {size}, 32 queries, {args.device}")
