@@ -1,9 +1,9 @@
 """What the stage-1 and stage-2 benchmarks share: caption words, random captions, the resident
-memory reader, and LAVIS built on the same image encoder as ours."""
+memory reader, the timed training step, and LAVIS built on the same image encoder as ours."""
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 WORDS = """a an the of in on at with man woman dog cat car tree sky person sitting standing near
 next above below under over red green blue yellow black white small large big two three little
@@ -41,3 +41,27 @@ def lavis_uses_our_encoder(vit: Dict[str, Any]) -> None:
             sdpa=False)
 
     Blip2Base.init_vision_encoder = classmethod(init_vision_encoder)
+
+
+def train_step(model, samples: Dict[str, Any], amp: bool) -> Callable[[], Any]:
+    """One training step of ``model`` on ``samples`` as LAVIS's runner takes it: forward,
+    backward and AdamW on the trainable weights, under fp16 autocast with loss scaling when
+    ``amp`` (CUDA only). Returns the step; each call returns the loss."""
+    import contextlib
+
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext():
+            loss = model(samples)["loss"]
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step

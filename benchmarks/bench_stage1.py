@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import WORDS, captions, lavis_uses_our_encoder, rss_kb  # noqa: E402
+from _bench_common import WORDS, captions, lavis_uses_our_encoder, rss_kb, train_step  # noqa: E402,E501
 
 
 
@@ -115,8 +115,6 @@ def build(args, bert_dir: Path):
 
 
 def run_impl(args) -> dict:
-    import contextlib
-
     import torch
 
     if args.threads:
@@ -124,23 +122,10 @@ def run_impl(args) -> dict:
     torch.manual_seed(0)
     model = build(args, Path(args.bert_dir)).to(args.device)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05)
     cuda = args.device.startswith("cuda")
-    amp = (torch.autocast("cuda", dtype=torch.float16) if cuda and args.real_size
-           else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and args.real_size)
     samples = {"image": torch.randn(args.batch, 3, 224, 224, device=args.device),
                "text_input": captions(args.batch, args.max_txt_len if args.full_captions else None)}
-
-    def step():
-        with amp:
-            loss = model(samples)["loss"]
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    step = train_step(model, samples, amp=cuda and args.real_size)
 
     def sync():
         if cuda:

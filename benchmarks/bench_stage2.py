@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import captions, lavis_uses_our_encoder, rss_kb  # noqa: E402
+from _bench_common import captions, lavis_uses_our_encoder, rss_kb, train_step  # noqa: E402
 
 PROMPT = "a photo of"
 
@@ -179,8 +179,6 @@ class Meter:
 
 
 def run_impl(args) -> dict:
-    import contextlib
-
     import torch
 
     if args.threads:
@@ -198,21 +196,9 @@ def run_impl(args) -> dict:
     out = {"impl": args.impl}
     if args.skip != "train":
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05)
-        amp = (torch.autocast("cuda", dtype=torch.float16) if cuda and args.real_size
-               else contextlib.nullcontext())
-        scaler = torch.amp.GradScaler("cuda", enabled=cuda and args.real_size)
         samples = {"image": torch.randn(args.batch, 3, 224, 224, device=args.device),
                    "text_input": captions(args.batch)}
-
-        def step():
-            with amp:
-                loss = model(samples)["loss"]
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+        step = train_step(model, samples, amp=cuda and args.real_size)
 
         for _ in range(args.warmup):
             step()
@@ -226,7 +212,7 @@ def run_impl(args) -> dict:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
         out.update(train_times=times, train_cpu_times=cpu_times, train_peak_mb=meter.peak_mb())
-        del opt, scaler
+        del step  # its optimizer state
     if args.skip != "generate":
         model.eval()
         image = torch.randn(args.gen_batch, 3, 224, 224, device=args.device)
