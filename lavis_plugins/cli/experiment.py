@@ -1,11 +1,4 @@
-"""``lavis-plugins``: train, evaluate and list models, in one process or under torchrun.
-
-    lavis-plugins train    --cfg-path projects/demo/stage1.yaml [--options run.max_epoch=2 ...]
-    lavis-plugins evaluate --cfg-path projects/blip2/eval/vqav2_zeroshot_opt2.7b.yaml
-    lavis-plugins cache-features --cfg-path X   # frozen-encoder outputs for feature_cache datasets
-    lavis-plugins zoo      # LAVIS's and the plugin's models
-    lavis-plugins names    # the names this plugin registered
-    torchrun --nproc_per_node=2 -m lavis_plugins.cli train --cfg-path ...
+"""``lavis-plugins train|evaluate|cache-features``: YAML-driven runs, in one process or under torchrun.
 
 LAVIS's ``train.py``/``evaluate.py`` are not in its wheel; this replaces them, with the plugin
 imported first (so its names are registered) and the same YAML structure (model/datasets/run).
@@ -13,36 +6,13 @@ imported first (so its names are registered) and the same YAML structure (model/
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import random
-import sys
 from datetime import datetime
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 from lavis_plugins.common.errors import UserError, unknown_name
-
-
-def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="lavis-plugins", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in (("train", "train (and evaluate) as the YAML says"),
-                        ("evaluate", "evaluate only (run.evaluate=True)")):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--cfg-path", required=True, help="experiment YAML (model/datasets/run)")
-        p.add_argument("--options", nargs="+", default=[],
-                       help="overrides as key=value in dot notation, e.g. run.max_epoch=1")
-        p.add_argument("--job-id", default=None, help="output sub-folder name (default: time)")
-    p = sub.add_parser("cache-features",
-                       help="pre-compute the frozen image encoder's outputs of each dataset that "
-                            "sets feature_cache: <folder> in the YAML")
-    p.add_argument("--cfg-path", required=True)
-    p.add_argument("--options", nargs="+", default=[])
-    p.add_argument("--split", default="train")
-    sub.add_parser("zoo", help="list registered models and their types")
-    sub.add_parser("names", help="list the names this plugin registered")
-    return parser.parse_args(argv)
 
 
 def _check_options(options: List[str]) -> None:
@@ -218,38 +188,24 @@ def cache_features(cfg_path: str, options: List[str], split: str = "train") -> L
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parse(argv)
-    try:
-        if args.command == "zoo":
-            import lavis_plugins
-
-            print(lavis_plugins.model_zoo())
-            return 0
-        if args.command == "names":
-            import lavis_plugins
-
-            for kind, names in lavis_plugins.plugin_names().items():
-                print(f"{kind:<13} {', '.join(names) if names else '-'}")
-            return 0
-        if args.command == "cache-features":
-            cache_features(args.cfg_path, args.options, args.split)
-            return 0
-        run(args.cfg_path, args.options, evaluate_only=args.command == "evaluate",
-            job_id=args.job_id)
-        return 0
-    except UserError as e:
-        print(f"lavis-plugins: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        try:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - shutting down; nothing useful to report
-            logging.getLogger(__name__).debug("process group shutdown failed", exc_info=True)
+def add_parsers(sub) -> None:
+    """The ``train``, ``evaluate`` and ``cache-features`` sub-commands."""
+    for name, help_ in (("train", "train (and evaluate) as the YAML says"),
+                        ("evaluate", "evaluate only (run.evaluate=True)")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--cfg-path", required=True, help="experiment YAML (model/datasets/run)")
+        p.add_argument("--options", nargs="+", default=[],
+                       help="overrides as key=value in dot notation, e.g. run.max_epoch=1")
+        p.add_argument("--job-id", default=None, help="output sub-folder name (default: time)")
+        p.set_defaults(func=_run_command)
+    p = sub.add_parser("cache-features",
+                       help="pre-compute the frozen image encoder's outputs of each dataset that "
+                            "sets feature_cache: <folder> in the YAML")
+    p.add_argument("--cfg-path", required=True)
+    p.add_argument("--options", nargs="+", default=[])
+    p.add_argument("--split", default="train")
+    p.set_defaults(func=lambda args: cache_features(args.cfg_path, args.options, args.split))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _run_command(args) -> None:
+    run(args.cfg_path, args.options, evaluate_only=args.command == "evaluate", job_id=args.job_id)

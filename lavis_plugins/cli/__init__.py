@@ -1,0 +1,60 @@
+"""``lavis-plugins``: train, evaluate and list models, in one process or under torchrun.
+
+    lavis-plugins train    --cfg-path projects/demo/stage1.yaml [--options run.max_epoch=2 ...]
+    lavis-plugins evaluate --cfg-path projects/blip2/eval/vqav2_zeroshot_opt2.7b.yaml
+    lavis-plugins cache-features --cfg-path X   # frozen-encoder outputs for feature_cache datasets
+    lavis-plugins zoo      # LAVIS's and the plugin's models
+    lavis-plugins names    # the names this plugin registered
+    torchrun --nproc_per_node=2 -m lavis_plugins.cli train --cfg-path ...
+
+Each sub-command lives in its own module of this package, which exposes ``add_parsers(sub)``
+(adding its parsers with ``set_defaults(func=...)``); heavy imports stay inside the functions.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+from lavis_plugins.common.errors import UserError
+
+# one module per group of sub-commands, in the order ``--help`` lists them
+COMMAND_MODULES = (
+    "lavis_plugins.cli.experiment",
+    "lavis_plugins.cli.info",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lavis-plugins", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parsers(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc = args.func(args)
+        return int(rc or 0)
+    except UserError as e:
+        print(f"lavis-plugins: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - shutting down; nothing useful to report
+            logging.getLogger(__name__).debug("process group shutdown failed", exc_info=True)
+
+
+def __getattr__(name: str):
+    # ``from lavis_plugins.cli import run, load_config, cache_features`` (the run module's API)
+    if name in ("run", "load_config", "cache_features"):
+        return getattr(importlib.import_module("lavis_plugins.cli.experiment"), name)
+    raise AttributeError(name)
