@@ -204,8 +204,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--cfg-path", required=True)
     p.add_argument("--options", nargs="+", default=[])
     p.add_argument("--split", default="train")
-    p.set_defaults(func=lambda args: cache_features(args.cfg_path, args.options, args.split))
+    p.set_defaults(func=_cache_command)
 
 
-def _run_command(args) -> None:
+def _cache_command(args) -> int:
+    cache_features(args.cfg_path, args.options, args.split)
+    return 0
+
+
+def _run_command(args) -> int:
     run(args.cfg_path, args.options, evaluate_only=args.command == "evaluate", job_id=args.job_id)
+    return 0
