@@ -42,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(rc or 0)
     except UserError as e:
         print(f"lavis-plugins: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return e.exit_code
     finally:
         try:
             import torch.distributed as dist

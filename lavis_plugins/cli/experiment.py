@@ -120,8 +120,12 @@ def _setup_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional[str] = None):
-    """Build task, datasets, model and runner from the YAML and train or evaluate."""
+def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional[str] = None,
+        force: bool = False):
+    """Build task, datasets, model and runner from the YAML and train or evaluate.
+
+    ``force`` replaces a previous run in the ``output_dir/job_id`` folder (otherwise refused).
+    """
     import lavis_plugins  # noqa: F401  registers the plugin before the config is read
     from lavis.common.logger import setup_logger
     from lavis.common.registry import registry
@@ -129,7 +133,8 @@ def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional
 
     from lavis_plugins.common import dist as dist_utils
 
-    opts = list(options) + (["run.evaluate=True"] if evaluate_only else [])
+    opts = list(options) + (["run.evaluate=True"] if evaluate_only else []) + (
+        ["run.force=True"] if force else [])
     cfg = load_config(cfg_path, opts)
     run_cfg = cfg.run_cfg
     info = dist_utils.init_distributed(run_cfg.get("device", "auto"))
@@ -149,7 +154,14 @@ def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional
     runner_cls = registry.get_runner_class(run_cfg.get("runner", "lp_runner"))
     runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
     if evaluate_only:
-        result = runner.evaluate(skip_reload=True)
+        finish = getattr(runner, "finish", None)  # lp_runner: mark the folder, free its lock
+        completed = False
+        try:
+            result = runner.evaluate(skip_reload=True)
+            completed = True
+        finally:
+            if finish is not None:
+                finish(completed)
     else:
         result = runner.train()
     if dist_utils.is_main_process():
@@ -197,6 +209,9 @@ def add_parsers(sub) -> None:
         p.add_argument("--options", nargs="+", default=[],
                        help="overrides as key=value in dot notation, e.g. run.max_epoch=1")
         p.add_argument("--job-id", default=None, help="output sub-folder name (default: time)")
+        p.add_argument("--force", action="store_true",
+                       help="replace a previous run in the output_dir/job-id folder (without it "
+                            "such a folder is refused, unless resuming into it)")
         p.set_defaults(func=_run_command)
     p = sub.add_parser("cache-features",
                        help="pre-compute the frozen image encoder's outputs of each dataset that "
@@ -213,5 +228,6 @@ def _cache_command(args) -> int:
 
 
 def _run_command(args) -> int:
-    run(args.cfg_path, args.options, evaluate_only=args.command == "evaluate", job_id=args.job_id)
+    run(args.cfg_path, args.options, evaluate_only=args.command == "evaluate", job_id=args.job_id,
+        force=args.force)
     return 0

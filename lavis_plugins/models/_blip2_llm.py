@@ -35,6 +35,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from lavis_plugins.common.errors import UserError
+from lavis_plugins.common.safe_load import load_weights, state_dict_of
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
 from lavis_plugins.models.blip2_qformer import init_vision_and_qformer
 
@@ -182,7 +183,7 @@ def read_hf_state_dict(folder: str) -> Dict[str, torch.Tensor]:
 
             state.update(load_file(str(folder_p / name)))
         else:
-            state.update(torch.load(folder_p / name, map_location="cpu", weights_only=True))
+            state.update(load_weights(folder_p / name, f"transformers folder {folder}"))
     return state
 
 
@@ -270,8 +271,8 @@ def load_pth(url_or_path: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(url_or_path):
         raise UserError(f"checkpoint not found: {url_or_path}. Give a LAVIS .pth file, a URL, or "
                         "a transformers Blip2ForConditionalGeneration folder")
-    ckpt = torch.load(url_or_path, map_location="cpu", weights_only=False)
-    return ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+    # weights-only: a downloaded file must not run code (lavis_plugins.common.safe_load)
+    return state_dict_of(load_weights(url_or_path, "checkpoint"), url_or_path, "checkpoint")
 
 
 # stage-1 keys that no stage-2 model has a module for: the LM head and the ITC/ITM heads

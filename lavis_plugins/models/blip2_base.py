@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from transformers import BertTokenizer
 
 from lavis_plugins.common.errors import UserError
+from lavis_plugins.common.safe_load import load_weights, state_dict_of
 from lavis_plugins.models.qformer import KV, ImageKV, QFormer, padding_mask
 
 logger = logging.getLogger(__name__)
@@ -91,19 +92,24 @@ def resolve_bert_path(bert_path: str) -> str:
 
 
 @contextlib.contextmanager
-def _lavis_vit_from_file(module: types.ModuleType, path: str):
-    """Make LAVIS's ``create_*_vit_*`` read ``path`` instead of downloading, and record which of
-    the model's keys the file lacks (LAVIS loads with strict=False and would not say)."""
+def _lavis_vit_from_file(module: types.ModuleType, empty_path: str,
+                         weights: Optional[Dict[str, Tensor]]):
+    """Make LAVIS's ``create_*_vit_*`` build its encoder with ``weights`` (already loaded by us,
+    weights-only) instead of downloading and unpickling a file itself: its own ``torch.load``
+    gets ``empty_path`` (an empty state dict we wrote), and the state dict it then holds is
+    filled with ``weights`` before it interpolates and loads it. Records which of the model's
+    keys ``weights`` lacks (LAVIS loads with strict=False and would not say)."""
     report = {}
     original = module.interpolate_pos_embed
 
     def interpolate_and_check(model, state_dict, *args, **kwargs):
+        state_dict.update(weights or {})  # the same dict LAVIS then loads into the model
         report["missing"] = sorted(set(model.state_dict()) - set(state_dict))
         report["unexpected"] = sorted(set(state_dict) - set(model.state_dict()))
         return original(model, state_dict, *args, **kwargs)
 
     saved = module.download_cached_file, module.interpolate_pos_embed
-    module.download_cached_file = lambda url, *a, **k: path
+    module.download_cached_file = lambda url, *a, **k: empty_path
     module.interpolate_pos_embed = interpolate_and_check
     try:
         yield report
@@ -261,13 +267,15 @@ class LPBlip2Base(BaseModel):
         if not random and not os.path.isfile(vit_path):
             raise UserError(f"vit_path {vit_path!r} for {vit_model!r} is not a file; download "
                             f"{VIT_URLS[vit_model]}")
+        # read by us, weights-only (LAVIS's builders would torch.load it with full unpickling)
+        weights = None if random else state_dict_of(load_weights(vit_path, "model.vit_path"),
+                                                    vit_path, "model.vit_path")
         with contextlib.ExitStack() as stack:
-            if random:  # LAVIS's builders always load a file: give them an empty state dict
-                empty = stack.enter_context(tempfile.TemporaryDirectory()) + "/empty.pth"
-                torch.save({}, empty)
+            # LAVIS's builders always load a file: give them an empty state dict of our own
+            empty = stack.enter_context(tempfile.TemporaryDirectory()) + "/empty.pth"
+            torch.save({}, empty)
             module = eva_vit if vit_model == "eva_clip_g" else clip_vit
-            source = empty if random else vit_path
-            report = stack.enter_context(_lavis_vit_from_file(module, source))
+            report = stack.enter_context(_lavis_vit_from_file(module, empty, weights))
             if vit_model == "eva_clip_g":
                 encoder = eva_vit.create_eva_vit_g(img_size, drop_path_rate, use_grad_checkpoint,
                                                    "fp32")

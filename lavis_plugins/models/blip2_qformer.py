@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import ModelOutput
 
 from lavis_plugins.common.errors import UserError
+from lavis_plugins.common.safe_load import load_weights, state_dict_of
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
 from lavis_plugins.paths import config_path
@@ -247,6 +248,10 @@ class LPBlip2Qformer(LPBlip2Base):
             weights_t2i[local, rank * b + local] = 0  # never the positive
             weights_i2t = F.softmax(sim_i2t, dim=1) + 1e-4
             weights_i2t[local, rank * b + local] = 0
+            # a diverged step (non-finite similarities) must reach the runner's non-finite
+            # check as a loss, not crash multinomial: draw uniformly where weights are not finite
+            weights_t2i = torch.where(torch.isfinite(weights_t2i), weights_t2i, 1.0)
+            weights_i2t = torch.where(torch.isfinite(weights_i2t), weights_i2t, 1.0)
             neg_image = torch.multinomial(weights_t2i, 1).squeeze(1)  # per text, in 0..W*B-1
             neg_text = torch.multinomial(weights_i2t, 1).squeeze(1)  # per image
 
@@ -466,11 +471,8 @@ class LPBlip2Qformer(LPBlip2Base):
             raise UserError(f"checkpoint {path!r} is a URL; download it and give the local path")
         if not os.path.isfile(path):
             raise UserError(f"checkpoint {path!r} is not a file")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-            raise UserError(f"checkpoint {path!r} holds no state dict (expected a dict of "
-                            "tensors, or one under 'model')")
+        # weights-only: a downloaded file must not run code (lavis_plugins.common.safe_load)
+        state = state_dict_of(load_weights(path, "checkpoint"), path, "checkpoint")
         own = self.state_dict()
         wrong_shape = [f"{k} {tuple(state[k].shape)} (model: {tuple(own[k].shape)})"
                        for k in state if k in own and state[k].shape != own[k].shape]

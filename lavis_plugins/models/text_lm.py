@@ -277,10 +277,9 @@ class TextLM(BaseModel):
 def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:
     """Rebuild ``lp_text_lm`` from a runner checkpoint (its saved config + weights) and export it
     with :meth:`TextLM.export_pretrained`."""
-    try:
-        ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"cannot read checkpoint {checkpoint}: {e}") from e
+    from lavis_plugins.common.safe_load import load_weights
+
+    ckpt = load_weights(checkpoint, "checkpoint")  # weights-only: the file runs no code
     model_cfg = (ckpt.get("config") or {}).get("model") if isinstance(ckpt, dict) else None
     if not model_cfg or model_cfg.get("arch") != "lp_text_lm":
         raise UserError(f"{checkpoint} is not a checkpoint of an lp_text_lm run "

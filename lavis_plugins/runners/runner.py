@@ -16,18 +16,22 @@ Fixed or added:
 - exact resume: weights, optimizer, scaler, schedule position, data order (epoch and batch) and
   RNG state are saved; per-sample augmentation randomness is seeded from (seed, epoch, index), so a
   run resumed from a checkpoint reproduces the uninterrupted run's losses;
-- checkpoints written atomically (temp file + rename), resume refuses a checkpoint that lacks
-  trainable weights;
+- checkpoints written atomically (temp file + rename) in a form that loads weights-only (no code
+  runs when resuming), ``checkpoint_latest`` replaced atomically, a failed write is one clear
+  line; a run folder is locked while in use and a previous run's folder is not overwritten
+  (``checkpoint_io``); resume refuses a checkpoint that lacks trainable weights;
+- non-finite loss or gradients are caught before the optimizer step (``run.on_nonfinite``), so
+  no NaN reaches a checkpoint;
 - evaluation shards samples across ranks without padding, so merged results have no duplicates.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -42,7 +46,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from lavis_plugins.common import dist as dist_utils
-from lavis_plugins.common.errors import UserError, unknown_name
+from lavis_plugins.common.errors import TrainingDiverged, UserError, unknown_name
+from lavis_plugins.common.safe_load import load_weights
+from lavis_plugins.runners.checkpoint_io import (RunFolder, pack_rng, point_latest,
+                                                 save_checkpoint_file, unpack_rng)
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +147,10 @@ class PluginRunner(RunnerBase):
     ``beta1``/``beta2``; ``amp_dtype`` ("bf16" or "fp16"); ``max_grad_norm``; ``layer_decay``
     (layer-wise lr decay for an unfrozen encoder, when the model provides param groups);
     ``iters_per_epoch`` (cap on iterations per epoch); ``ckpt_freq`` (save every N optimizer
-    steps as well as at epoch ends); ``log_freq``.
+    steps as well as at epoch ends); ``log_freq``; ``on_nonfinite`` ("stop": end the run with
+    a message naming the last good checkpoint; "skip": skip the optimizer step, at most
+    ``max_nonfinite_skips`` in a row); ``force`` (replace a previous run in the same folder; the
+    CLI's ``--force``).
     """
 
     def __init__(self, cfg, task, model, datasets, job_id):  # noqa: D107 - as RunnerBase
@@ -159,6 +169,9 @@ class PluginRunner(RunnerBase):
         self.start_epoch = 0
         self.start_iter = 0  # first batch index of start_epoch (resume inside an epoch)
         self.global_step = 0  # optimizer steps taken
+        self._run_folder: Optional[RunFolder] = None
+        self._last_ckpt: Optional[Path] = None  # the newest checkpoint written (for messages)
+        self.nonfinite_skipped = 0  # optimizer steps skipped for non-finite loss/gradients
         self.setup_output_dir()
 
         self._device = torch.device(dist_utils.choose_device(self.config.run_cfg.get("device")))
@@ -190,8 +203,23 @@ class PluginRunner(RunnerBase):
         return int(self.config.run_cfg.get("seed", 42))
 
     def setup_output_dir(self) -> None:
-        output_dir = Path(self.config.run_cfg.get("output_dir", "output")).expanduser() / self.job_id
+        run = self.config.run_cfg
+        output_dir = Path(run.get("output_dir", "output")).expanduser() / self.job_id
         result_dir = output_dir / "result"
+        # the main process locks the folder and checks it may be written; every rank learns
+        # its verdict, so no rank goes on alone (and hangs in its first collective)
+        error = None
+        if dist_utils.is_main_process():
+            self._run_folder = RunFolder(output_dir, run.get("resume_ckpt_path"),
+                                         bool(run.get("force", False)))
+            try:
+                self._run_folder.acquire()
+                atexit.register(self._run_folder.release)
+            except UserError as e:
+                error = str(e)
+        error = dist_utils.all_gather_object(error)[0]
+        if error:
+            raise UserError(error)
         result_dir.mkdir(parents=True, exist_ok=True)
         # registry.register_path refuses a second registration; LAVIS tasks read these paths
         registry.mapping["paths"]["result_dir"] = str(result_dir)
@@ -320,7 +348,22 @@ class PluginRunner(RunnerBase):
         return min(n, int(cap)) if cap else n
 
     # ------------------------------------------------------------------ training
+    def finish(self, completed: bool = True) -> None:
+        """Mark the run folder finished (``completed``) and release its lock."""
+        if self._run_folder is not None:
+            if completed:
+                self._run_folder.mark_finished()
+            self._run_folder.release()
+
     def train(self) -> None:
+        completed = False
+        try:
+            self._train()
+            completed = True
+        finally:
+            self.finish(completed)
+
+    def _train(self) -> None:
         start_time = time.time()
         best_agg_metric, best_epoch = -math.inf, 0
         self.log_config()
@@ -365,8 +408,9 @@ class PluginRunner(RunnerBase):
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=dtype)
 
-    def _forward_loss(self, samples) -> tuple[torch.Tensor, Dict[str, float]]:
-        """Loss of one batch and its named components (every ``loss_*`` output of the model)."""
+    def _forward_loss(self, samples) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Loss of one batch and its named components (every ``loss_*`` output of the model),
+        as device tensors: the step reads them all in one host sync."""
         task_step = type(self.task).train_step
         from lavis.tasks.base_task import BaseTask
 
@@ -374,7 +418,7 @@ class PluginRunner(RunnerBase):
             if task_step is BaseTask.train_step:
                 output = self.model(samples)
                 loss = output["loss"]
-                parts = {k: float(v.detach()) for k, v in output.items()
+                parts = {k: v.detach() for k, v in output.items()
                          if k.startswith("loss_") and torch.is_tensor(v) and v.numel() == 1}
             else:
                 loss, parts = self.task.train_step(model=self.model, samples=samples), {}
@@ -392,8 +436,12 @@ class PluginRunner(RunnerBase):
         accum = self.accum_grad_iters
         sched, optimizer, scaler = self.lr_scheduler, self.optimizer, self.scaler
         max_norm = self.config.run_cfg.get("max_grad_norm", None)
+        policy = str(self.config.run_cfg.get("on_nonfinite", "stop"))
+        max_skips = int(self.config.run_cfg.get("max_nonfinite_skips", 10))
         sums: Dict[str, float] = {}
         count = 0
+        bad_step = False  # a micro-batch of the current optimizer step was not finite
+        skips_in_a_row = 0
         bar = None
         if dist_utils.is_main_process():
             from tqdm.auto import tqdm
@@ -417,18 +465,30 @@ class PluginRunner(RunnerBase):
                 sync = self.model.no_sync()
             with sync:
                 loss, parts = self._forward_loss(samples)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss {loss.item()} at epoch {epoch} iteration {i}; "
-                        "lower the lr, enable max_grad_norm or use amp_dtype bf16")
                 scaled = loss / accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
+            grad_norm = None
             if last_micro:
                 if scaler:
                     scaler.unscale_(optimizer)
-                if max_norm:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for g in optimizer.param_groups for p in g["params"]], float(max_norm))
+                grad_norm = self._grad_norm(optimizer, max_norm)
+            # the step's one host sync: loss, its components and the gradient norm read at once
+            names = ["loss", *parts]
+            values = torch.stack([loss.detach().float().reshape(()),
+                                  *[v.float().reshape(()) for v in parts.values()],
+                                  *([grad_norm.float()] if grad_norm is not None else [])]).tolist()
+            read = dict(zip(names, values))
+            # fp16 loss scaling makes inf gradients normal: GradScaler skips those steps itself
+            grads_ok = grad_norm is None or scaler is not None or math.isfinite(values[-1])
+            bad_step = bad_step or not (math.isfinite(read["loss"]) and grads_ok)
+            if bad_step and (last_micro or policy == "stop"):
+                optimizer.zero_grad(set_to_none=True)
+                skips_in_a_row += 1
+                self.nonfinite_skipped += 1
+                self._on_nonfinite(policy, epoch, i, read, grads_ok, skips_in_a_row, max_skips)
+                bad_step = False
+                continue
+            if last_micro:
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
@@ -436,15 +496,17 @@ class PluginRunner(RunnerBase):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 self.global_step += 1
-            parts = {"loss": float(loss.detach()), **parts}
-            for k, v in parts.items():
+                skips_in_a_row = 0
+            if not math.isfinite(read["loss"]):
+                continue  # a micro-batch of a step that will be skipped: keep it out of stats
+            for k, v in read.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{parts['loss']:.4f}", refresh=False)
+                bar.set_postfix(loss=f"{read['loss']:.4f}", refresh=False)
             if (i + 1) % self.log_freq == 0 or i + 1 == n_iters:
-                self._log_train_step(epoch, i, parts)
+                self._log_train_step(epoch, i, read)
             ckpt_freq = int(self.config.run_cfg.get("ckpt_freq", 0) or 0)
             if ckpt_freq and last_micro and self.global_step % ckpt_freq == 0 and i + 1 < n_iters:
                 self._save_checkpoint(epoch, is_best=False, next_iter=i + 1)
@@ -459,10 +521,43 @@ class PluginRunner(RunnerBase):
                                          else totals)
         stats = {k: f"{totals[j].item() / max(totals[-1].item(), 1):.6f}" for j, k in enumerate(keys)}
         stats["lr"] = f"{optimizer.param_groups[0]['lr']:.8f}"
+        if self.nonfinite_skipped:
+            stats["nonfinite_skipped"] = str(self.nonfinite_skipped)
         logger.info("epoch %d averaged stats: %s", epoch, stats)
         if not self.valid_splits:
             self._save_checkpoint(epoch, is_best=False, next_iter=None)
         return stats
+
+    @staticmethod
+    def _grad_norm(optimizer: torch.optim.Optimizer, max_norm: Optional[float]) -> torch.Tensor:
+        """Total gradient norm (a device tensor, no sync), clipping to ``max_norm`` when set."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if max_norm:
+            return torch.nn.utils.clip_grad_norm_(params, float(max_norm))
+        if not params:
+            return torch.zeros(())
+        norms = torch._foreach_norm([p.grad for p in params])  # what clip_grad_norm_ uses
+        return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+    def _on_nonfinite(self, policy: str, epoch: int, it: int, read: Dict[str, float],
+                      grads_ok: bool, in_a_row: int, max_skips: int) -> None:
+        """After a non-finite step was dropped (nothing applied): stop, or count and go on."""
+        what = (f"non-finite loss ({read['loss']})" if not math.isfinite(read["loss"])
+                else "non-finite gradients")
+        where = f"epoch {epoch}, iteration {it} (optimizer step {self.global_step + 1})"
+        last = (f"the last good checkpoint is {self._last_ckpt}" if self._last_ckpt
+                else "no checkpoint was written yet")
+        fix = ("lower run.init_lr, set run.max_grad_norm, use run.amp_dtype: bf16, or set "
+               "run.on_nonfinite: skip")
+        if policy != "skip":
+            raise TrainingDiverged(f"training diverged: {what} at {where}; the step was not "
+                                   f"applied and {last}. Fix: {fix}")
+        logger.warning("%s at %s: step skipped (%d in a row, %d in all)", what, where, in_a_row,
+                       self.nonfinite_skipped)
+        if in_a_row >= max_skips:
+            raise TrainingDiverged(f"training diverged: {in_a_row} optimizer steps in a row had "
+                                   f"{what} (last at {where}; run.max_nonfinite_skips is "
+                                   f"{max_skips}); {last}. Fix: {fix}")
 
     def _log_train_step(self, epoch: int, it: int, parts: Dict[str, float]) -> None:
         if not dist_utils.is_main_process():
@@ -494,20 +589,14 @@ class PluginRunner(RunnerBase):
         return model.module if isinstance(model, DDP) else model
 
     # ------------------------------------------------------------------ checkpoints
-    def _rng_state(self) -> Dict[str, Any]:
-        state = {"python": random.getstate(), "numpy": np.random.get_state(),
-                 "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
     def _save_checkpoint(self, cur_epoch, is_best=False, next_iter: Optional[int] = None):
         """Save weights (trainable ones), optimizer, scaler, schedule, data position and RNG.
 
         ``next_iter`` is the first batch of ``cur_epoch`` not yet trained (None: epoch done).
-        Written to a temp file and renamed, so a crash never leaves a half-written checkpoint.
+        Written to a temp file and renamed, so a crash never leaves a half-written checkpoint;
+        every object in it loads with ``torch.load(weights_only=True)``.
         """
-        rng_all = dist_utils.all_gather_object(self._rng_state())  # every rank's RNG
+        rng_all = dist_utils.all_gather_object(pack_rng())  # every rank's RNG
         if not dist_utils.is_main_process():
             return
         model = self.unwrap_dist_model(self.model)
@@ -531,28 +620,24 @@ class PluginRunner(RunnerBase):
         name = "checkpoint_best.pth" if is_best else (
             f"checkpoint_{cur_epoch}.pth" if done else f"checkpoint_step{self.global_step}.pth")
         path = self.output_dir / name
-        tmp = path.with_suffix(".pth.tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-        latest = self.output_dir / "checkpoint_latest.pth"
-        tmp_latest = latest.with_suffix(".pth.tmp")
+        # the step loop never applies a non-finite update; this guards any other way in (one
+        # sync per checkpoint, not per step)
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise TrainingDiverged(f"not writing {path}: weights {bad[:3]} are not finite; the "
+                                   f"last good checkpoint is {self._last_ckpt}")
+        save_checkpoint_file(obj, path)
         if not is_best:
-            try:
-                if latest.is_symlink() or latest.exists():
-                    latest.unlink()
-                os.symlink(path.name, tmp_latest)
-                os.replace(tmp_latest, latest)
-            except OSError:  # file systems without symlinks: keep the named file only
-                pass
+            point_latest(self.output_dir, path.name)
+            self._last_ckpt = path
         logger.info("saved checkpoint %s", path)
 
     def _read_checkpoint(self, path: str) -> Dict[str, Any]:
-        if not os.path.isfile(path):
-            raise UserError(f"checkpoint not found: {path} (run.resume_ckpt_path)")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise UserError(f"cannot read checkpoint {path}: {e}. Is it a complete .pth file?") from e
+        ckpt = load_weights(path, "run.resume_ckpt_path")
+        if not isinstance(ckpt, dict):
+            raise UserError(f"run.resume_ckpt_path: {path} holds a {type(ckpt).__name__}, not a "
+                            "training checkpoint (a dict with 'model' and 'optimizer')")
+        return ckpt
 
     def _load_model_weights(self, model, state: Dict[str, torch.Tensor], path: str) -> None:
         msg = model.load_state_dict(state, strict=False)
@@ -572,6 +657,7 @@ class PluginRunner(RunnerBase):
             raise UserError(f"{url_or_filename} is not a training checkpoint (needs 'model' and "
                             "'optimizer'); to initialise weights use model.pretrained instead")
         self._load_model_weights(self.unwrap_dist_model(self.model), ckpt["model"], url_or_filename)
+        self._last_ckpt = Path(url_or_filename)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -586,12 +672,7 @@ class PluginRunner(RunnerBase):
                 logger.warning("checkpoint written by %s processes, resuming with %s: data order "
                                "and RNG streams differ from the original run",
                                ckpt.get("world_size"), dist_utils.get_world_size())
-            mine = rng[min(dist_utils.get_rank(), len(rng) - 1)]
-            random.setstate(mine["python"])
-            np.random.set_state(mine["numpy"])
-            torch.set_rng_state(mine["torch"])
-            if "cuda" in mine and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(mine["cuda"])
+            unpack_rng(rng[min(dist_utils.get_rank(), len(rng) - 1)])
         logger.info("resumed from %s at epoch %d, iteration %d (step %d)", url_or_filename,
                     self.start_epoch, self.start_iter, self.global_step)
 
