@@ -5,6 +5,7 @@
     lavis-plugins cache-features --cfg-path X   # frozen-encoder outputs for feature_cache datasets
     lavis-plugins zoo      # LAVIS's and the plugin's models
     lavis-plugins names    # the names this plugin registered
+    lavis-plugins convert --trust old.pth new.pth   # a trusted pickled file -> weights-only
     torchrun --nproc_per_node=2 -m lavis_plugins.cli train --cfg-path ...
 
 Each sub-command lives in its own module of this package, which exposes ``add_parsers(sub)``
@@ -24,6 +25,7 @@ from lavis_plugins.common.errors import UserError
 COMMAND_MODULES = (
     "lavis_plugins.cli.experiment",
     "lavis_plugins.cli.info",
+    "lavis_plugins.cli.convert",
 )
 
 

@@ -32,6 +32,7 @@ def load_config(cfg_path: str, options: List[str]):
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
 
+    from lavis_plugins.common.config_check import check_dataset, check_run, check_top_level
     from lavis_plugins.paths import resolve_cfg_path
 
     _check_options(options)
@@ -40,10 +41,16 @@ def load_config(cfg_path: str, options: List[str]):
         raw = OmegaConf.load(path)
     except Exception as e:  # noqa: BLE001 - YAML syntax errors come in many types
         raise UserError(f"cannot parse {path}: {e}") from e
-    raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(options))
+    try:
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(options))
+    except Exception as e:  # noqa: BLE001 - omegaconf merge errors (e.g. key into a scalar)
+        raise UserError(f"--options {' '.join(options)}: cannot apply to {path}: "
+                        f"{str(e).splitlines()[0]}") from None
+    check_top_level(raw)
     for key in ("model", "run"):
         if key not in raw:
             raise UserError(f"{path} has no '{key}:' section (LAVIS YAMLs need model, datasets, run)")
+    check_run(raw.run)
     arch = raw.model.get("arch")
     model_cls = registry.get_model_class(arch)
     if model_cls is None:
@@ -66,7 +73,13 @@ def load_config(cfg_path: str, options: List[str]):
         ds_type = (ds_cfg or {}).get("type", "default")
         if ds_type not in builder.DATASET_CONFIG_DICT:
             raise unknown_name(f"type of dataset {ds_name!r}", ds_type, builder.DATASET_CONFIG_DICT)
+        defaults = OmegaConf.load(builder.default_config_path(ds_type)).datasets.get(ds_name, {})
+        check_dataset(ds_name, ds_cfg, defaults)
     task = raw.run.get("task")
+    training = not raw.run.get("evaluate", False) and raw.run.get("train_splits")
+    if training and raw.run.get("init_lr") is None:
+        raise UserError(f"{path}: run.init_lr is not set; training needs a learning rate "
+                        "(e.g. run.init_lr: 1e-4)")
     if registry.get_task_class(task) is None:
         raise unknown_name("run.task", task, registry.mapping["task_name_mapping"])
     runner = raw.run.get("runner", "lp_runner")
@@ -137,7 +150,9 @@ def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional
         ["run.force=True"] if force else [])
     cfg = load_config(cfg_path, opts)
     run_cfg = cfg.run_cfg
-    info = dist_utils.init_distributed(run_cfg.get("device", "auto"))
+    info = dist_utils.init_distributed(
+        run_cfg.get("device", "auto"),
+        join_timeout_s=float(run_cfg.get("dist_timeout_s", dist_utils.DEFAULT_JOIN_TIMEOUT_S)))
     run_cfg.distributed = info.distributed
     run_cfg.rank, run_cfg.world_size, run_cfg.gpu = info.rank, info.world_size, info.local_rank
     run_cfg.device = info.device
