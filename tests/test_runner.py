@@ -48,8 +48,9 @@ class NoisyPairs(torch.utils.data.Dataset):
 
 
 class Regressor(nn.Module):
-    def __init__(self, dim=6, dropout=0.1, fail_at_call=None):
+    def __init__(self, dim=6, dropout=0.1, fail_at_call=None, nan_loss_at=(), nan_grad_at=()):
         super().__init__()
+        self.nan_loss_at, self.nan_grad_at = set(nan_loss_at), set(nan_grad_at)
         self.embed = nn.Linear(dim, 16)  # "layer 0"
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(16, 2)  # "layer 1"
@@ -67,7 +68,11 @@ class Regressor(nn.Module):
         if self.fail_at_call is not None and self.calls == self.fail_at_call:
             raise KeyboardInterrupt("simulated kill")
         pred = self.head(self.drop(torch.relu(self.embed(samples["x"]))))
+        if self.calls in self.nan_grad_at:  # finite loss, NaN gradients
+            pred.register_hook(lambda g: g * float("nan"))
         loss_mse = ((pred - samples["y"]) ** 2).mean()
+        if self.calls in self.nan_loss_at:
+            loss_mse = loss_mse * float("nan")
         loss_l1 = (pred - samples["y"]).abs().mean()
         return {"loss": loss_mse + 0.1 * loss_l1, "loss_mse": loss_mse, "loss_l1": loss_l1}
 
@@ -171,6 +176,87 @@ def test_resume_reproduces_uninterrupted_losses(lp, tmp_path):
     got = [r["loss"] for r in _log(resumed)]
     assert len(got) == len(ref) - 4
     assert got == pytest.approx(ref[4:], rel=1e-6, abs=1e-7)
+    # the runner's checkpoints hold nothing that needs code to unpickle
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+
+
+def test_disk_full_keeps_previous_checkpoint_and_resume_stays_exact(lp, tmp_path, monkeypatch):
+    """A checkpoint write that fails half-way (disk full) is one clear error; the partial file
+    is removed, checkpoint_latest still names the previous checkpoint, and resuming from it
+    reproduces the uninterrupted run's losses."""
+    import errno
+
+    from lavis_plugins.common.errors import UserError
+
+    torch.manual_seed(0)
+    full = _runner(tmp_path, Regressor(), job="full", ckpt_freq=4)
+    full.train()
+    ref = [r["loss"] for r in _log(full)]
+
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:
+            open(f, "wb").write(b"\0" * 64)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(torch, "save", save)
+    failing = _runner(tmp_path, Regressor(), job="full_disk", ckpt_freq=4)
+    with pytest.raises(UserError, match="No space left on device; free disk space"):
+        failing.train()
+    monkeypatch.undo()
+    folder = failing.output_dir
+    assert not list(folder.glob("*.tmp")) and not (folder / "checkpoint_step8.pth").exists()
+    assert (folder / "checkpoint_latest.pth").resolve() == (folder / "checkpoint_step4.pth")
+    assert not (folder / ".lavis_plugins.lock").exists()  # released on the error
+
+    torch.manual_seed(5)
+    resumed = _runner(tmp_path, Regressor(), job="full_disk", ckpt_freq=4,
+                      resume_ckpt_path=str(folder / "checkpoint_latest.pth"))
+    resumed.train()
+    assert [r["loss"] for r in _log(resumed)][-(len(ref) - 4):] == pytest.approx(
+        ref[4:], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_nonfinite_stop_names_last_good_checkpoint_and_saves_no_nan(lp, tmp_path, kind):
+    from lavis_plugins.common.errors import TrainingDiverged
+
+    torch.manual_seed(0)
+    model = Regressor(**{f"nan_{kind}_at": {7}})
+    runner = _runner(tmp_path, model, job=f"stop_{kind}", ckpt_freq=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    what = "non-finite loss" if kind == "loss" else "non-finite gradients"
+    with pytest.raises(TrainingDiverged, match=f"{what}.* at epoch 1, iteration 0 .*"
+                                               "last good checkpoint is .*checkpoint_0.pth"):
+        runner.train()
+    assert runner.global_step == 6 and before  # step 7 was not applied
+    for p in runner.output_dir.glob("checkpoint_*.pth"):
+        for k, v in torch.load(p, weights_only=True)["model"].items():
+            assert torch.isfinite(v).all(), (p, k)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_nonfinite_skip_counts_and_stops_after_too_many_in_a_row(lp, tmp_path):
+    from lavis_plugins.common.errors import TrainingDiverged
+
+    torch.manual_seed(0)
+    runner = _runner(tmp_path, Regressor(nan_loss_at={3}, nan_grad_at={9}), job="skip",
+                     on_nonfinite="skip")
+    runner.train()
+    assert runner.nonfinite_skipped == 2 and runner.global_step == 12 - 2
+    assert len(_log(runner)) == 10  # the skipped steps are not logged as losses
+    assert "nonfinite_skipped" in (runner.output_dir / "log.txt").read_text()
+
+    torch.manual_seed(0)
+    runner = _runner(tmp_path, Regressor(nan_loss_at=set(range(4, 20))), job="skip_many",
+                     on_nonfinite="skip", max_nonfinite_skips=3)
+    with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row"):
+        runner.train()
+    assert runner.global_step == 3
 
 
 def test_resume_refuses_checkpoint_without_trainable_weights(lp, tmp_path):

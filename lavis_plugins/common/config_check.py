@@ -164,7 +164,10 @@ def check_run(run: Mapping[str, Any]) -> None:
 def check_top_level(raw: Mapping[str, Any]) -> None:
     for name in raw:
         if name not in TOP_LEVEL:
-            raise _unknown("the YAML's top level", str(name), TOP_LEVEL)
+            close = difflib.get_close_matches(str(name), TOP_LEVEL, n=1, cutoff=0.6)
+            raise UserError(f"unknown top-level section {name!r} (it would be ignored); an "
+                            f"experiment YAML has {', '.join(TOP_LEVEL)}"
+                            + (f". Did you mean {close[0]}?" if close else ""))
 
 
 def check_dataset(name: str, ds_cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:

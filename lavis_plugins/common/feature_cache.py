@@ -118,6 +118,29 @@ def build_feature_cache(encoder: torch.nn.Module, dataset, out_dir: str | Path,
     return out_dir
 
 
+def _read_meta(cache_dir: Path) -> Dict[str, Any]:
+    """``meta.json`` parsed and checked against ``features.npy`` (its rows, shape and dtype),
+    so a damaged cache is refused when the dataset is built, not mid-training."""
+    rebuild = "rebuild it with `lavis-plugins cache-features`"
+    try:
+        meta = json.loads((cache_dir / META).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"feature cache {cache_dir}: {META} is unreadable ({e}); {rebuild}") from None
+    need = {"encoder": str, "images": dict, "keys": list, "shape": list}
+    wrong = [k for k, t in need.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), t)]
+    if wrong:
+        raise UserError(f"feature cache {cache_dir}: {META} lacks or mistypes {wrong}; {rebuild}")
+    try:
+        feats = np.load(cache_dir / FEATS, mmap_mode="r")
+    except (OSError, ValueError) as e:  # a truncated .npy cannot be mapped
+        raise UserError(f"feature cache {cache_dir}: {FEATS} is damaged or truncated ({e}); "
+                        f"{rebuild}") from None
+    if list(feats.shape) != list(meta["shape"]) or len(meta["keys"]) != feats.shape[0]:
+        raise UserError(f"feature cache {cache_dir}: {FEATS} holds shape {list(feats.shape)} but "
+                        f"{META} says {meta['shape']} for {len(meta['keys'])} images; {rebuild}")
+    return meta
+
+
 def check_feature_cache(cache_dir: str | Path, encoder: Optional[torch.nn.Module],
                         image_size: int, dataset=None) -> Dict[str, Any]:
     """Meta of a cache, after checking it matches ``encoder`` and ``dataset``'s images."""
@@ -126,7 +149,7 @@ def check_feature_cache(cache_dir: str | Path, encoder: Optional[torch.nn.Module
     if not meta_path.is_file() or not (cache_dir / FEATS).is_file():
         raise UserError(f"no feature cache at {cache_dir} (needs {META} and {FEATS}); build it "
                         "with `lavis-plugins cache-features`")
-    meta = json.loads(meta_path.read_text())
+    meta = _read_meta(cache_dir)
     if encoder is not None:
         fp = encoder_fingerprint(encoder, image_size)
         if fp != meta["encoder"]:

@@ -55,17 +55,17 @@ def _converted_name(path: str) -> str:
 def _describe_failure(path: str, err: BaseException) -> str:
     """One line saying why ``path`` did not load, from the error and the file's first bytes."""
     text = str(err)
-    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if m or "Weights only load failed" in text:
-        what = f" (it pickles {m.group(1)})" if m else ""
-        return (f"refusing to load {path}: loading it would run code stored in the file{what}, "
-                "which weights-only loading does not allow. " + _trust_hint(path))
     with open(path, "rb") as f:
         head = f.read(64)
     if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
         shown = head[:24].decode("ascii", "replace").strip()
         return (f"{path} is a text file (starts with {shown!r}), not a weights file: a failed "
                 "download often saves an error page; download it again")
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m or "Weights only load failed" in text:
+        what = f" (it pickles {m.group(1)})" if m else ""
+        return (f"refusing to load {path}: loading it would run code stored in the file{what}, "
+                "which weights-only loading does not allow. " + _trust_hint(path))
     if isinstance(err, (EOFError, zipfile.BadZipFile)) or "central directory" in text \
             or "truncated" in text or "unexpected EOF" in text.lower():
         return (f"{path} is truncated or damaged ({text.splitlines()[0][:120]}); copy or download "

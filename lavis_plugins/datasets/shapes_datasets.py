@@ -25,7 +25,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from lavis.datasets.datasets.base_dataset import BaseDataset
@@ -35,6 +35,7 @@ from lavis.datasets.datasets.vqa_datasets import VQADataset
 from PIL import Image
 
 from lavis_plugins.common.errors import UserError
+from lavis_plugins.datasets.validation import check_image_file, check_text_fields
 
 
 def resolve_inside(root: str | Path, rel: str | Path, what: str) -> Path:
@@ -77,6 +78,9 @@ def load_annotation_files(ann_paths: Sequence[str | Path]) -> AnnotationFiles:
         except ValueError as e:
             raise UserError(f"annotation file {path} is not valid JSON ({e}); regenerate the "
                             f"dataset or fix the file") from None
+        if isinstance(data, list) and not data:
+            raise UserError(f"annotation file {path} is an empty list: no samples; regenerate the "
+                            "dataset or remove the file from build_info.annotations")
         if isinstance(data, list) and all(isinstance(x, dict) for x in data):
             files.sample_paths.append(path)
         elif isinstance(data, list) and all(isinstance(x, str) for x in data):
@@ -93,8 +97,8 @@ def load_annotation_files(ann_paths: Sequence[str | Path]) -> AnnotationFiles:
                 f"questions/annotations, COCO caption ground truth"
             )
     if not files.sample_paths:
-        raise UserError(f"none of the annotation files {list(map(str, ann_paths))} holds a list "
-                        f"of samples")
+        raise UserError(f"none of the annotation files {list(map(str, ann_paths))} holds a "
+                        "non-empty list of samples")
     return files
 
 
@@ -112,12 +116,20 @@ class _ShapesAnnotations:
     refuse samples whose ``MEDIA_KEY`` path is missing or escapes ``vis_root``."""
 
     MEDIA_KEY = "image"  # sample field holding the path of the image (or video)
+    # text fields every record must hold as a non-empty string (True: or a list of them)
+    TEXT_FIELDS: Dict[str, bool] = {"caption": True}
 
     def __init__(self, vis_processor, text_processor, vis_root, ann_paths):
         files = load_annotation_files(ann_paths)
         super().__init__(vis_processor, text_processor, vis_root, files.sample_paths)
         check_sample_paths(self.annotation, self.MEDIA_KEY, vis_root)
+        check_text_fields(self.annotation, self.TEXT_FIELDS, ", ".join(files.sample_paths))
         self.ann_files = files
+
+    def __getitem__(self, index: int):
+        if self.MEDIA_KEY == "image":  # missing, empty, truncated or non-image: BadSample
+            check_image_file(os.path.join(self.vis_root, self.annotation[index]["image"]))
+        return super().__getitem__(index)
 
 
 class ShapesCaptionDataset(_ShapesAnnotations, CaptionDataset):
@@ -161,6 +173,8 @@ class ShapesVQADataset(_ShapesAnnotations, VQADataset):
     ``question_type`` and ``instance_id``.
     """
 
+    TEXT_FIELDS = {"question": False, "answer": True}
+
     def __init__(self, vis_processor, text_processor, vis_root, ann_paths):
         super().__init__(vis_processor, text_processor, vis_root, ann_paths)
         # attribute names read by LAVIS's VQATask.build_datasets
@@ -170,6 +184,7 @@ class ShapesVQADataset(_ShapesAnnotations, VQADataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ann = self.annotation[index]
+        check_image_file(os.path.join(self.vis_root, ann["image"]))
         image = Image.open(os.path.join(self.vis_root, ann["image"])).convert("RGB")
         answers, weights = answer_weights(ann["answer"])
         return {
@@ -200,6 +215,7 @@ class ShapesVideoQADataset(_ShapesAnnotations, BaseDataset):
     """
 
     MEDIA_KEY = "video"
+    TEXT_FIELDS = {"question": False, "answer": True}
 
     def __init__(self, vis_processor, text_processor, vis_root, ann_paths):
         super().__init__(vis_processor, text_processor, vis_root, ann_paths)

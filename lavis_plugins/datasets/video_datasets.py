@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lavis_plugins.common.errors import UserError
+from lavis_plugins.datasets.validation import check_text_fields
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,8 @@ class _VideoDataset(Dataset):
 
     required_fields: Sequence[str] = ("video",)
     kind = "video"
+    # fields that must be non-empty strings (True: or lists of them), checked at build time
+    text_fields: Dict[str, bool] = {}
 
     def __init__(
         self,
@@ -183,10 +186,14 @@ class _VideoDataset(Dataset):
         self.video_paths: List[str] = []
         for ann_path in ann_paths:
             records = load_annotation_list(ann_path, self.required_fields, self.kind)
+            check_text_fields(records, self.text_fields, ann_path)
             for i, rec in enumerate(records):
                 self.video_paths.append(
                     video_path_in_root(vis_root, rec["video"], f"{ann_path}: record {i}"))
                 self.annotation.append(rec)
+        if ann_paths and not self.annotation:
+            raise UserError(f"{self.kind} annotation files {list(ann_paths)} hold no records; "
+                            "give files with at least one record")
         for idx, ann in enumerate(self.annotation):
             ann["instance_id"] = str(idx)  # as LAVIS's BaseDataset
 
@@ -228,6 +235,7 @@ class VideoQADataset(_VideoDataset):
 
     required_fields = ("video", "question", "answer")
     kind = "video QA"
+    text_fields = {"question": False, "answer": True}
 
     def __init__(self, vis_processor=None, text_processor=None, vis_root: str = "",
                  ann_paths: Sequence[str] = (), on_bad_video: BadVideoPolicy = "fail",
@@ -266,6 +274,7 @@ class VideoRetrievalDataset(_VideoDataset):
 
     required_fields = ("video", "caption")
     kind = "video retrieval"
+    text_fields = {"caption": True}
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -289,6 +298,7 @@ class VideoRetrievalEvalDataset(_VideoDataset):
 
     required_fields = ("video", "caption")
     kind = "video retrieval"
+    text_fields = {"caption": True}
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

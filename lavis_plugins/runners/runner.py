@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from lavis_plugins.common import dist as dist_utils
 from lavis_plugins.common.errors import TrainingDiverged, UserError, unknown_name
 from lavis_plugins.common.safe_load import load_weights
+from lavis_plugins.datasets.validation import BAD_SAMPLE_KEY, BadSample, one_line
 from lavis_plugins.runners.checkpoint_io import (RunFolder, pack_rng, point_latest,
                                                  save_checkpoint_file, unpack_rng)
 
@@ -77,10 +78,11 @@ class SeededSamples(Dataset):
     from a generator seeded by ``(seed, e, i)``: the same whatever the worker, the order in which
     batches are loaded, or a resume in the middle of an epoch."""
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int, skip_bad: bool = False) -> None:
         self.dataset = dataset
         self.seed = int(seed)
         self.epoch = 0
+        self.skip_bad = skip_bad  # run.on_bad_sample: skip (a BadSample becomes None)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -94,13 +96,24 @@ class SeededSamples(Dataset):
             np.random.seed(sample_seed)
             try:
                 return self.dataset[idx]
+            except BadSample as e:
+                if not self.skip_bad:
+                    raise
+                logger.warning("skipping sample %d: %s", idx, e)
+                return None
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
 
     def collater(self, samples):
+        """The dataset's batch of the readable samples; ``BAD_SAMPLE_KEY`` counts the others."""
+        good = [s for s in samples if s is not None]
         fn = getattr(self.dataset, "collater", None)
-        return fn(samples) if fn is not None else torch.utils.data.default_collate(samples)
+        batch = ({} if not good else fn(good) if fn is not None
+                 else torch.utils.data.default_collate(good))
+        if len(good) < len(samples) and isinstance(batch, dict):
+            batch[BAD_SAMPLE_KEY] = len(samples) - len(good)
+        return batch
 
 
 class EpochSampler(Sampler[int]):
@@ -172,6 +185,7 @@ class PluginRunner(RunnerBase):
         self._run_folder: Optional[RunFolder] = None
         self._last_ckpt: Optional[Path] = None  # the newest checkpoint written (for messages)
         self.nonfinite_skipped = 0  # optimizer steps skipped for non-finite loss/gradients
+        self.bad_samples = 0  # training samples left out under run.on_bad_sample: skip
         self.setup_output_dir()
 
         self._device = torch.device(dist_utils.choose_device(self.config.run_cfg.get("device")))
@@ -309,7 +323,8 @@ class PluginRunner(RunnerBase):
                         "trains on map-style datasets (it needs their length for exact resume). "
                         "Use LAVIS's runner_iter for webdataset pre-training.")
                 if is_train:
-                    dataset = self._seeded = SeededSamples(dataset, self.seed)
+                    dataset = self._seeded = SeededSamples(
+                        dataset, self.seed, skip_bad=run.get("on_bad_sample", "fail") == "skip")
                 sampler = EpochSampler(len(dataset), shuffle=is_train, seed=self.seed,
                                        rank=dist_utils.get_rank(),
                                        world_size=dist_utils.get_world_size(),
@@ -449,69 +464,77 @@ class PluginRunner(RunnerBase):
             bar = tqdm(total=n_iters, initial=start, desc=f"train epoch {epoch}",
                        mininterval=2.0, leave=False, dynamic_ncols=True)
         data_iter = iter(loader)
-        for i in range(start, n_iters):
-            try:
-                samples = next(data_iter)
-            except StopIteration:
-                break
-            samples = move_to_device(samples, self.device)
-            if isinstance(samples, dict):
-                samples.update({"epoch": epoch, "num_iters_per_epoch": n_iters, "iters": i})
-            last_micro = (i + 1) % accum == 0 or i + 1 == n_iters
-            if i % accum == 0:
-                sched.step(self.global_step)
-            sync = contextlib.nullcontext()
-            if self.use_distributed and not last_micro:
-                sync = self.model.no_sync()
-            with sync:
-                loss, parts = self._forward_loss(samples)
-                scaled = loss / accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-            grad_norm = None
-            if last_micro:
-                if scaler:
-                    scaler.unscale_(optimizer)
-                grad_norm = self._grad_norm(optimizer, max_norm)
-            # the step's one host sync: loss, its components and the gradient norm read at once
-            names = ["loss", *parts]
-            values = torch.stack([loss.detach().float().reshape(()),
-                                  *[v.float().reshape(()) for v in parts.values()],
-                                  *([grad_norm.float()] if grad_norm is not None else [])]).tolist()
-            read = dict(zip(names, values))
-            # fp16 loss scaling makes inf gradients normal: GradScaler skips those steps itself
-            grads_ok = grad_norm is None or scaler is not None or math.isfinite(values[-1])
-            bad_step = bad_step or not (math.isfinite(read["loss"]) and grads_ok)
-            if bad_step and (last_micro or policy == "stop"):
-                optimizer.zero_grad(set_to_none=True)
-                skips_in_a_row += 1
-                self.nonfinite_skipped += 1
-                self._on_nonfinite(policy, epoch, i, read, grads_ok, skips_in_a_row, max_skips)
-                bad_step = False
-                continue
-            if last_micro:
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.global_step += 1
-                skips_in_a_row = 0
-            if not math.isfinite(read["loss"]):
-                continue  # a micro-batch of a step that will be skipped: keep it out of stats
-            for k, v in read.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
+        try:
+            for i in range(start, n_iters):
+                try:
+                    samples = next(data_iter)
+                except StopIteration:
+                    break
+                except UserError as e:  # raised in a worker: drop the traceback it is wrapped in
+                    raise type(e)(one_line(e)) from None
+                if isinstance(samples, dict) and BAD_SAMPLE_KEY in samples:
+                    self._count_bad(samples.pop(BAD_SAMPLE_KEY), len(loader.dataset))
+                    if not samples:
+                        continue  # every sample of the batch was left out
+                samples = move_to_device(samples, self.device)
+                if isinstance(samples, dict):
+                    samples.update({"epoch": epoch, "num_iters_per_epoch": n_iters, "iters": i})
+                last_micro = (i + 1) % accum == 0 or i + 1 == n_iters
+                if i % accum == 0:
+                    sched.step(self.global_step)
+                sync = contextlib.nullcontext()
+                if self.use_distributed and not last_micro:
+                    sync = self.model.no_sync()
+                with sync:
+                    loss, parts = self._forward_loss(samples)
+                    scaled = loss / accum
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                grad_norm = None
+                if last_micro:
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    grad_norm = self._grad_norm(optimizer, max_norm)
+                # the step's one host sync: loss, its components and the gradient norm read at once
+                names = ["loss", *parts]
+                values = torch.stack([loss.detach().float().reshape(()),
+                                      *[v.float().reshape(()) for v in parts.values()],
+                                      *([grad_norm.float()] if grad_norm is not None else [])]).tolist()
+                read = dict(zip(names, values))
+                # fp16 loss scaling makes inf gradients normal: GradScaler skips those steps itself
+                grads_ok = grad_norm is None or scaler is not None or math.isfinite(values[-1])
+                bad_step = bad_step or not (math.isfinite(read["loss"]) and grads_ok)
+                if bad_step and (last_micro or policy == "stop"):
+                    optimizer.zero_grad(set_to_none=True)
+                    skips_in_a_row += 1
+                    self.nonfinite_skipped += 1
+                    self._on_nonfinite(policy, epoch, i, read, grads_ok, skips_in_a_row, max_skips)
+                    bad_step = False
+                    continue
+                if last_micro:
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    self.global_step += 1
+                    skips_in_a_row = 0
+                if not math.isfinite(read["loss"]):
+                    continue  # a micro-batch of a step that will be skipped: keep it out of stats
+                for k, v in read.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{read['loss']:.4f}", refresh=False)
+                if (i + 1) % self.log_freq == 0 or i + 1 == n_iters:
+                    self._log_train_step(epoch, i, read)
+                ckpt_freq = int(self.config.run_cfg.get("ckpt_freq", 0) or 0)
+                if ckpt_freq and last_micro and self.global_step % ckpt_freq == 0 and i + 1 < n_iters:
+                    self._save_checkpoint(epoch, is_best=False, next_iter=i + 1)
+        finally:  # cleared before any error line, which then starts its own line
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{read['loss']:.4f}", refresh=False)
-            if (i + 1) % self.log_freq == 0 or i + 1 == n_iters:
-                self._log_train_step(epoch, i, read)
-            ckpt_freq = int(self.config.run_cfg.get("ckpt_freq", 0) or 0)
-            if ckpt_freq and last_micro and self.global_step % ckpt_freq == 0 and i + 1 < n_iters:
-                self._save_checkpoint(epoch, is_best=False, next_iter=i + 1)
-        if bar is not None:
-            bar.close()
+                bar.close()
         self.start_iter = 0
         # average over processes
         keys = sorted(sums)
@@ -523,10 +546,23 @@ class PluginRunner(RunnerBase):
         stats["lr"] = f"{optimizer.param_groups[0]['lr']:.8f}"
         if self.nonfinite_skipped:
             stats["nonfinite_skipped"] = str(self.nonfinite_skipped)
+        if self.bad_samples:
+            stats["bad_samples_skipped"] = str(self.bad_samples)
         logger.info("epoch %d averaged stats: %s", epoch, stats)
         if not self.valid_splits:
             self._save_checkpoint(epoch, is_best=False, next_iter=None)
         return stats
+
+    def _count_bad(self, n: int, dataset_size: int) -> None:
+        """Count left-out samples; too many (``run.max_bad_fraction`` of this process's share of
+        the split) means the data, not a few files, is broken: stop."""
+        self.bad_samples += int(n)
+        fraction = float(self.config.run_cfg.get("max_bad_fraction", 0.01))
+        share = dataset_size / dist_utils.get_world_size()
+        if self.bad_samples > fraction * share:
+            raise UserError(f"{self.bad_samples} training samples could not be read (more than "
+                            f"run.max_bad_fraction={fraction:g} of {int(share)}); see the warnings "
+                            "above for the files, fix the data or raise run.max_bad_fraction")
 
     @staticmethod
     def _grad_norm(optimizer: torch.optim.Optimizer, max_norm: Optional[float]) -> torch.Tensor:
@@ -614,6 +650,8 @@ class PluginRunner(RunnerBase):
             "next_epoch": cur_epoch + 1 if done else cur_epoch,
             "next_iter": 0 if done else int(next_iter),
             "global_step": self.global_step,
+            "bad_samples": self.bad_samples,
+            "nonfinite_skipped": self.nonfinite_skipped,
             "rng": rng_all,
             "world_size": dist_utils.get_world_size(),
         }
@@ -664,6 +702,8 @@ class PluginRunner(RunnerBase):
         self.start_epoch = int(ckpt.get("next_epoch", ckpt["epoch"] + 1))
         self.start_iter = int(ckpt.get("next_iter", 0))
         self.global_step = int(ckpt.get("global_step", 0))
+        self.bad_samples = int(ckpt.get("bad_samples", 0))
+        self.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
         if "lr_sched" in ckpt:
             self.lr_scheduler.load_state_dict(ckpt["lr_sched"])
         rng = ckpt.get("rng")
