@@ -32,25 +32,25 @@ import datetime
 import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 from lavis.common.registry import registry
 from lavis.datasets.data_utils import concat_datasets, reorg_datasets_by_split
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset
 
 from lavis_plugins.common import dist as dist_utils
 from lavis_plugins.common.errors import TrainingDiverged, UserError, unknown_name
 from lavis_plugins.common.safe_load import load_weights
-from lavis_plugins.datasets.validation import BAD_SAMPLE_KEY, BadSample, one_line
+from lavis_plugins.datasets.validation import BAD_SAMPLE_KEY, one_line
 from lavis_plugins.runners.checkpoint_io import (RunFolder, pack_rng, point_latest,
                                                  save_checkpoint_file, unpack_rng)
+from lavis_plugins.runners.nonfinite import NonFiniteGuard, grad_norm
+from lavis_plugins.runners.sampling import EpochSampler, SeededSamples, move_to_device
 
 logger = logging.getLogger(__name__)
 
@@ -60,93 +60,6 @@ LAVIS_SCHEDULER_ALIASES = {
     "linear_warmup_step_lr": "lp_constant",
     "constant_lr": "lp_constant",
 }
-
-
-def move_to_device(sample: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) sample to ``device``."""
-    if torch.is_tensor(sample):
-        return sample.to(device, non_blocking=True)
-    if isinstance(sample, dict):
-        return {k: move_to_device(v, device) for k, v in sample.items()}
-    if isinstance(sample, (list, tuple)):
-        return type(sample)(move_to_device(v, device) for v in sample)
-    return sample
-
-
-class SeededSamples(Dataset):
-    """Wraps a map-style dataset so sample ``i`` of epoch ``e`` draws its augmentation randomness
-    from a generator seeded by ``(seed, e, i)``: the same whatever the worker, the order in which
-    batches are loaded, or a resume in the middle of an epoch."""
-
-    def __init__(self, dataset: Dataset, seed: int, skip_bad: bool = False) -> None:
-        self.dataset = dataset
-        self.seed = int(seed)
-        self.epoch = 0
-        self.skip_bad = skip_bad  # run.on_bad_sample: skip (a BadSample becomes None)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, idx: int):
-        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, int(idx)]).generate_state(1)[0])
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            np.random.seed(sample_seed)
-            try:
-                return self.dataset[idx]
-            except BadSample as e:
-                if not self.skip_bad:
-                    raise
-                logger.warning("skipping sample %d: %s", idx, e)
-                return None
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
-
-    def collater(self, samples):
-        """The dataset's batch of the readable samples; ``BAD_SAMPLE_KEY`` counts the others."""
-        good = [s for s in samples if s is not None]
-        fn = getattr(self.dataset, "collater", None)
-        batch = ({} if not good else fn(good) if fn is not None
-                 else torch.utils.data.default_collate(good))
-        if len(good) < len(samples) and isinstance(batch, dict):
-            batch[BAD_SAMPLE_KEY] = len(samples) - len(good)
-        return batch
-
-
-class EpochSampler(Sampler[int]):
-    """Indices of one rank for one epoch: a permutation seeded by ``(seed, epoch)`` (or the
-    natural order), sharded ``rank::world_size``; training shards are truncated to equal length
-    (as ``DistributedSampler(drop_last=True)``), evaluation shards are not padded, so every sample
-    is evaluated exactly once. ``start`` skips the first indices (resume inside an epoch)."""
-
-    def __init__(self, num_samples: int, shuffle: bool, seed: int, rank: int, world_size: int,
-                 equal_shards: bool) -> None:
-        self.n, self.shuffle, self.seed = num_samples, shuffle, seed
-        self.rank, self.world = rank, world_size
-        self.equal_shards = equal_shards
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def _indices(self) -> List[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        if self.equal_shards:
-            order = order[: (self.n // self.world) * self.world]
-        return order[self.rank:: self.world]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.start:])
-
-    def __len__(self) -> int:
-        return max(len(self._indices()) - self.start, 0)
 
 
 @registry.register_runner("lp_runner")
@@ -184,7 +97,9 @@ class PluginRunner(RunnerBase):
         self.global_step = 0  # optimizer steps taken
         self._run_folder: Optional[RunFolder] = None
         self._last_ckpt: Optional[Path] = None  # the newest checkpoint written (for messages)
-        self.nonfinite_skipped = 0  # optimizer steps skipped for non-finite loss/gradients
+        run = cfg.run_cfg
+        self._guard = NonFiniteGuard(str(run.get("on_nonfinite", "stop")),
+                                     int(run.get("max_nonfinite_skips", 10)))
         self.bad_samples = 0  # training samples left out under run.on_bad_sample: skip
         self.setup_output_dir()
 
@@ -363,6 +278,11 @@ class PluginRunner(RunnerBase):
         return min(n, int(cap)) if cap else n
 
     # ------------------------------------------------------------------ training
+    @property
+    def nonfinite_skipped(self) -> int:
+        """Optimizer steps dropped for a non-finite loss or gradients (``on_nonfinite: skip``)."""
+        return self._guard.skipped
+
     def finish(self, completed: bool = True) -> None:
         """Mark the run folder finished (``completed``) and release its lock."""
         if self._run_folder is not None:
@@ -451,12 +371,9 @@ class PluginRunner(RunnerBase):
         accum = self.accum_grad_iters
         sched, optimizer, scaler = self.lr_scheduler, self.optimizer, self.scaler
         max_norm = self.config.run_cfg.get("max_grad_norm", None)
-        policy = str(self.config.run_cfg.get("on_nonfinite", "stop"))
-        max_skips = int(self.config.run_cfg.get("max_nonfinite_skips", 10))
+        guard = self._guard
         sums: Dict[str, float] = {}
         count = 0
-        bad_step = False  # a micro-batch of the current optimizer step was not finite
-        skips_in_a_row = 0
         bar = None
         if dist_utils.is_main_process():
             from tqdm.auto import tqdm
@@ -489,26 +406,23 @@ class PluginRunner(RunnerBase):
                     loss, parts = self._forward_loss(samples)
                     scaled = loss / accum
                     (scaler.scale(scaled) if scaler else scaled).backward()
-                grad_norm = None
+                norm = None
                 if last_micro:
                     if scaler:
                         scaler.unscale_(optimizer)
-                    grad_norm = self._grad_norm(optimizer, max_norm)
+                    norm = grad_norm(optimizer, max_norm)
                 # the step's one host sync: loss, its components and the gradient norm read at once
                 names = ["loss", *parts]
                 values = torch.stack([loss.detach().float().reshape(()),
                                       *[v.float().reshape(()) for v in parts.values()],
-                                      *([grad_norm.float()] if grad_norm is not None else [])]).tolist()
+                                      *([norm.float()] if norm is not None else [])]).tolist()
                 read = dict(zip(names, values))
                 # fp16 loss scaling makes inf gradients normal: GradScaler skips those steps itself
-                grads_ok = grad_norm is None or scaler is not None or math.isfinite(values[-1])
-                bad_step = bad_step or not (math.isfinite(read["loss"]) and grads_ok)
-                if bad_step and (last_micro or policy == "stop"):
+                grads_ok = norm is None or scaler is not None or math.isfinite(values[-1])
+                if guard.drop_step(read, grads_ok, last_micro):
                     optimizer.zero_grad(set_to_none=True)
-                    skips_in_a_row += 1
-                    self.nonfinite_skipped += 1
-                    self._on_nonfinite(policy, epoch, i, read, grads_ok, skips_in_a_row, max_skips)
-                    bad_step = False
+                    guard.dropped(f"epoch {epoch}, iteration {i} (optimizer step "
+                                  f"{self.global_step + 1})", self._last_ckpt)
                     continue
                 if last_micro:
                     if scaler:
@@ -518,7 +432,7 @@ class PluginRunner(RunnerBase):
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     self.global_step += 1
-                    skips_in_a_row = 0
+                    guard.stepped()
                 if not math.isfinite(read["loss"]):
                     continue  # a micro-batch of a step that will be skipped: keep it out of stats
                 for k, v in read.items():
@@ -563,37 +477,6 @@ class PluginRunner(RunnerBase):
             raise UserError(f"{self.bad_samples} training samples could not be read (more than "
                             f"run.max_bad_fraction={fraction:g} of {int(share)}); see the warnings "
                             "above for the files, fix the data or raise run.max_bad_fraction")
-
-    @staticmethod
-    def _grad_norm(optimizer: torch.optim.Optimizer, max_norm: Optional[float]) -> torch.Tensor:
-        """Total gradient norm (a device tensor, no sync), clipping to ``max_norm`` when set."""
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if max_norm:
-            return torch.nn.utils.clip_grad_norm_(params, float(max_norm))
-        if not params:
-            return torch.zeros(())
-        norms = torch._foreach_norm([p.grad for p in params])  # what clip_grad_norm_ uses
-        return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-
-    def _on_nonfinite(self, policy: str, epoch: int, it: int, read: Dict[str, float],
-                      grads_ok: bool, in_a_row: int, max_skips: int) -> None:
-        """After a non-finite step was dropped (nothing applied): stop, or count and go on."""
-        what = (f"non-finite loss ({read['loss']})" if not math.isfinite(read["loss"])
-                else "non-finite gradients")
-        where = f"epoch {epoch}, iteration {it} (optimizer step {self.global_step + 1})"
-        last = (f"the last good checkpoint is {self._last_ckpt}" if self._last_ckpt
-                else "no checkpoint was written yet")
-        fix = ("lower run.init_lr, set run.max_grad_norm, use run.amp_dtype: bf16, or set "
-               "run.on_nonfinite: skip")
-        if policy != "skip":
-            raise TrainingDiverged(f"training diverged: {what} at {where}; the step was not "
-                                   f"applied and {last}. Fix: {fix}")
-        logger.warning("%s at %s: step skipped (%d in a row, %d in all)", what, where, in_a_row,
-                       self.nonfinite_skipped)
-        if in_a_row >= max_skips:
-            raise TrainingDiverged(f"training diverged: {in_a_row} optimizer steps in a row had "
-                                   f"{what} (last at {where}; run.max_nonfinite_skips is "
-                                   f"{max_skips}); {last}. Fix: {fix}")
 
     def _log_train_step(self, epoch: int, it: int, parts: Dict[str, float]) -> None:
         if not dist_utils.is_main_process():
@@ -703,7 +586,7 @@ class PluginRunner(RunnerBase):
         self.start_iter = int(ckpt.get("next_iter", 0))
         self.global_step = int(ckpt.get("global_step", 0))
         self.bad_samples = int(ckpt.get("bad_samples", 0))
-        self.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
+        self._guard.skipped = int(ckpt.get("nonfinite_skipped", 0))
         if "lr_sched" in ckpt:
             self.lr_scheduler.load_state_dict(ckpt["lr_sched"])
         rng = ckpt.get("rng")
