@@ -102,8 +102,12 @@ def _build(name, model_type, checkpoint, overrides):
     if checkpoint is not None:
         overrides = dict(overrides, pretrained=str(checkpoint), load_pretrained=True,
                          load_finetuned=False)
+    from lavis_plugins.common.safe_load import weights_only_loads
+
     cfg, preprocess = model_config(name, model_type, **overrides)
-    model = _model_class(name).from_config(cfg)
+    # LAVIS's own models (and their ViT builders) unpickle fully: weights-only here
+    with weights_only_loads([cfg.get(k) for k in ("pretrained", "finetuned", "vit_path")]):
+        model = _model_class(name).from_config(cfg)
     return model, preprocess
 
 

@@ -400,9 +400,19 @@ def test_no_load_path_runs_pickled_code(env, monkeypatch, tiny_bert_dir, tmp_pat
         "text-LM export": lambda: export_checkpoint(evil, tmp_path / "export"),
         "load_model(checkpoint=...)": lambda: load_model(
             "lp_blip2_qformer", "tiny", checkpoint=evil, bert_path=str(tiny_bert_dir)),
+        # what LAVIS's own load_checkpoint / ViT builders do while the CLI or API builds a model
+        "LAVIS's torch.load in model building": lambda: _lavis_style_load(evil),
     }
     for name, load in paths.items():
         with pytest.raises(UserError, match="would run code stored in the file") as e:
             load()
         assert "lavis-plugins convert --trust" in str(e.value), name
         assert not (tmp_path / MARKER).exists(), f"{name}: pickled code ran"
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored after model building
+
+
+def _lavis_style_load(path: str):
+    from lavis_plugins.common.safe_load import weights_only_loads
+
+    with weights_only_loads([path]):
+        return torch.load(path, map_location="cpu")  # as LAVIS calls it: no weights_only

@@ -124,6 +124,13 @@ def _check_data_paths(cfg) -> None:
                                     f"datasets.{name}.build_info.{kind}.storage.")
 
 
+def _weights_paths(cfg) -> List[str]:
+    """The weights files a model config names (for messages)."""
+    m = cfg.model_cfg
+    return [str(m[k]) for k in ("pretrained", "finetuned", "stage1_checkpoint", "vit_path")
+            if m.get(k)]
+
+
 def _setup_seeds(seed: int) -> None:
     import numpy as np
     import torch
@@ -145,6 +152,7 @@ def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional
     from lavis.tasks import setup_task
 
     from lavis_plugins.common import dist as dist_utils
+    from lavis_plugins.common.safe_load import weights_only_loads
 
     opts = list(options) + (["run.evaluate=True"] if evaluate_only else []) + (
         ["run.force=True"] if force else [])
@@ -165,7 +173,8 @@ def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional
             job_id = dist_utils.all_gather_object(job_id)[0]
     task = setup_task(cfg)
     datasets = task.build_datasets(cfg) if len(cfg.datasets_cfg) else {}
-    model = task.build_model(cfg)
+    with weights_only_loads(_weights_paths(cfg)):  # LAVIS's own models unpickle fully
+        model = task.build_model(cfg)
     runner_cls = registry.get_runner_class(run_cfg.get("runner", "lp_runner"))
     runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
     if evaluate_only:
@@ -192,6 +201,7 @@ def cache_features(cfg_path: str, options: List[str], split: str = "train") -> L
 
     from lavis_plugins.common import dist as dist_utils
     from lavis_plugins.common.feature_cache import build_feature_cache
+    from lavis_plugins.common.safe_load import weights_only_loads
 
     cfg = load_config(cfg_path, list(options))
     wanted = {n: d.feature_cache for n, d in cfg.datasets_cfg.items() if d.get("feature_cache")}
@@ -201,7 +211,8 @@ def cache_features(cfg_path: str, options: List[str], split: str = "train") -> L
     task = setup_task(cfg)
     # LAVIS's plain dataset building: the plugin's task would read the cache being built
     datasets = BaseTask.build_datasets(task, cfg)
-    model = BaseTask.build_model(task, cfg)
+    with weights_only_loads(_weights_paths(cfg)):
+        model = BaseTask.build_model(task, cfg)
     device = dist_utils.choose_device(cfg.run_cfg.get("device"))
     out = []
     for name, folder in wanted.items():

@@ -14,12 +14,13 @@ Each way a file can be wrong (missing, empty, text, truncated, pickled code) is 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ import torch
 from lavis_plugins.common.errors import UserError
 
 SAFETENSORS_SUFFIX = ".safetensors"
+FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch reads it at every torch.load call
 
 
 def _numpy_allow_list() -> List[Any]:
@@ -120,6 +122,31 @@ def state_dict_of(obj: Any, path: str, what: str) -> Dict[str, torch.Tensor]:
     return state
 
 
+@contextlib.contextmanager
+def weights_only_loads(named: Sequence[str] = ()) -> Iterator[None]:
+    """Make every ``torch.load`` inside weights-only, LAVIS's own included (its models'
+    ``load_checkpoint`` and ViT builders unpickle fully): used around model building. A refused
+    file becomes a ``UserError`` listing ``named`` (the config's weights paths)."""
+    previous = os.environ.get(FORCE_ENV)
+    os.environ[FORCE_ENV] = "1"
+    try:
+        with torch.serialization.safe_globals(_numpy_allow_list()):
+            yield
+    except pickle.UnpicklingError as e:
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        files = ", ".join(str(n) for n in named if n) or "a weights file the model loads"
+        raise UserError(f"refusing to load {files}: loading it would run code stored in the file"
+                        f"{f' (it pickles {m.group(1)})' if m else ''}, which weights-only "
+                        "loading does not allow. If you trust the file, convert it once with "
+                        "`lavis-plugins convert --trust <file> <new file>` and use the new file"
+                        ) from None
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_ENV, None)
+        else:
+            os.environ[FORCE_ENV] = previous
+
+
 # ------------------------------------------------------------------------------ conversion
 def _plain(obj: Any, where: str, dropped: List[str]) -> Any:
     """``obj`` rebuilt from the types weights-only loading accepts (tensors, numbers, strings,
@@ -168,11 +195,15 @@ def convert_trusted(src: str | os.PathLike, dst: str | os.PathLike) -> Tuple[Pat
         raise UserError(f"convert: {src} is not a file")
     if os.path.abspath(src) == os.path.abspath(dst):
         raise UserError(f"convert: the output {dst} must differ from the input")
+    forced = os.environ.pop(FORCE_ENV, None)  # the user chose to trust this one file
     try:
         obj = torch.load(src, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any failure here means the file is not loadable
         raise UserError(f"convert: cannot load {src} even with full unpickling: "
                         f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    finally:
+        if forced is not None:
+            os.environ[FORCE_ENV] = forced
     dropped: List[str] = []
     data = _plain(obj, "file", dropped)
     if data is _DROP:
