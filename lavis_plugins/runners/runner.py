@@ -14,14 +14,17 @@ Fixed or added:
 - gradient accumulation (``accum_grad_iters``) with DDP ``no_sync``, bf16/fp16 autocast on GPU,
   optional gradient clipping (``max_grad_norm``);
 - exact resume: weights, optimizer, scaler, schedule position, data order (epoch and batch) and
-  RNG state are saved; per-sample augmentation randomness is seeded from (seed, epoch, index), so a
-  run resumed from a checkpoint reproduces the uninterrupted run's losses;
+  RNG state are saved (``checkpointing``); per-sample augmentation randomness is seeded from
+  (seed, epoch, index) (``sampling``), so a run resumed from a checkpoint reproduces the
+  uninterrupted run's losses;
 - checkpoints written atomically (temp file + rename) in a form that loads weights-only (no code
   runs when resuming), ``checkpoint_latest`` replaced atomically, a failed write is one clear
   line; a run folder is locked while in use and a previous run's folder is not overwritten
   (``checkpoint_io``); resume refuses a checkpoint that lacks trainable weights;
-- non-finite loss or gradients are caught before the optimizer step (``run.on_nonfinite``), so
-  no NaN reaches a checkpoint;
+- non-finite loss or gradients are caught before the optimizer step (``run.on_nonfinite``,
+  ``nonfinite``), so no NaN reaches a checkpoint;
+- a training sample that cannot be read stops the run with its file named, or under
+  ``run.on_bad_sample: skip`` is left out and counted, up to ``run.max_bad_fraction``;
 - evaluation shards samples across ranks without padding, so merged results have no duplicates.
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 from lavis.common.registry import registry
@@ -44,11 +47,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset
 
 from lavis_plugins.common import dist as dist_utils
-from lavis_plugins.common.errors import TrainingDiverged, UserError, unknown_name
-from lavis_plugins.common.safe_load import load_weights
+from lavis_plugins.common.errors import UserError, unknown_name
 from lavis_plugins.datasets.validation import BAD_SAMPLE_KEY, one_line
-from lavis_plugins.runners.checkpoint_io import (RunFolder, pack_rng, point_latest,
-                                                 save_checkpoint_file, unpack_rng)
+from lavis_plugins.runners.checkpoint_io import RunFolder
+from lavis_plugins.runners.checkpointing import CheckpointingMixin
 from lavis_plugins.runners.nonfinite import NonFiniteGuard, grad_norm
 from lavis_plugins.runners.sampling import EpochSampler, SeededSamples, move_to_device
 
@@ -63,7 +65,7 @@ LAVIS_SCHEDULER_ALIASES = {
 
 
 @registry.register_runner("lp_runner")
-class PluginRunner(RunnerBase):
+class PluginRunner(CheckpointingMixin, RunnerBase):
     """Train and evaluate a model on datasets with a task, in one or many processes.
 
     ``run:`` keys read here, beyond LAVIS's (``max_epoch``, ``init_lr``, ``min_lr``,
@@ -75,8 +77,9 @@ class PluginRunner(RunnerBase):
     ``iters_per_epoch`` (cap on iterations per epoch); ``ckpt_freq`` (save every N optimizer
     steps as well as at epoch ends); ``log_freq``; ``on_nonfinite`` ("stop": end the run with
     a message naming the last good checkpoint; "skip": skip the optimizer step, at most
-    ``max_nonfinite_skips`` in a row); ``force`` (replace a previous run in the same folder; the
-    CLI's ``--force``).
+    ``max_nonfinite_skips`` in a row); ``on_bad_sample`` ("fail" or "skip") and
+    ``max_bad_fraction``; ``force`` (replace a previous run in the same folder; the CLI's
+    ``--force``). Every key is checked by :mod:`lavis_plugins.common.config_check`.
     """
 
     def __init__(self, cfg, task, model, datasets, job_id):  # noqa: D107 - as RunnerBase
@@ -506,104 +509,6 @@ class PluginRunner(RunnerBase):
 
     def unwrap_dist_model(self, model):
         return model.module if isinstance(model, DDP) else model
-
-    # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, cur_epoch, is_best=False, next_iter: Optional[int] = None):
-        """Save weights (trainable ones), optimizer, scaler, schedule, data position and RNG.
-
-        ``next_iter`` is the first batch of ``cur_epoch`` not yet trained (None: epoch done).
-        Written to a temp file and renamed, so a crash never leaves a half-written checkpoint;
-        every object in it loads with ``torch.load(weights_only=True)``.
-        """
-        rng_all = dist_utils.all_gather_object(pack_rng())  # every rank's RNG
-        if not dist_utils.is_main_process():
-            return
-        model = self.unwrap_dist_model(self.model)
-        trainable = {k for k, p in model.named_parameters() if p.requires_grad}
-        frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
-        state = {k: v for k, v in model.state_dict().items() if k not in frozen or k in trainable}
-        done = next_iter is None
-        obj = {
-            "model": state,
-            "optimizer": self.optimizer.state_dict(),
-            "config": self.config.to_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "lr_sched": self.lr_scheduler.state_dict(),
-            "epoch": cur_epoch,
-            "next_epoch": cur_epoch + 1 if done else cur_epoch,
-            "next_iter": 0 if done else int(next_iter),
-            "global_step": self.global_step,
-            "bad_samples": self.bad_samples,
-            "nonfinite_skipped": self.nonfinite_skipped,
-            "rng": rng_all,
-            "world_size": dist_utils.get_world_size(),
-        }
-        name = "checkpoint_best.pth" if is_best else (
-            f"checkpoint_{cur_epoch}.pth" if done else f"checkpoint_step{self.global_step}.pth")
-        path = self.output_dir / name
-        # the step loop never applies a non-finite update; this guards any other way in (one
-        # sync per checkpoint, not per step)
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise TrainingDiverged(f"not writing {path}: weights {bad[:3]} are not finite; the "
-                                   f"last good checkpoint is {self._last_ckpt}")
-        save_checkpoint_file(obj, path)
-        if not is_best:
-            point_latest(self.output_dir, path.name)
-            self._last_ckpt = path
-        logger.info("saved checkpoint %s", path)
-
-    def _read_checkpoint(self, path: str) -> Dict[str, Any]:
-        ckpt = load_weights(path, "run.resume_ckpt_path")
-        if not isinstance(ckpt, dict):
-            raise UserError(f"run.resume_ckpt_path: {path} holds a {type(ckpt).__name__}, not a "
-                            "training checkpoint (a dict with 'model' and 'optimizer')")
-        return ckpt
-
-    def _load_model_weights(self, model, state: Dict[str, torch.Tensor], path: str) -> None:
-        msg = model.load_state_dict(state, strict=False)
-        trainable = {k for k, p in model.named_parameters() if p.requires_grad}
-        missing = [k for k in msg.missing_keys if k in trainable]
-        if missing or msg.unexpected_keys:
-            raise UserError(
-                f"checkpoint {path} does not match the model: missing trainable weights "
-                f"{missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected keys "
-                f"{msg.unexpected_keys[:8]}{'...' if len(msg.unexpected_keys) > 8 else ''}. "
-                "Was it written by a run of the same model config?")
-
-    def _load_checkpoint(self, url_or_filename):
-        """Resume: restore weights, optimizer, scaler, schedule, data position and RNG."""
-        ckpt = self._read_checkpoint(url_or_filename)
-        if "model" not in ckpt or "optimizer" not in ckpt:
-            raise UserError(f"{url_or_filename} is not a training checkpoint (needs 'model' and "
-                            "'optimizer'); to initialise weights use model.pretrained instead")
-        self._load_model_weights(self.unwrap_dist_model(self.model), ckpt["model"], url_or_filename)
-        self._last_ckpt = Path(url_or_filename)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scaler and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.start_epoch = int(ckpt.get("next_epoch", ckpt["epoch"] + 1))
-        self.start_iter = int(ckpt.get("next_iter", 0))
-        self.global_step = int(ckpt.get("global_step", 0))
-        self.bad_samples = int(ckpt.get("bad_samples", 0))
-        self._guard.skipped = int(ckpt.get("nonfinite_skipped", 0))
-        if "lr_sched" in ckpt:
-            self.lr_scheduler.load_state_dict(ckpt["lr_sched"])
-        rng = ckpt.get("rng")
-        if rng:
-            if ckpt.get("world_size", 1) != dist_utils.get_world_size():
-                logger.warning("checkpoint written by %s processes, resuming with %s: data order "
-                               "and RNG streams differ from the original run",
-                               ckpt.get("world_size"), dist_utils.get_world_size())
-            unpack_rng(rng[min(dist_utils.get_rank(), len(rng) - 1)])
-        logger.info("resumed from %s at epoch %d, iteration %d (step %d)", url_or_filename,
-                    self.start_epoch, self.start_iter, self.global_step)
-
-    def _reload_best_model(self, model):
-        path = str(self.output_dir / "checkpoint_best.pth")
-        ckpt = self._read_checkpoint(path)
-        self._load_model_weights(model, ckpt["model"], path)
-        return model
 
     def log_stats(self, stats, split_name):
         if dist_utils.is_main_process() and isinstance(stats, dict):

@@ -1,0 +1,125 @@
+"""``lp_runner``'s checkpoints: what it saves and how it resumes (a mixin of ``PluginRunner``).
+
+A checkpoint holds the trainable weights (frozen ones are not saved, as in LAVIS), optimizer,
+scaler, lr schedule, data position (epoch and next batch), step, skip counters and every rank's
+RNG state, all as data that loads with ``torch.load(weights_only=True)``; so a resume runs no
+code from the file and reproduces the uninterrupted run. File writing, ``checkpoint_latest``
+and the run-folder lock are in :mod:`lavis_plugins.runners.checkpoint_io`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from lavis_plugins.common import dist as dist_utils
+from lavis_plugins.common.errors import TrainingDiverged, UserError
+from lavis_plugins.common.safe_load import load_weights
+from lavis_plugins.runners.checkpoint_io import (pack_rng, point_latest, save_checkpoint_file,
+                                                 unpack_rng)
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointingMixin:
+    """Save and resume; reads the runner's ``model``, ``optimizer``, ``scaler``,
+    ``lr_scheduler``, ``config``, ``output_dir`` and step counters."""
+
+    def _save_checkpoint(self, cur_epoch, is_best=False, next_iter: Optional[int] = None):
+        """Save weights (trainable ones), optimizer, scaler, schedule, data position and RNG.
+
+        ``next_iter`` is the first batch of ``cur_epoch`` not yet trained (None: epoch done).
+        Written to a temp file and renamed, so a crash never leaves a half-written checkpoint;
+        every object in it loads with ``torch.load(weights_only=True)``.
+        """
+        rng_all = dist_utils.all_gather_object(pack_rng())  # every rank's RNG
+        if not dist_utils.is_main_process():
+            return
+        model = self.unwrap_dist_model(self.model)
+        trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+        frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+        state = {k: v for k, v in model.state_dict().items() if k not in frozen or k in trainable}
+        done = next_iter is None
+        obj = {
+            "model": state,
+            "optimizer": self.optimizer.state_dict(),
+            "config": self.config.to_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "lr_sched": self.lr_scheduler.state_dict(),
+            "epoch": cur_epoch,
+            "next_epoch": cur_epoch + 1 if done else cur_epoch,
+            "next_iter": 0 if done else int(next_iter),
+            "global_step": self.global_step,
+            "bad_samples": self.bad_samples,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "rng": rng_all,
+            "world_size": dist_utils.get_world_size(),
+        }
+        name = "checkpoint_best.pth" if is_best else (
+            f"checkpoint_{cur_epoch}.pth" if done else f"checkpoint_step{self.global_step}.pth")
+        path = self.output_dir / name
+        # the step loop never applies a non-finite update; this guards any other way in (one
+        # sync per checkpoint, not per step)
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise TrainingDiverged(f"not writing {path}: weights {bad[:3]} are not finite; the "
+                                   f"last good checkpoint is {self._last_ckpt}")
+        save_checkpoint_file(obj, path)
+        if not is_best:
+            point_latest(self.output_dir, path.name)
+            self._last_ckpt = path
+        logger.info("saved checkpoint %s", path)
+
+    def _read_checkpoint(self, path: str) -> Dict[str, Any]:
+        ckpt = load_weights(path, "run.resume_ckpt_path")
+        if not isinstance(ckpt, dict):
+            raise UserError(f"run.resume_ckpt_path: {path} holds a {type(ckpt).__name__}, not a "
+                            "training checkpoint (a dict with 'model' and 'optimizer')")
+        return ckpt
+
+    def _load_model_weights(self, model, state: Dict[str, torch.Tensor], path: str) -> None:
+        msg = model.load_state_dict(state, strict=False)
+        trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+        missing = [k for k in msg.missing_keys if k in trainable]
+        if missing or msg.unexpected_keys:
+            raise UserError(
+                f"checkpoint {path} does not match the model: missing trainable weights "
+                f"{missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected keys "
+                f"{msg.unexpected_keys[:8]}{'...' if len(msg.unexpected_keys) > 8 else ''}. "
+                "Was it written by a run of the same model config?")
+
+    def _load_checkpoint(self, url_or_filename):
+        """Resume: restore weights, optimizer, scaler, schedule, data position and RNG."""
+        ckpt = self._read_checkpoint(url_or_filename)
+        if "model" not in ckpt or "optimizer" not in ckpt:
+            raise UserError(f"{url_or_filename} is not a training checkpoint (needs 'model' and "
+                            "'optimizer'); to initialise weights use model.pretrained instead")
+        self._load_model_weights(self.unwrap_dist_model(self.model), ckpt["model"], url_or_filename)
+        self._last_ckpt = Path(url_or_filename)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = int(ckpt.get("next_epoch", ckpt["epoch"] + 1))
+        self.start_iter = int(ckpt.get("next_iter", 0))
+        self.global_step = int(ckpt.get("global_step", 0))
+        self.bad_samples = int(ckpt.get("bad_samples", 0))
+        self._guard.skipped = int(ckpt.get("nonfinite_skipped", 0))
+        if "lr_sched" in ckpt:
+            self.lr_scheduler.load_state_dict(ckpt["lr_sched"])
+        rng = ckpt.get("rng")
+        if rng:
+            if ckpt.get("world_size", 1) != dist_utils.get_world_size():
+                logger.warning("checkpoint written by %s processes, resuming with %s: data order "
+                               "and RNG streams differ from the original run",
+                               ckpt.get("world_size"), dist_utils.get_world_size())
+            unpack_rng(rng[min(dist_utils.get_rank(), len(rng) - 1)])
+        logger.info("resumed from %s at epoch %d, iteration %d (step %d)", url_or_filename,
+                    self.start_epoch, self.start_iter, self.global_step)
+
+    def _reload_best_model(self, model):
+        path = str(self.output_dir / "checkpoint_best.pth")
+        ckpt = self._read_checkpoint(path)
+        self._load_model_weights(model, ckpt["model"], path)
+        return model
