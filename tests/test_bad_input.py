@@ -94,7 +94,8 @@ def _make_files(root: Path, shapes_home: Path) -> Dict[str, Path]:
     data = root / "shapes"
     src = shapes_home / "shapes_v1"
     # the files, with the image folders linked (not copied: thousands of files)
-    shutil.copytree(src, data, ignore=lambda folder, names: ["images"] if folder == str(src) else [])
+    shutil.copytree(src, data,
+                    ignore=lambda folder, names: ["images"] if folder == str(src) else [])
     (data / "images").mkdir()
     for sub in (src / "images").iterdir():
         (data / "images" / sub.name).symlink_to(sub, target_is_directory=True)
@@ -177,8 +178,8 @@ def _resumed_and_cleaned(env: Env) -> None:
     assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
 
 
-def _disk_full_left_previous(env: Env) -> None:
-    folder = env.out / "disk_full"
+def _previous_checkpoint_intact(env: Env, job: str = "disk_full") -> None:
+    folder = env.out / job
     assert not list(folder.glob("*.tmp")), "partial file left"
     prev = folder / "checkpoint_step1.pth"
     assert torch.load(prev, weights_only=True)["global_step"] == 1
@@ -200,18 +201,23 @@ def _prepare_done(env: Env) -> None:
     (env.out / "done" / "checkpoint_9.pth.tmp").write_bytes(b"partial")
 
 
-def _disk_full(monkeypatch) -> None:
+def _failing_save(monkeypatch, err: OSError) -> None:
+    """``torch.save`` whose second call writes part of the file, then fails with ``err``."""
     real = torch.save
     calls = []
 
     def save(obj, f, *a, **k):
         calls.append(f)
-        if len(calls) == 2:  # the second checkpoint: half written, then the disk is full
+        if len(calls) == 2:
             Path(f).write_bytes(b"\x00" * 100)
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise err
         return real(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", save)
+
+
+FAILING_WRITES = {"disk_full": OSError(errno.ENOSPC, "No space left on device"),
+                  "read_only": OSError(errno.EROFS, "Read-only file system")}
 
 
 CASES = [
@@ -226,7 +232,8 @@ CASES = [
     Case("policy_typo", ["run.on_nonfinite=skp"], "did you mean skip"),
     Case("unknown_section", ["modle.arch=x"], "unknown top-level section 'modle'"),
     Case("unknown_dataset_key", ["datasets.lp_shapes_caption.bild_info.root=x"],
-         "datasets.lp_shapes_caption.bild_info is not a known key (it would be ignored). Did you mean build_info"),
+         "datasets.lp_shapes_caption.bild_info is not a known key (it would be ignored). "
+         "Did you mean build_info"),
     # --- distributed environment
     Case("rank_beyond_world", environ={"RANK": "5", "WORLD_SIZE": "2"},
          expect="RANK=5 is not below WORLD_SIZE=2"),
@@ -263,7 +270,10 @@ CASES = [
     Case("stale_lock", setup=lambda env: _lock(env, "stale_lock", _dead_pid()), code=0,
          check=_stale_lock_taken_over),
     Case("disk_full", ["run.ckpt_freq=1", "run.iters_per_epoch=3"],
-         "cannot write checkpoint", check=_disk_full_left_previous),
+         "No space left on device; free disk space", check=_previous_checkpoint_intact),
+    Case("read_only", ["run.ckpt_freq=1", "run.iters_per_epoch=3"],
+         "Read-only file system; check that run.output_dir is writable",
+         check=lambda env: _previous_checkpoint_intact(env, "read_only")),
     # --- divergence: exit 3, the step not applied, no NaN saved
     Case("diverge", ["run.init_lr=1e30", "run.warmup_steps=0", "run.iters_per_epoch=4",
                      "run.ckpt_freq=1"], "training diverged", code=3, check=_no_nan_saved),
@@ -326,8 +336,8 @@ def test_bad_input(case: Case, env: Env, capsys, monkeypatch):
     port = _free_port()
     for k, v in case.environ.items():
         monkeypatch.setenv(k, _fill(v, env, port))
-    if case.name == "disk_full":
-        _disk_full(monkeypatch)
+    if case.name in FAILING_WRITES:
+        _failing_save(monkeypatch, FAILING_WRITES[case.name])
     job = case.job or case.name
     if case.setup:
         case.setup(env)

@@ -180,6 +180,34 @@ def test_resume_reproduces_uninterrupted_losses(lp, tmp_path):
     assert torch.load(ckpt, weights_only=True)["global_step"] == 4
 
 
+def test_checkpoints_of_earlier_versions_still_resume(lp, tmp_path):
+    """Checkpoints written before RNG state was stored as tensors (numpy's key array as an
+    ndarray) load through the weights-only allow-list and restore the same RNG state."""
+    import random
+
+    import numpy as np
+
+    from lavis_plugins.runners.checkpoint_io import pack_rng
+
+    runner = _runner(tmp_path, Regressor(), job="old", max_epoch=1)
+    runner.train()
+    path = runner.output_dir / "checkpoint_0.pth"
+    ckpt = torch.load(path, weights_only=True)
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    ckpt["rng"] = [{"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state()}]
+    expected = pack_rng()
+    torch.save(ckpt, path)
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    _runner(tmp_path, Regressor(), job="old", max_epoch=1,
+            resume_ckpt_path=str(path))._load_checkpoint(str(path))
+    got = pack_rng()
+    assert got["python"] == expected["python"]
+    assert torch.equal(got["numpy"][1], expected["numpy"][1])
+    assert got["numpy"][2] == expected["numpy"][2]
+    assert torch.equal(got["torch"], expected["torch"])
+
+
 def test_disk_full_keeps_previous_checkpoint_and_resume_stays_exact(lp, tmp_path, monkeypatch):
     """A checkpoint write that fails half-way (disk full) is one clear error; the partial file
     is removed, checkpoint_latest still names the previous checkpoint, and resuming from it

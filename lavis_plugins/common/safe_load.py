@@ -72,7 +72,8 @@ def _describe_failure(path: str, err: BaseException) -> str:
             or "truncated" in text or "unexpected EOF" in text.lower():
         return (f"{path} is truncated or damaged ({text.splitlines()[0][:120]}); copy or download "
                 "it again (an interrupted copy or a full disk leaves such files)")
-    return f"cannot read {path} as a weights file: {text.splitlines()[0][:200] if text else type(err).__name__}"
+    first = text.splitlines()[0][:200] if text else type(err).__name__
+    return f"cannot read {path} as a weights file: {first}"
 
 
 def load_weights(path: str | os.PathLike, what: str = "checkpoint") -> Any:
@@ -116,7 +117,8 @@ def state_dict_of(obj: Any, path: str, what: str) -> Dict[str, torch.Tensor]:
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state or \
             not all(isinstance(v, torch.Tensor) for v in state.values()):
-        kind = type(obj).__name__ if not isinstance(obj, dict) else f"dict with keys {sorted(obj)[:6]}"
+        kind = (type(obj).__name__ if not isinstance(obj, dict)
+                else f"dict with keys {sorted(map(str, obj))[:6]}")
         raise UserError(f"{what}: {path} holds no state dict (a dict of tensors, or one under "
                         f"'model'); it holds a {kind}")
     return state

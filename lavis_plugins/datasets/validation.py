@@ -60,7 +60,8 @@ def check_image_file(path: str) -> None:
         with Image.open(path) as im:
             im.load()
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        raise BadSample(f"image {path} cannot be decoded ({str(e).splitlines()[0][:100] or type(e).__name__}): "
+        reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise BadSample(f"image {path} cannot be decoded ({reason}): "
                         "a truncated or non-image file; restore it or set run.on_bad_sample: "
                         "skip") from None
     finally:

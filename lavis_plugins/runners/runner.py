@@ -447,7 +447,8 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                 if (i + 1) % self.log_freq == 0 or i + 1 == n_iters:
                     self._log_train_step(epoch, i, read)
                 ckpt_freq = int(self.config.run_cfg.get("ckpt_freq", 0) or 0)
-                if ckpt_freq and last_micro and self.global_step % ckpt_freq == 0 and i + 1 < n_iters:
+                if (ckpt_freq and last_micro and self.global_step % ckpt_freq == 0
+                        and i + 1 < n_iters):
                     self._save_checkpoint(epoch, is_best=False, next_iter=i + 1)
         finally:  # cleared before any error line, which then starts its own line
             if bar is not None:
