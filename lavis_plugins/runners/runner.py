@@ -502,7 +502,10 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
             model = self._reload_best_model(model)
         model.eval()
         self.task.before_evaluation(model=model, dataset=self.datasets[split_name])
-        results = self.task.evaluation(model, loader, cuda_enabled=self.cuda_enabled)
+        try:
+            results = self.task.evaluation(model, loader, cuda_enabled=self.cuda_enabled)
+        except UserError as e:  # e.g. a BadSample raised in a worker: drop the traceback
+            raise type(e)(one_line(e)) from None
         if results is not None:
             return self.task.after_evaluation(val_result=results, split_name=split_name,
                                               epoch=cur_epoch)
