@@ -72,6 +72,8 @@ RUN_KEYS: Dict[str, Key] = {
     "device": Key("str", pattern=r"auto|cpu|cuda(:\d+)?",
                   doc="auto, cpu, cuda or cuda:<index>"),
     "distributed": Key("bool"), "world_size": POS_INT, "dist_url": Key("str"),
+    # set by the launcher (LAVIS's and ours) and saved with a run's config: accepted back
+    "rank": NONNEG_INT, "gpu": NONNEG_INT, "dist_backend": Key("str"),
     "dist_timeout_s": Key("float", lo=0, lo_open=True),
     "find_unused_parameters": Key("bool"), "use_dist_eval_sampler": Key("bool"),
     "on_nonfinite": Key("str", choices=("stop", "skip")), "max_nonfinite_skips": POS_INT,
