@@ -426,3 +426,24 @@ def _lavis_style_load(path: str):
 
     with weights_only_loads([path]):
         return torch.load(path, map_location="cpu")  # as LAVIS calls it: no weights_only
+
+
+def test_video_qa_annotations_empty_or_with_bad_text_are_refused(lp, tmp_path):
+    """An empty video-QA file (which made the generate protocol divide by zero) and records
+    whose question or answer is not text are refused when the dataset is built."""
+    from lavis_plugins.common.errors import UserError
+    from lavis_plugins.datasets.video_datasets import VideoQADataset
+
+    def build(records):
+        path = tmp_path / "qa.json"
+        path.write_text(json.dumps(records))
+        return VideoQADataset(vis_root=str(tmp_path), ann_paths=[str(path)])
+
+    good = {"video": "a.mp4", "question": "what colour?", "answer": "red"}
+    assert len(build([good])) == 1
+    with pytest.raises(UserError, match="hold no records"):
+        build([])
+    with pytest.raises(UserError, match=r"record 1 has a bad 'question' \(7\)"):
+        build([good, {**good, "question": 7}])
+    with pytest.raises(UserError, match=r"record 0 has a bad 'answer' \(''\)"):
+        build([{**good, "answer": ""}])
