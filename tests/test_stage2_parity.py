@@ -363,7 +363,7 @@ def test_stage1_checkpoint_initialises_qformer(lp, tiny_bert_dir, llm_dirs, tmp_
 
 
 def test_llm_folder_must_exist(lp, tiny_bert_dir, tmp_path):
-    with pytest.raises(UserError, match="not a local folder"):
+    with pytest.raises(UserError, match="neither a local folder nor in the local hub cache"):
         _ours("lp_blip2_opt", tiny_bert_dir, tmp_path / "nowhere")
 
 

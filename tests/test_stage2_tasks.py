@@ -293,7 +293,7 @@ def test_rank_answers_picks_the_highest_likelihood(which, request):
     assert ranked == [answers[i] for i in scores.argmax(1).tolist()]
     # the same score as the training loss gives a sequence: log-likelihood = -sum of token CE
     one = {"image": samples["image"][:1], "text_input": [model.format_questions(
-        samples["text_input"][:1], model.VQA_PROMPT)[0]], "text_output": [answers[0]]}
+        samples["text_input"][:1], model.default_predict_prompt())[0]], "text_output": [answers[0]]}
     with torch.no_grad():
         out = model(one, return_logits=True)
     valid = out.targets != -100

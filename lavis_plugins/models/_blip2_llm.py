@@ -35,6 +35,12 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from lavis_plugins.common.errors import UserError
+from lavis_plugins.common.local_files import (
+    check_not_url,
+    is_url,
+    local_checkpoint,
+    local_hf_folder,
+)
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
 from lavis_plugins.models.blip2_qformer import init_vision_and_qformer
@@ -261,13 +267,10 @@ def _hf_vision_key(key: str, value: torch.Tensor) -> Dict[str, torch.Tensor]:
 
 
 def load_pth(url_or_path: str) -> Dict[str, torch.Tensor]:
-    """The ``model`` state dict of a LAVIS-format checkpoint (local file or URL)."""
-    from lavis.common.utils import is_url
-
+    """The ``model`` state dict of a LAVIS-format checkpoint (a local file; a URL only when the
+    user allowed downloads, see :mod:`lavis_plugins.common.local_files`)."""
     if is_url(url_or_path):
-        from lavis.common.dist_utils import download_cached_file
-
-        url_or_path = download_cached_file(url_or_path, check_hash=False, progress=True)
+        url_or_path = local_checkpoint(url_or_path, "pretrained")
     if not os.path.isfile(url_or_path):
         raise UserError(f"checkpoint not found: {url_or_path}. Give a LAVIS .pth file, a URL, or "
                         "a transformers Blip2ForConditionalGeneration folder")
@@ -426,20 +429,10 @@ class Blip2LLMBase(LPBlip2Base):
         ``~/.cache/lavis_plugins``)."""
         if path == TINY_LLM:
             return str(self._tiny_llm_folder(f"tiny-{self.LLM_NAME.split('_')[0]}"))
-        if path and os.path.isdir(path):
-            return path
-        if path:
-            try:
-                from huggingface_hub import snapshot_download
-
-                return snapshot_download(path, local_files_only=True)
-            except Exception:  # noqa: BLE001 - any failure means "not available locally"
-                pass
-        raise UserError(
-            f"model.{key} of {self.arch_name()} is {path!r}, which is not a local folder. Point it at a "
-            f"folder holding the LLM's config.json, weights and tokenizer (for example "
-            f"`huggingface-cli download {path or '<repo>'} --local-dir <folder>`), or load a "
-            "transformers Blip2ForConditionalGeneration folder, which includes its LLM.")
+        return local_hf_folder(
+            path, f"model.{key} of {self.arch_name()}",
+            "the LLM's config.json, weights and tokenizer (or load a transformers "
+            "Blip2ForConditionalGeneration folder, which includes its LLM)")
 
     def _tiny_llm_folder(self, name: str) -> Path:
         import shutil
@@ -546,6 +539,9 @@ class Blip2LLMBase(LPBlip2Base):
             raise UserError(f"{path} is a folder but not a transformers BLIP-2 folder (no "
                             "config.json with model_type 'blip-2'); give a LAVIS .pth or a "
                             "Blip2ForConditionalGeneration folder")
+        # refused before the encoders and the LLM are built, so it takes seconds
+        check_not_url(path, "finetuned" if mcfg.load_finetuned else "pretrained")
+        check_not_url(mcfg.stage1_checkpoint, "stage1_checkpoint")
         model = cls(mcfg, hf_folder=hf_folder)
         if mcfg.stage1_checkpoint:
             model.load_stage1(mcfg.stage1_checkpoint)
@@ -562,6 +558,15 @@ class Blip2LLMBase(LPBlip2Base):
         path = mcfg.finetuned if mcfg.load_finetuned else mcfg.pretrained
         if path:
             self.load_hf_blip2(path) if is_hf_blip2_folder(path) else self.load_lavis(path)
+
+    def load_checkpoint(self, url_or_filename: str) -> None:
+        """What LAVIS's ``lavis.models.load_model(..., checkpoint=X)`` calls: the same checked
+        loading as ``pretrained`` (LAVIS's own loads anything with strict=False, so a stage-1
+        file would load silently and leave the projection random)."""
+        if is_hf_blip2_folder(url_or_filename):
+            self.load_hf_blip2(url_or_filename)
+        else:
+            self.load_lavis(url_or_filename)
 
     def load_stage1(self, url_or_path: str) -> None:
         """Initialise Q-Former, query tokens, ``ln_vision`` (and the ViT if present) from a
@@ -758,11 +763,11 @@ class Blip2LLMBase(LPBlip2Base):
                         **kwargs: Any) -> List[str]:
         """Answers to ``samples["text_input"]`` (B questions) about ``samples["image"]``.
 
-        ``prompt`` (default: the class's ``VQA_PROMPT``, e.g. "Question: {} Answer:") holds each
-        question; ``inference_method`` "generate" runs beam search, "rank" picks from
+        ``prompt`` holds each question (default: ``PREDICT_PROMPT``, which is LAVIS's default of
+        the same method where LAVIS has one, else the paper's ``VQA_PROMPT``); ``inference_method`` "generate" runs beam search, "rank" picks from
         ``answer_list`` (see rank_answers).
         """
-        prompt = self.VQA_PROMPT if prompt is None else prompt
+        prompt = self.default_predict_prompt() if prompt is None else prompt
         if inference_method == "rank":
             return self.rank_answers(samples, answer_list, num_ans_candidates, prompt)
         if inference_method != "generate":
@@ -777,6 +782,12 @@ class Blip2LLMBase(LPBlip2Base):
 
     # ------------------------------------------------------------------ answer ranking
     VQA_PROMPT = ""  # subclasses: BLIP-2's zero-shot VQA prompt for their LLM
+    # predict_answers' prompt when none is given; None: VQA_PROMPT. Subclasses whose LAVIS
+    # counterpart has predict_answers set LAVIS's default, so ported client code answers alike
+    PREDICT_PROMPT: Optional[str] = None
+
+    def default_predict_prompt(self) -> str:
+        return self.VQA_PROMPT if self.PREDICT_PROMPT is None else self.PREDICT_PROMPT
     RANK_CHUNK = 64  # candidates scored per LLM call in ranking
 
     @torch.no_grad()
@@ -811,7 +822,7 @@ class Blip2LLMBase(LPBlip2Base):
             raise UserError("answer ranking needs a non-empty answer list (run.inference_method "
                             "'rank' reads it from the dataset's answer_list)")
         answers = list(answers)
-        prompt = self.VQA_PROMPT if prompt is None else prompt
+        prompt = self.default_predict_prompt() if prompt is None else prompt
         image = samples["image"]
         if "text_input" in samples:
             prompts = self.format_questions(samples["text_input"], prompt)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from transformers import BertTokenizer
 
 from lavis_plugins.common.errors import UserError
+from lavis_plugins.common.local_files import local_hf_folder
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
 from lavis_plugins.models.qformer import KV, ImageKV, QFormer, padding_mask
 
@@ -69,10 +70,13 @@ class TinyVitConfig:
 
 
 def resolve_bert_path(bert_path: str) -> str:
-    """``bert_path`` as given, or for ``"tiny"`` a tiny random BERT made once in the cache folder
-    (``$LAVIS_PLUGINS_CACHE`` or ``~/.cache/lavis_plugins``)."""
+    """``bert_path`` as a local folder (a hub name only when already in the local hub cache:
+    transformers would otherwise retry the hub for minutes), or for ``"tiny"`` a tiny random BERT
+    made once in the cache folder (``$LAVIS_PLUGINS_CACHE`` or ``~/.cache/lavis_plugins``)."""
     if bert_path != TINY_BERT:
-        return bert_path
+        return local_hf_folder(bert_path, "model.bert_path",
+                               "a BERT (bert-base-uncased: config.json, vocab.txt, weights), or "
+                               "use 'tiny' for a tiny random one")
     from lavis_plugins.common.tiny_bert import make_tiny_bert
 
     cache = Path(os.environ.get("LAVIS_PLUGINS_CACHE", Path.home() / ".cache" / "lavis_plugins"))
@@ -316,6 +320,13 @@ class LPBlip2Base(BaseModel):
         self.visual_encoder.train = partial(disabled_train, self.visual_encoder)
         self._vit_frozen = True
         logger.info("freeze vision encoder")
+
+    def maybe_autocast(self, dtype: torch.dtype = torch.float16):
+        """LAVIS's ``Blip2Base.maybe_autocast``: autocast to ``dtype`` on CUDA, nothing on the
+        CPU. Kept under LAVIS's name so client code written for LAVIS's BLIP-2 ports unchanged."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=dtype)
 
     def encode_image(self, image: Tensor) -> Tensor:
         """(B, 3, H, W) -> image features (B, N, vision_width), ``ln_vision`` applied, in

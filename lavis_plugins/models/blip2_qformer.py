@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -28,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from lavis.common import dist_utils
 from lavis.common.registry import registry
-from lavis.common.utils import is_url
 from lavis.models.base_model import all_gather_with_grad, concat_all_gather
 from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +34,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import ModelOutput
 
 from lavis_plugins.common.errors import UserError
+from lavis_plugins.common.local_files import check_not_url, local_checkpoint
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
@@ -99,6 +98,11 @@ class Blip2Stage1Output(ModelOutput):
     loss_itg: Optional[Tensor] = None  # image-grounded text generation (LAVIS's loss_lm)
     acc_itc: Optional[Tensor] = None  # image->text top-1 over the (global) batch
     acc_itm: Optional[Tensor] = None  # matched / not matched, over the 3B ITM pairs
+
+    @property
+    def loss_lm(self) -> Optional[Tensor]:
+        """LAVIS's name of ``loss_itg`` (an attribute, not a key: the runner logs each loss once)."""
+        return self.loss_itg
 
 
 class ItcResult(NamedTuple):
@@ -170,7 +174,11 @@ class LPBlip2Qformer(LPBlip2Base):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "LPBlip2Qformer":
-        model = cls(Blip2QformerConfig.from_mapping(cfg))
+        mcfg = Blip2QformerConfig.from_mapping(cfg)
+        for flag, key in (("load_finetuned", "finetuned"), ("load_pretrained", "pretrained")):
+            if getattr(mcfg, flag):  # refused before the encoder is built: seconds, not minutes
+                check_not_url(getattr(mcfg, key), key)
+        model = cls(mcfg)
         model.load_checkpoint_from_config(cfg)
         return model
 
@@ -182,8 +190,11 @@ class LPBlip2Qformer(LPBlip2Base):
     def tokenize(self, texts: Sequence[str], samples: Optional[Mapping[str, Any]] = None):
         """Captions -> ``BatchEncoding`` (input_ids, attention_mask) (B, T) on the model's device,
         padded to the longest caption and truncated to ``max_txt_len`` tokens."""
-        if isinstance(texts, str) or not isinstance(texts, Sequence):
-            raise UserError(f"text_input must be a list of captions, got {type(texts).__name__}")
+        if isinstance(texts, str):  # one caption, as LAVIS's tokenizer call accepts
+            texts = [texts]
+        if not isinstance(texts, Sequence):
+            raise UserError(f"text_input must be a caption or a list of captions, got "
+                            f"{type(texts).__name__}")
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 ident = "".join(f", {k}={samples[k][i]!r}" for k in ("image_id", "instance_id")
@@ -194,9 +205,19 @@ class LPBlip2Qformer(LPBlip2Base):
                               max_length=self.max_txt_len, return_tensors="pt").to(self.device)
 
     # ------------------------------------------------------------------ training
-    def forward(self, samples: Mapping[str, Any]) -> Blip2Stage1Output:
+    def forward(self, samples: Mapping[str, Any], match_head: Optional[str] = None
+                ) -> Blip2Stage1Output:
         """samples: "image" (B, 3, H, W) or cached encoder outputs "image_embeds" (B, N, Dv),
-        and "text_input" (B captions)."""
+        and "text_input" (B captions).
+
+        ``match_head`` "itm" / "itc" scores the pairs instead of training, as LAVIS's
+        ``blip2_image_text_matching`` does (see :func:`~lavis_plugins.models.blip2_lavis_compat.
+        match_pairs`): (B, 2) matching logits / (B, 1) contrastive similarities.
+        """
+        if match_head is not None:
+            from lavis_plugins.models.blip2_lavis_compat import match_pairs
+
+            return match_pairs(self, samples, match_head)
         text = self.tokenize(samples["text_input"], samples)
         image_embeds = self.encode_samples(samples)  # (B, N, Dv)
         if text.input_ids.shape[0] != image_embeds.shape[0]:
@@ -466,11 +487,7 @@ class LPBlip2Qformer(LPBlip2Base):
         frozen) and keys the model lacks are logged. A file without the trained stage-1 weights
         (``TRAINED_PREFIXES``) or with differently shaped ones is another model: ``UserError``.
         """
-        path = url_or_filename
-        if is_url(path):
-            raise UserError(f"checkpoint {path!r} is a URL; download it and give the local path")
-        if not os.path.isfile(path):
-            raise UserError(f"checkpoint {path!r} is not a file")
+        path = local_checkpoint(url_or_filename, "pretrained")
         # weights-only: a downloaded file must not run code (lavis_plugins.common.safe_load)
         state = state_dict_of(load_weights(path, "checkpoint"), path, "checkpoint")
         own = self.state_dict()

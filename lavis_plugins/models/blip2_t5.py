@@ -95,6 +95,9 @@ class LPBlip2T5(Blip2LLMBase):
     TOKENIZER_NAME = "t5_tokenizer"
     TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
     VQA_PROMPT = "Question: {} Short answer:"  # BLIP-2's zero-shot VQA prompt for FlanT5
+    # LAVIS's Blip2T5.predict_answers default (prompt=""): the bare question. The paper's prompt
+    # is one option away: run.prompt in the YAMLs, or predict_answers(..., prompt=VQA_PROMPT)
+    PREDICT_PROMPT = ""
 
     # ------------------------------------------------------------------ construction
     def make_tiny_llm(self, folder: Path) -> None:
