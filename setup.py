@@ -21,6 +21,8 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
+    # the console script's launcher: outside the package so --help need not import LAVIS
+    py_modules=["lavis_plugins_cli"],
     packages=find_packages(include=["lavis_plugins", "lavis_plugins.*"])
     + ["lavis_plugins.configs", "lavis_plugins.projects"],
     # the YAMLs live at the repository root and ship inside the package, so a non-editable
@@ -45,5 +47,5 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    entry_points={"console_scripts": ["lavis-plugins=lavis_plugins.cli:main"]},
+    entry_points={"console_scripts": ["lavis-plugins=lavis_plugins_cli:main"]},
 )

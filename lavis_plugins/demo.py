@@ -206,6 +206,8 @@ def plot_loss_curves(train_logs: Mapping[str, Path], path: Path) -> Optional[Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lavis_plugins.runners.reporting import plot_loss_panel
+
     series = {}
     for key, log in train_logs.items():
         if not Path(log).is_file():
@@ -217,17 +219,7 @@ def plot_loss_curves(train_logs: Mapping[str, Path], path: Path) -> Optional[Pat
         return None
     fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.4), squeeze=False)
     for ax, (key, recs) in zip(axes[0], series.items()):
-        steps = [r["step"] for r in recs]
-        names = ["loss"] + sorted({k for r in recs for k in r if k.startswith("loss_")})
-        for name in names:
-            ys = [r.get(name) for r in recs]
-            if name != "loss" and ys == [r.get("loss") for r in recs]:
-                continue  # a single-component loss: the same curve twice
-            ax.plot(steps, ys, label=name, linewidth=1.6 if name == "loss" else 1.0)
-        ax.set_title(key)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        plot_loss_panel(ax, recs, key)
     axes[0][0].set_ylabel("training loss")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

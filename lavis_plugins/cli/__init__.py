@@ -3,13 +3,17 @@
     lavis-plugins train    --cfg-path projects/demo/stage1.yaml [--options run.max_epoch=2 ...]
     lavis-plugins evaluate --cfg-path projects/blip2/eval/vqav2_zeroshot_opt2.7b.yaml
     lavis-plugins cache-features --cfg-path X   # frozen-encoder outputs for feature_cache datasets
+    lavis-plugins predict  --model lp_blip2_opt --model-type X --checkpoint Y --image A.jpg
     lavis-plugins zoo      # LAVIS's and the plugin's models
     lavis-plugins names    # the names this plugin registered
     lavis-plugins convert --trust old.pth new.pth   # a trusted pickled file -> weights-only
+    lavis-plugins projects # the shipped experiment YAMLs
     torchrun --nproc_per_node=2 -m lavis_plugins.cli train --cfg-path ...
 
 Each sub-command lives in its own module of this package, which exposes ``add_parsers(sub)``
-(adding its parsers with ``set_defaults(func=...)``); heavy imports stay inside the functions.
+(adding its parsers with ``set_defaults(func=...)``); heavy imports stay inside the functions, so
+building the parser (and ``--help``) imports neither LAVIS nor torch. The plugin is registered into
+LAVIS just before a command runs, unless its parser sets ``registers=False``.
 """
 from __future__ import annotations
 
@@ -24,13 +28,16 @@ from lavis_plugins.common.errors import UserError
 # one module per group of sub-commands, in the order ``--help`` lists them
 COMMAND_MODULES = (
     "lavis_plugins.cli.experiment",
+    "lavis_plugins.cli.predict",
     "lavis_plugins.cli.info",
     "lavis_plugins.cli.convert",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lavis-plugins", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lavis-plugins", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n")[1])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parsers(sub)
@@ -40,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "registers", True):
+            import lavis_plugins
+
+            lavis_plugins.register()
         rc = args.func(args)
         return int(rc or 0)
     except UserError as e:
@@ -47,9 +58,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return e.exit_code
     finally:
         try:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
+            # only when a command used it: importing torch here would cost light commands seconds
+            dist = sys.modules.get("torch.distributed")
+            if dist is not None and dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - shutting down; nothing useful to report
             logging.getLogger(__name__).debug("process group shutdown failed", exc_info=True)

@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import List, Optional
 
+from lavis_plugins.cli.run_options import run_options_help
 from lavis_plugins.common.errors import UserError, unknown_name
 
 
@@ -146,7 +147,9 @@ def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional
 
     ``force`` replaces a previous run in the ``output_dir/job_id`` folder (otherwise refused).
     """
-    import lavis_plugins  # noqa: F401  registers the plugin before the config is read
+    import lavis_plugins
+
+    lavis_plugins.register()  # before the config is read (the console script defers it)
     from lavis.common.logger import setup_logger
     from lavis.common.registry import registry
     from lavis.tasks import setup_task
@@ -189,13 +192,20 @@ def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional
     else:
         result = runner.train()
     if dist_utils.is_main_process():
+        from lavis_plugins.runners.reporting import format_metrics_table
+
+        table = format_metrics_table(result if isinstance(result, dict) else None)
+        if table:
+            print(table, flush=True)
         print(f"lavis-plugins: output in {runner.output_dir}", flush=True)
     return runner, result
 
 
 def cache_features(cfg_path: str, options: List[str], split: str = "train") -> List[Path]:
     """Build the feature cache of every dataset in the YAML that names one (``feature_cache``)."""
-    import lavis_plugins  # noqa: F401
+    import lavis_plugins
+
+    lavis_plugins.register()
     from lavis.tasks import setup_task
     from lavis.tasks.base_task import BaseTask
 
@@ -230,7 +240,8 @@ def add_parsers(sub) -> None:
     """The ``train``, ``evaluate`` and ``cache-features`` sub-commands."""
     for name, help_ in (("train", "train (and evaluate) as the YAML says"),
                         ("evaluate", "evaluate only (run.evaluate=True)")):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, epilog=run_options_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--cfg-path", required=True, help="experiment YAML (model/datasets/run)")
         p.add_argument("--options", nargs="+", default=[],
                        help="overrides as key=value in dot notation, e.g. run.max_epoch=1")

@@ -1,1 +1,2 @@
-from lavis_plugins.common import optim  # noqa: F401  registers the lr schedulers
+"""Shared pieces. Light on purpose (the CLI's --help imports ``common.errors``): the lr schedulers
+of ``common.optim`` are registered by ``lavis_plugins.register()``, which imports it."""

@@ -87,9 +87,9 @@ def build_feature_cache(encoder: torch.nn.Module, dataset, out_dir: str | Path,
     feats = None
     it = range(0, len(images), batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from lavis_plugins.common.progress import track
 
-        it = tqdm(it, desc="caching encoder features", unit="batch")
+        it = track(it, len(it), "caching encoder features", unit="batch")
     for start in it:
         batch = []
         for p in images[start:start + batch_size]:

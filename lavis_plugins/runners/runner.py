@@ -53,6 +53,8 @@ from lavis_plugins.runners.checkpoint_io import RunFolder
 from lavis_plugins.runners.checkpointing import CheckpointingMixin
 from lavis_plugins.runners.nonfinite import NonFiniteGuard, grad_norm
 from lavis_plugins.runners.sampling import EpochSampler, SeededSamples, move_to_device
+from lavis_plugins.common.progress import progress
+from lavis_plugins.runners import reporting
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,10 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                                      int(run.get("max_nonfinite_skips", 10)))
         self.bad_samples = 0  # training samples left out under run.on_bad_sample: skip
         self.setup_output_dir()
+        # run.tensorboard: made now, so a missing tensorboard package fails before training
+        self._tb = (reporting.TensorboardLogger(self.output_dir)
+                    if cfg.run_cfg.get("tensorboard", False) and dist_utils.is_main_process()
+                    else None)
 
         self._device = torch.device(dist_utils.choose_device(self.config.run_cfg.get("device")))
         self._model = model.to(self._device)
@@ -129,6 +135,11 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
     @property
     def use_distributed(self) -> bool:
         return bool(self.config.run_cfg.get("distributed", False)) and dist_utils.is_initialized()
+
+    @property
+    def valid_splits(self) -> List[str]:
+        # LAVIS's property logs "No validation splits found." on every read (three per run)
+        return list(self.config.run_cfg.get("valid_splits", None) or [])
 
     @property
     def seed(self) -> int:
@@ -293,15 +304,17 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                 self._run_folder.mark_finished()
             self._run_folder.release()
 
-    def train(self) -> None:
+    def train(self) -> Optional[Dict[str, Any]]:
+        """Train (and evaluate) as the YAML says; each test split's metrics ``{split: metrics}``."""
         completed = False
         try:
-            self._train()
+            test_logs = self._train()
             completed = True
         finally:
             self.finish(completed)
+        return test_logs
 
-    def _train(self) -> None:
+    def _train(self) -> Optional[Dict[str, Any]]:
         start_time = time.time()
         best_agg_metric, best_epoch = -math.inf, 0
         self.log_config()
@@ -325,12 +338,31 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                             self._save_checkpoint(cur_epoch, is_best=True)
                         val_log.update({"best_epoch": best_epoch})
                         self.log_stats(val_log, split_name)
+                        self._tensorboard_scalars(split_name, val_log)
             if self.evaluate_only:
                 break
+            if dist_utils.is_main_process():
+                reporting.plot_run_curves(self.output_dir)  # loss_curves.png, every epoch
             dist_utils.barrier()
         test_epoch = "best" if self.valid_splits and not self.evaluate_only else cur_epoch
-        self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
+        test_logs = self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
+        for split_name, metrics in (test_logs or {}).items():
+            self._tensorboard_scalars(split_name, metrics or {})
+        if self._tb is not None:
+            self._tb.close()
         logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+        return test_logs
+
+    def evaluate(self, cur_epoch="best", skip_reload=False):
+        """Each test split's metrics ``{split: metrics}``. An evaluation-only run has no epoch:
+        its result files are named by split alone (LAVIS passes "best")."""
+        return super().evaluate(cur_epoch=None if self.evaluate_only else cur_epoch,
+                                skip_reload=skip_reload)
+
+    def _tensorboard_scalars(self, prefix: str, values: Dict[str, Any]) -> None:
+        """``run.tensorboard: true``: log ``values`` under ``prefix`` at the current step."""
+        if self._tb is not None:
+            self._tb.scalars(prefix, values, self.global_step)
 
     @property
     def evaluate_only(self) -> bool:
@@ -379,10 +411,7 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
         count = 0
         bar = None
         if dist_utils.is_main_process():
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n_iters, initial=start, desc=f"train epoch {epoch}",
-                       mininterval=2.0, leave=False, dynamic_ncols=True)
+            bar = progress(n_iters, f"train epoch {epoch}", initial=start)
         data_iter = iter(loader)
         try:
             for i in range(start, n_iters):
@@ -489,6 +518,7 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                "lr": self.optimizer.param_groups[0]["lr"], **parts}
         with open(self.output_dir / "train_log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
+        self._tensorboard_scalars("train", {"lr": rec["lr"], **parts})
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

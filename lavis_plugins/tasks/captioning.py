@@ -237,9 +237,10 @@ class LPCaptionTask(BaseTask):
             "run.report_metric: false to only write predictions.")
 
     def _write_results(self, results, split, epoch) -> str:
-        result_dir = registry.get_path("result_dir")
-        name = f"{split}_captions.json" if epoch is None else f"{split}_epoch{epoch}_captions.json"
-        path = os.path.join(result_dir, name)
+        from lavis_plugins.runners.reporting import result_file_name
+
+        path = os.path.join(registry.get_path("result_dir"),
+                            result_file_name(split, epoch, "captions.json"))
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
         logger.info("caption results written to %s", path)

@@ -14,8 +14,10 @@ processes. ``run.k_test`` (default 128) sets k.
 """
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, Dict, Optional, Tuple
+import os
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -150,4 +152,30 @@ class LPRetrievalTask(RetrievalTask):
         dataset = data_loader.dataset
         metrics = self._report_metrics(score_i2t, score_t2i, dataset.txt2img, dataset.img2txt)
         logger.info("retrieval (k_test=%d): %s", k_test, metrics)
+        self._last = (score_i2t, score_t2i, dataset)  # after_evaluation writes the top-k file
         return metrics
+
+    def after_evaluation(self, val_result, split_name=None, epoch=None, **kwargs):
+        """Writes ``<split>[_epoch<e>]_retrieval_topk.json``: for each image its ``run.topk_save``
+        (10) best captions, for each caption its best images, with scores and whether each is a
+        ground-truth pair."""
+        last, self._last = getattr(self, "_last", None), None
+        if val_result is None or last is None or not dist.is_main_process():
+            return val_result
+        from lavis_plugins.runners.reporting import result_file_name, topk_rows
+
+        score_i2t, score_t2i, dataset = last
+        k = int((self.cfg or {}).get("topk_save", 10))
+        texts = list(dataset.text)
+        images = [str(getattr(dataset, "image", [None] * len(score_i2t))[i])
+                  for i in range(len(score_i2t))]
+        out = {"image_to_text": topk_rows(score_i2t, k, images, dataset.img2txt, "image_index",
+                                          "text_index", target_text=texts),
+               "text_to_image": topk_rows(score_t2i, k, texts, dataset.txt2img, "text_index",
+                                          "image_index")}
+        path = os.path.join(registry.get_path("result_dir"),
+                            result_file_name(split_name, epoch, "retrieval_topk.json"))
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+        logger.info("retrieval top-%d per query written to %s", k, path)
+        return val_result

@@ -228,14 +228,14 @@ class VideoQATask(BaseTask):
         metrics: Dict[str, Any] = {}
         if dist.is_main_process():
             answered, skipped, dup = merge_results(parts)
-            metrics = self.score(answered, skipped, split_name, duplicates=dup)
+            metrics = self.score(answered, skipped, split_name, duplicates=dup, epoch=epoch)
             with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as f:
                 f.write(json.dumps({split_name: metrics}) + "\n")
         dist.barrier()
         return metrics
 
     def score(self, answered: List[Dict[str, Any]], skipped: List[Dict[str, Any]], split: str,
-              duplicates: int = 0) -> Dict[str, Any]:
+              duplicates: int = 0, epoch: Any = None) -> Dict[str, Any]:
         """Metrics of the merged records of ``split``; writes the per-question files."""
         answered = sorted(answered, key=lambda r: str(r["question_id"]))
         metrics: Dict[str, Any] = {"num_questions": len(answered), "num_skipped": len(skipped)}
@@ -253,6 +253,8 @@ class VideoQATask(BaseTask):
         if duplicates:
             logger.warning("video QA %s: %d duplicate results dropped (by question_id)", split,
                            duplicates)
+        from lavis_plugins.runners.reporting import result_file_name
+
         result_dir = registry.get_path("result_dir")
         for protocol in self.cfg.protocols:
             rows = [{"question_id": r["question_id"], "question": r.get("question"),
@@ -262,11 +264,12 @@ class VideoQATask(BaseTask):
                     for r in answered]
             if rows:
                 metrics[protocol] = protocol_metrics(rows)
-            path = os.path.join(result_dir, f"{split}_video_qa_{protocol}.json")
+            path = os.path.join(result_dir,
+                                result_file_name(split, epoch, f"video_qa_{protocol}.json"))
             with open(path, "w") as f:
                 json.dump(rows, f, indent=1)
         if skipped:
-            path = os.path.join(result_dir, f"{split}_video_qa_skipped.json")
+            path = os.path.join(result_dir, result_file_name(split, epoch, "video_qa_skipped.json"))
             with open(path, "w") as f:
                 json.dump(sorted(skipped, key=lambda r: str(r["question_id"])), f, indent=1)
             logger.warning("video QA %s: %d questions skipped because their video could not be "

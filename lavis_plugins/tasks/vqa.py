@@ -185,7 +185,7 @@ class LPVQATask(BaseTask):
         metrics: Dict[str, Any] = {}
         if dist.is_main_process():
             scored, metrics = self.score(results, split_name)
-            self._write(results, scored, split_name)
+            self._write(results, scored, split_name, epoch)
             if "agg_metrics" in metrics:
                 with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as f:
                     f.write(json.dumps({split_name: metrics}) + "\n")
@@ -236,13 +236,15 @@ class LPVQATask(BaseTask):
             return self.cfg.metric
         return "vqa_acc" if len(ref.answers) > 1 else "exact_match"
 
-    def _write(self, results, scored, split) -> None:
+    def _write(self, results, scored, split, epoch=None) -> None:
+        from lavis_plugins.runners.reporting import result_file_name
+
         result_dir = registry.get_path("result_dir")
-        official = os.path.join(result_dir, f"{split}_vqa_result.json")
+        official = os.path.join(result_dir, result_file_name(split, epoch, "vqa_result.json"))
         with open(official, "w") as f:
             json.dump([{"question_id": r["question_id"], "answer": r["answer"]}
                        for r in results], f)
-        detail = os.path.join(result_dir, f"{split}_vqa_scored.json")
+        detail = os.path.join(result_dir, result_file_name(split, epoch, "vqa_scored.json"))
         with open(detail, "w") as f:
             json.dump(scored, f, indent=1)
         logger.info("VQA results written to %s and %s", official, detail)
