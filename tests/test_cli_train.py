@@ -56,14 +56,20 @@ def _check_run(out_dir, iters):
     log = [json.loads(l) for l in (job / "train_log.jsonl").read_text().splitlines()]
     assert {"loss", "loss_itc", "loss_itm", "loss_itg"} <= set(log[-1])
     assert "train_loss" in (job / "log.txt").read_text()
+    assert (job / "loss_curves.png").stat().st_size > 0  # drawn at the end of each epoch
     return log
 
 
-def test_train_single_cpu_process(lp, tmp_path, tiny_bert_dir, shapes_home, capsys):
+def test_train_single_cpu_process(lp, tmp_path, tiny_bert_dir, shapes_home, capsys, caplog):
     from lavis_plugins.cli import main
 
+    caplog.set_level("INFO")
     assert main(["train", "--cfg-path", str(_yaml(tmp_path, tiny_bert_dir))]) == 0
-    assert "output in" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "output in" in captured.out
+    # not a terminal: the progress bar is whole lines, the last one the finished epoch
+    assert "\r" not in captured.err and "train epoch 0: 3/3 it (100%)" in captured.err
+    assert "No validation splits found" not in caplog.text  # LAVIS logged it 3 times a run
     _check_run(tmp_path / "out", 3)
 
 
