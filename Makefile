@@ -5,6 +5,9 @@ VPY       := $(VENV)/bin/python
 UV        := $(PY) -m uv
 UV_VER    := 0.13.9
 STAMP     := $(VENV)/.lavis_plugins_stamp
+# Python 3.10 has its own lock (altair 6.3, ipython 9 and a few others need 3.11); 3.11 and 3.12
+# share env/requirements.lock; 3.13 has no torchvision 0.20.1 wheel
+LOCK      := $(shell $(PY) -c 'import sys; print("env/requirements-py310.lock" if sys.version_info < (3, 11) else "env/requirements.lock")')
 PYTEST_ARGS ?=
 
 .PHONY: setup test test-all demo lock bench clean-venv
@@ -12,19 +15,21 @@ PYTEST_ARGS ?=
 # Creates or updates the project-local environment; does nothing when it is current.
 setup: $(STAMP)
 
-$(STAMP): env/requirements.lock setup.py
+$(STAMP): $(LOCK) setup.py
 	@$(UV) --version >/dev/null 2>&1 || $(PY) -m pip install -q "uv==$(UV_VER)"
 	@test -x $(VPY) || $(UV) venv -q --python $(PY) $(VENV)
-	$(UV) pip sync -q --python $(VPY) env/requirements.lock
+	$(UV) pip sync -q --python $(VPY) $(LOCK)
 	$(UV) pip install -q --python $(VPY) --no-deps -e .
 	@$(VPY) -c "import torchvision, lavis, lavis_plugins" 2>/dev/null \
 		|| { echo "setup: the environment does not import torchvision/lavis/lavis_plugins"; exit 1; }
 	@touch $(STAMP)
 
-# Regenerates env/requirements.lock from env/requirements.in and env/overrides.txt.
+# Regenerates both locks from env/requirements.in and env/overrides.txt (3.11-3.12, and 3.10).
 lock:
-	$(UV) pip compile -q --python $(PY) env/requirements.in --override env/overrides.txt \
+	$(UV) pip compile -q --python-version 3.11 env/requirements.in --override env/overrides.txt \
 		--python-platform x86_64-manylinux_2_28 -o env/requirements.lock
+	$(UV) pip compile -q --python-version 3.10 env/requirements.in --override env/overrides.txt \
+		--python-platform x86_64-manylinux_2_28 -o env/requirements-py310.lock
 
 # The default suite: offline, CPU-only, tiny models (slow and gpu tests are deselected).
 test: setup

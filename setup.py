@@ -20,7 +20,9 @@ setup(
     description="BLIP-2 pre-training, fine-tuning and zero-shot video QA as LAVIS plugins",
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    # 3.10 installs from env/requirements-py310.lock, 3.11-3.12 from env/requirements.lock;
+    # 3.13 has no wheel of torchvision 0.20.1 (the torch 2.5.1 pair)
+    python_requires=">=3.10,<3.13",
     # the console script's launcher: outside the package so --help need not import LAVIS
     py_modules=["lavis_plugins_cli"],
     packages=find_packages(include=["lavis_plugins", "lavis_plugins.*"])
