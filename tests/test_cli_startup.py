@@ -51,14 +51,6 @@ def test_missing_cfg_path_points_at_the_projects_command(capsys, tmp_path):
     assert "`lavis-plugins projects`" in err and len(err.strip().splitlines()) == 1
 
 
-def test_import_filters_the_fairscale_warnings():
-    """``import lavis_plugins`` in a fresh interpreter prints no dependency warning."""
-    proc = subprocess.run([sys.executable, "-W", "default", "-c", "import lavis_plugins"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "FutureWarning" not in proc.stderr and "custom_fwd" not in proc.stderr, proc.stderr
-
-
 def test_progress_lines_are_whole_lines_in_files():
     from lavis_plugins.common.progress import LineProgress, progress
 

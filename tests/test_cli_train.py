@@ -96,3 +96,5 @@ def test_console_script_zoo_lists_both(tmp_path):
     proc = subprocess.run([exe, "zoo"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "blip2_opt" in proc.stdout and "lp_blip2_qformer" in proc.stdout
+    # the fairscale FutureWarnings of `import lavis` are filtered once, at import (issue 17)
+    assert "FutureWarning" not in proc.stderr and "custom_fwd" not in proc.stderr, proc.stderr

@@ -120,6 +120,9 @@ def test_url_pretrained_fails_fast_unless_allowed(lp, monkeypatch):
         with pytest.raises(UserError, match=r"model\.pretrained is a URL.*LAVIS_PLUGINS_ALLOW_"):
             lp.load_model(name, mtype, **extra)
         assert time.perf_counter() - start < 5
+    for name in ("lp_blip2_opt", "lp_blip2_qformer"):  # a missing local file: also before building
+        with pytest.raises(UserError, match=r"model\.pretrained '/nonexistent\.pth' does not exist"):
+            lp.load_model(name, "tiny", pretrained="/nonexistent.pth", load_pretrained=True)
     from lavis_plugins.common import local_files
 
     calls = []

@@ -72,6 +72,14 @@ def _task(args) -> str:
     return task
 
 
+def _check_paths(args) -> None:
+    missing = [f for f in (args.image or args.video or []) if not Path(f).is_file()]
+    if missing:
+        raise UserError(f"not a file: {', '.join(missing)}")
+    if args.folder is not None and not Path(args.folder).is_dir():
+        raise UserError(f"--folder {args.folder!r} is not a folder")
+
+
 def _files(args, wants_video: bool) -> List[Path]:
     given = args.image or args.video
     if given:
@@ -81,14 +89,8 @@ def _files(args, wants_video: bool) -> List[Path]:
         if args.image and wants_video:
             raise UserError(f"{args.model} takes videos (--video); a one-frame video of an image "
                             "gives the image model's answer: use lp_blip2_opt / lp_blip2_t5")
-        files = [Path(f) for f in given]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise UserError(f"not a file: {', '.join(missing)}")
-        return files
+        return [Path(f) for f in given]
     folder = Path(args.folder)
-    if not folder.is_dir():
-        raise UserError(f"--folder {args.folder!r} is not a folder")
     exts = VIDEO_EXTS if wants_video else IMAGE_EXTS
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts)
     if not files:
@@ -116,6 +118,7 @@ def predict(args) -> Iterator[Dict[str, Any]]:
     from lavis_plugins.common.progress import progress
 
     task = _task(args)
+    _check_paths(args)  # before the model is loaded: a typo costs no load
     device = choose_device(args.device)
     model, vis, _ = lavis_plugins.load_model_and_preprocess(
         args.model, args.model_type, is_eval=True, device=device, checkpoint=args.checkpoint,

@@ -25,21 +25,27 @@ def is_url(value: Optional[str]) -> bool:
     return isinstance(value, str) and value.split("://", 1)[0] in ("http", "https")
 
 
-def check_not_url(value: Optional[str], key: str) -> None:
-    """Refuse a URL for ``key`` unless downloads are allowed (call before building a model, so
-    the refusal comes in seconds, not after the encoders are loaded)."""
-    if is_url(value) and not downloads_allowed():
-        raise UserError(
-            f"model.{key} is a URL ({value}) and nothing is downloaded unless you opt in: download "
-            f"the file and set model.{key}=<local .pth>, or set {ALLOW_DOWNLOAD_ENV}=1 to let "
-            "LAVIS download it.")
+def check_checkpoint_source(value: Optional[str], key: str) -> None:
+    """Refuse, before a model is built (seconds, not minutes), a checkpoint for ``key`` that is a
+    URL while downloads are not allowed, or a local path that does not exist."""
+    if not value:
+        return
+    if is_url(value):
+        if not downloads_allowed():
+            raise UserError(
+                f"model.{key} is a URL ({value}) and nothing is downloaded unless you opt in: "
+                f"download the file and set model.{key}=<local .pth>, or set "
+                f"{ALLOW_DOWNLOAD_ENV}=1 to let LAVIS download it.")
+    elif not os.path.exists(value):
+        raise UserError(f"model.{key} {value!r} does not exist; give the local path of a LAVIS "
+                        ".pth checkpoint (or of a transformers BLIP-2 folder, for stage 2)")
 
 
 def local_checkpoint(value: str, key: str) -> str:
     """A checkpoint path that exists on this machine: a local file, or a URL downloaded into
-    LAVIS's cache when the user opted in (see :func:`check_not_url`)."""
+    LAVIS's cache when the user opted in (see :func:`check_checkpoint_source`)."""
     if is_url(value):
-        check_not_url(value, key)
+        check_checkpoint_source(value, key)
         from lavis.common.dist_utils import download_cached_file
 
         return download_cached_file(value, check_hash=False, progress=True)

@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput
 
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.common.local_files import (
-    check_not_url,
+    check_checkpoint_source,
     is_url,
     local_checkpoint,
     local_hf_folder,
@@ -539,9 +539,9 @@ class Blip2LLMBase(LPBlip2Base):
             raise UserError(f"{path} is a folder but not a transformers BLIP-2 folder (no "
                             "config.json with model_type 'blip-2'); give a LAVIS .pth or a "
                             "Blip2ForConditionalGeneration folder")
-        # refused before the encoders and the LLM are built, so it takes seconds
-        check_not_url(path, "finetuned" if mcfg.load_finetuned else "pretrained")
-        check_not_url(mcfg.stage1_checkpoint, "stage1_checkpoint")
+        # a URL or a missing file is refused before the encoders and the LLM are built (seconds)
+        check_checkpoint_source(path, "finetuned" if mcfg.load_finetuned else "pretrained")
+        check_checkpoint_source(mcfg.stage1_checkpoint, "stage1_checkpoint")
         model = cls(mcfg, hf_folder=hf_folder)
         if mcfg.stage1_checkpoint:
             model.load_stage1(mcfg.stage1_checkpoint)

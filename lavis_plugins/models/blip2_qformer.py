@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import ModelOutput
 
 from lavis_plugins.common.errors import UserError
-from lavis_plugins.common.local_files import check_not_url, local_checkpoint
+from lavis_plugins.common.local_files import check_checkpoint_source, local_checkpoint
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
@@ -177,7 +177,7 @@ class LPBlip2Qformer(LPBlip2Base):
         mcfg = Blip2QformerConfig.from_mapping(cfg)
         for flag, key in (("load_finetuned", "finetuned"), ("load_pretrained", "pretrained")):
             if getattr(mcfg, flag):  # refused before the encoder is built: seconds, not minutes
-                check_not_url(getattr(mcfg, key), key)
+                check_checkpoint_source(getattr(mcfg, key), key)
         model = cls(mcfg)
         model.load_checkpoint_from_config(cfg)
         return model

@@ -65,13 +65,14 @@ class LPBlip2VideoQformer(LPBlip2Qformer):
         return cls.PRETRAINED_MODEL_CONFIG_DICT[model_type]
 
     # ------------------------------------------------------------------ features
-    def forward(self, samples: Mapping[str, Any]) -> Blip2Stage1Output:
-        """Image-text training as ``lp_blip2_qformer`` (``samples["image"]``); videos are for
-        zero-shot evaluation only."""
+    def forward(self, samples: Mapping[str, Any], match_head: Optional[str] = None
+                ) -> Blip2Stage1Output:
+        """Image-text training (or ``match_head`` scoring) as ``lp_blip2_qformer``
+        (``samples["image"]``); videos are for zero-shot evaluation only."""
         if "video" in samples:
             raise UserError("lp_blip2_video_qformer evaluates videos zero-shot and does not train "
                             "on them; train lp_blip2_qformer on images and load its checkpoint")
-        return super().forward(samples)
+        return super().forward(samples, match_head=match_head)
 
     def video_features(self, video: Tensor) -> Tuple[Tensor, Tensor]:
         """Videos (B, C, T, H, W) -> per-frame ITC embeddings (B, T, Nq, E), L2-normalised, and
