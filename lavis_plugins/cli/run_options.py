@@ -34,9 +34,13 @@ RUN_OPTIONS: Tuple[Tuple[str, str, str], ...] = (
     ("output_dir", "output", "runs go to <output_dir>/<job-id>/"),
     ("resume_ckpt_path", "none", "training checkpoint to continue exactly from"),
     ("ckpt_freq", "0", "also save every N optimizer steps (0: epoch ends only)"),
+    ("force", "false", "replace a finished run in the same output folder"),
+    ("on_nonfinite / max_nonfinite_skips", "stop / 10", "non-finite loss: stop, or skip the step"),
+    ("on_bad_sample / max_bad_fraction", "fail / 0.01", "unreadable sample: fail, or skip it"),
     ("log_freq", "50", "train_log.jsonl line every N batches"),
     ("tensorboard", "false", "also log losses, lr and metrics to <run>/tensorboard"),
     ("k_test", "128", "retrieval: ITC candidates re-ranked by ITM per query"),
+    ("topk_save", "10", "retrieval: best matches per query in result/*_retrieval_topk.json"),
     ("prompt", "the model's", "captioning / VQA prompt, e.g. 'Question: {} Answer:'"),
 )
 

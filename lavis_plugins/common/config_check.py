@@ -81,6 +81,8 @@ RUN_KEYS: Dict[str, Key] = {
     "max_bad_fraction": Key("float", lo=0, hi=1),
     # LAVIS tasks' keys the plugin's task configs do not declare
     "k_test": POS_INT, "apply_lemmatizer": Key("bool"), "sample_id_key": Key("str"),
+    # reporting (lavis_plugins/runners/reporting.py, lp_retrieval's top-k file)
+    "tensorboard": Key("bool"), "topk_save": POS_INT,
 }
 
 # dataset keys every builder accepts beyond those in its own default YAML
