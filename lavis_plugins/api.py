@@ -7,6 +7,7 @@ list of choices; and a ``checkpoint`` and config overrides can be given directly
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -129,5 +130,20 @@ def load_model_and_preprocess(
         logger.info("no default preprocess for %s/%s", name, model_type)
         vis, txt = {"train": None, "eval": None}, {"train": None, "eval": None}
     else:
-        vis, txt = load_preprocess(preprocess)
+        vis, txt = load_preprocess(_processors_at_model_size(preprocess, model))
     return model.to(device), vis, txt
+
+
+def _processors_at_model_size(preprocess, model: torch.nn.Module):
+    """``preprocess`` with every visual processor's ``image_size`` set to the size the model was
+    built for (an ``image_size`` override, or the size a transformers folder's config.json
+    gives), since an image of another size fails inside the model."""
+    size = getattr(getattr(model, "cfg", None), "image_size", None)
+    vis = preprocess.get("vis_processor") if size is not None else None
+    if not vis:
+        return preprocess
+    preprocess = copy.deepcopy(preprocess)
+    for split in preprocess.vis_processor.values():
+        if split is not None:
+            split.image_size = int(size)
+    return preprocess

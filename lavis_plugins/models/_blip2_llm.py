@@ -36,13 +36,13 @@ from transformers.utils import ModelOutput
 
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
-from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
+from lavis_plugins.models.arch_check import describe_mismatch, mismatch_message
+from lavis_plugins.models.blip2_base import VIT_MODELS, LPBlip2Base, TinyVitConfig
 from lavis_plugins.models.blip2_qformer import init_vision_and_qformer
 
 logger = logging.getLogger(__name__)
 
 LLM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-VIT_MODELS = ("eva_clip_g", "clip_L", "tiny")
 TINY_LLM = "tiny"  # LLM folder value that makes (once, in the cache folder) a tiny random LLM
 # keys of the model config that LAVIS's Config adds and that are not model settings
 _CONFIG_META_KEYS = ("arch", "model_type")
@@ -53,14 +53,15 @@ class Blip2LLMConfig:
     """Settings shared by the stage-2 models (each default is written here, once)."""
 
     # --- image encoder ---
-    vit_model: str = "eva_clip_g"  # "eva_clip_g" (EVA ViT-g/14), "clip_L" (ViT-L/14), "tiny"
+    # "eva_clip_g" (EVA ViT-g/14), "clip_L" (ViT-L/14), "eva" (EVA-style, sizes in tiny_vit), "tiny"
+    vit_model: str = "eva_clip_g"
     image_size: int = 224  # input resolution (364 for LAVIS's COCO caption fine-tuned weights)
     drop_path_rate: float = 0.0  # stochastic depth of the ViT (matters only when it trains)
     use_grad_checkpoint: bool = False  # recompute ViT activations in backward (unfrozen ViT)
     vit_precision: str = "fp16"  # ViT weights on GPU: "fp16" or "fp32"
     vit_path: Optional[str] = None  # local eva_clip_g / clip_L weights; "random": untrained
     freeze_vit: bool = True  # False fine-tunes the image encoder (caption / VQA fine-tuning)
-    tiny_vit: TinyVitConfig = field(default_factory=TinyVitConfig)  # sizes for vit_model "tiny"
+    tiny_vit: TinyVitConfig = field(default_factory=TinyVitConfig)  # sizes for "tiny" / "eva"
     # --- Q-Former ---
     bert_path: str = "bert-base-uncased"  # BERT folder the Q-Former is built from; "tiny": random
     num_query_token: int = 32  # learned queries = length of the soft visual prompt
@@ -618,12 +619,15 @@ class Blip2LLMBase(LPBlip2Base):
         ``required`` prefixes; missing frozen parts are logged."""
         own = self.state_dict()
         unknown = sorted(k for k in state if k not in own)
+        bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+               if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        differs = describe_mismatch(state, own, self.vit_setting()) if unknown or bad else []
+        if differs:  # name the setting, not the tensor
+            raise UserError(mismatch_message(source, differs, ""))
         if unknown:
             raise UserError(f"{source}: {len(unknown)} weight(s) this model does not have, e.g. "
                             f"{unknown[:6]}. Is it a checkpoint of {type(self).__name__}'s "
-                            "architecture (same vit_model, Q-Former size)?")
-        bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-               if tuple(v.shape) != tuple(own[k].shape)]
+                            "architecture?")
         if bad:
             raise UserError(f"{source}: weight shapes differ from this model's (name, file, "
                             f"model): {bad[:6]}. Check vit_model, bert_path, num_query_token.")

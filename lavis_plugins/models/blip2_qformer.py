@@ -37,6 +37,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
+from lavis_plugins.models.arch_check import describe_mismatch, mismatch_message
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
 from lavis_plugins.paths import config_path
@@ -51,7 +52,7 @@ class Blip2QformerConfig:
     # BERT folder (or a name in the HF cache) for the Q-Former and tokenizer; "tiny": a tiny
     # random BERT made once in the cache folder
     bert_path: str = "bert-base-uncased"
-    vit_model: str = "eva_clip_g"  # image encoder: eva_clip_g | clip_L | tiny
+    vit_model: str = "eva_clip_g"  # image encoder: eva_clip_g | clip_L | eva (sized) | tiny
     # local weights file of eva_clip_g / clip_L; "random": untrained (benchmarks only)
     vit_path: Optional[str] = None
     image_size: int = 224  # input side in pixels
@@ -59,7 +60,7 @@ class Blip2QformerConfig:
     use_grad_checkpoint: bool = False  # image-encoder gradient checkpointing (unfrozen encoder)
     vit_precision: str = "fp16"  # fp32 | fp16 | bf16 encoder Conv/Linear weights (half: GPU)
     freeze_vit: bool = True  # image encoder gets no gradients and stays in eval mode
-    tiny_vit: TinyVitConfig = field(default_factory=TinyVitConfig)  # sizes for vit_model "tiny"
+    tiny_vit: TinyVitConfig = field(default_factory=TinyVitConfig)  # sizes for "tiny" / "eva"
     num_query_token: int = 32  # learned queries
     cross_attention_freq: int = 2  # Q-Former layers 0, f, 2f, ... cross-attend to the image
     embed_dim: int = 256  # width of the ITC projections (vision_proj, text_proj)
@@ -179,9 +180,11 @@ class LPBlip2Qformer(LPBlip2Base):
         return self.query_tokens.shape[1]
 
     # ------------------------------------------------------------------ inputs
-    def tokenize(self, texts: Sequence[str], samples: Optional[Mapping[str, Any]] = None):
+    def tokenize(self, texts: Sequence[str], samples: Optional[Mapping[str, Any]] = None,
+                 truncate: bool = True):
         """Captions -> ``BatchEncoding`` (input_ids, attention_mask) (B, T) on the model's device,
-        padded to the longest caption and truncated to ``max_txt_len`` tokens."""
+        padded to the longest caption and (``truncate``) truncated to ``max_txt_len`` tokens;
+        without truncation, longer than the Q-Former's position embeddings is a ``UserError``."""
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise UserError(f"text_input must be a list of captions, got {type(texts).__name__}")
         for i, t in enumerate(texts):
@@ -190,8 +193,15 @@ class LPBlip2Qformer(LPBlip2Base):
                                 if samples is not None and k in samples)
                 raise UserError(f"sample {i} of the batch{ident} has an empty or non-text caption "
                                 f"({t!r}); fix or drop it in the annotation file")
-        return self.tokenizer(list(texts), padding="longest", truncation=True,
-                              max_length=self.max_txt_len, return_tensors="pt").to(self.device)
+        if truncate:
+            return self.tokenizer(list(texts), padding="longest", truncation=True,
+                                  max_length=self.max_txt_len, return_tensors="pt").to(self.device)
+        enc = self.tokenizer(list(texts), padding="longest", return_tensors="pt")
+        limit = self.Qformer.config.max_position_embeddings
+        if enc.input_ids.shape[1] > limit:
+            raise UserError(f"a text of {enc.input_ids.shape[1]} tokens is longer than the "
+                            f"Q-Former's {limit} position embeddings; shorten it")
+        return enc.to(self.device)
 
     # ------------------------------------------------------------------ training
     def forward(self, samples: Mapping[str, Any]) -> Blip2Stage1Output:
@@ -336,6 +346,8 @@ class LPBlip2Qformer(LPBlip2Base):
         mode "image": image_embeds (B, Nq, D) query outputs, image_embeds_proj (B, Nq, E)
         normalised; "text": text_embeds (B, T, D), text_embeds_proj (B, T, E) normalised;
         "multimodal": multimodal_embeds (B, Nq, D), query outputs of the image-grounded pass.
+        T is the longest text's token count: as LAVIS's ``Blip2Qformer.extract_features``, texts
+        are not truncated to ``max_txt_len`` here (training truncates them).
         """
         if mode not in ("image", "text", "multimodal"):
             raise UserError(f"extract_features mode {mode!r}: choose image, text or multimodal")
@@ -350,13 +362,13 @@ class LPBlip2Qformer(LPBlip2Base):
             out.update(image_embeds=hidden,
                        image_embeds_proj=F.normalize(self.vision_proj(hidden), dim=-1))
         elif mode == "text":
-            text = self.tokenize(caption, samples)
+            text = self.tokenize(caption, samples, truncate=False)
             hidden, _ = self.Qformer.bert(input_ids=text.input_ids,
                                           attention_mask=padding_mask(text.attention_mask))
             out.update(text_embeds=hidden,
                        text_embeds_proj=F.normalize(self.text_proj(hidden), dim=-1))
         else:
-            text = self.tokenize(caption, samples)
+            text = self.tokenize(caption, samples, truncate=False)
             out.update(multimodal_embeds=self.query_text_output(
                 self.encode_image(image), text.input_ids, text.attention_mask))
         return BlipOutputFeatures(**out)
@@ -478,6 +490,17 @@ class LPBlip2Qformer(LPBlip2Base):
                        for k in state if k in own and state[k].shape != own[k].shape]
         absent = [k for k, _ in self.named_parameters()
                   if k.startswith(self.TRAINED_PREFIXES) and k not in state]
+        # trained weights the model has no place for would be dropped: another architecture
+        dropped = [k for k in state if k not in own and k.startswith(self.TRAINED_PREFIXES)]
+        if wrong_shape or absent or dropped:
+            differs = describe_mismatch(state, own, self.vit_setting())
+            if differs:
+                raise UserError(mismatch_message(f"checkpoint {path!r}", differs, ""))
+        if dropped:
+            raise UserError(f"checkpoint {path!r} holds {len(dropped)} trained weight(s) "
+                            f"lp_blip2_qformer with this config has no place for (e.g. "
+                            f"{dropped[:3]}); loading would drop them. Build the model with the "
+                            "settings the checkpoint was trained with.")
         if wrong_shape or absent:
             raise UserError(
                 f"checkpoint {path!r} does not fit lp_blip2_qformer with this config: "
