@@ -91,7 +91,7 @@ def load_model(
             transformers folder; replaces the config's ``pretrained``.
         overrides: config keys that replace the default YAML's values.
     """
-    model, _ = _build(name, model_type, checkpoint, overrides)
+    model, _ = _build(name, model_type, checkpoint, overrides, device)
     if is_eval:
         model.eval()
     if str(device) == "cpu":
@@ -99,13 +99,16 @@ def load_model(
     return model.to(device)
 
 
-def _build(name, model_type, checkpoint, overrides):
+def _build(name, model_type, checkpoint, overrides, device):
     if checkpoint is not None:
         overrides = dict(overrides, pretrained=str(checkpoint), load_pretrained=True,
                          load_finetuned=False)
     from lavis_plugins.common.safe_load import weights_only_loads
 
     cfg, preprocess = model_config(name, model_type, **overrides)
+    if str(device) == "cpu" and "vit_precision" in cfg and "vit_precision" not in overrides:
+        # the model is made fp32 for the CPU anyway; an fp16 round trip would round the weights
+        cfg.vit_precision = "fp32"
     # LAVIS's own models (and their ViT builders) unpickle fully: weights-only here
     with weights_only_loads([cfg.get(k) for k in ("pretrained", "finetuned", "vit_path")]):
         model = _model_class(name).from_config(cfg)
@@ -121,7 +124,7 @@ def load_model_and_preprocess(
     **overrides: Any,
 ) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[str, Any]]:
     """Like :func:`load_model`, and also the visual and text processors ``{"train", "eval"}``."""
-    model, preprocess = _build(name, model_type, checkpoint, overrides)
+    model, preprocess = _build(name, model_type, checkpoint, overrides, device)
     if is_eval:
         model.eval()
     if str(device) == "cpu":

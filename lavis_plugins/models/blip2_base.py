@@ -8,6 +8,7 @@ paths, and a missing or wrong file is a :class:`~lavis_plugins.common.errors.Use
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -24,11 +25,11 @@ from lavis.models import eva_vit
 from lavis.models.base_model import BaseModel
 from lavis.models.blip2_models.blip2 import disabled_train
 from torch import Tensor, nn
-from transformers import BertTokenizer
+from transformers import BertConfig, BertTokenizer
 
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
-from lavis_plugins.models.qformer import KV, ImageKV, QFormer, padding_mask
+from lavis_plugins.models.qformer import KV, ImageKV, QFormer, padding_mask, qformer_config
 
 logger = logging.getLogger(__name__)
 
@@ -306,19 +307,54 @@ class LPBlip2Base(BaseModel):
 
     @classmethod
     def init_qformer(
-        cls, bert_path: str, num_query_token: int, vision_width: int, cross_attention_freq: int = 2
+        cls, bert_path: str, num_query_token: int, vision_width: int, cross_attention_freq: int = 2,
+        bert_config: Optional[BertConfig] = None,
     ) -> Tuple[QFormer, nn.Parameter]:
         """A Q-Former initialised from the BERT at ``bert_path`` and its learned queries
-        (1, num_query_token, hidden) ~ N(0, initializer_range), as LAVIS's ``init_Qformer``."""
-        path = resolve_bert_path(bert_path)
-        try:
-            qformer = QFormer.from_bert(path, num_query_token, vision_width, cross_attention_freq)
-        except (OSError, ValueError) as e:  # ValueError: not a folder nor a hub name
-            raise UserError(f"bert_path {bert_path!r}: cannot load BERT weights from it ({e})"
-                            ) from e
+        (1, num_query_token, hidden) ~ N(0, initializer_range), as LAVIS's ``init_Qformer``.
+        With ``bert_config`` (the sizes of a checkpoint that brings every weight, e.g. a
+        transformers folder) it is built at those sizes, randomly initialised, and
+        ``bert_path`` is not read."""
+        if bert_config is not None:
+            qformer = QFormer(qformer_config(bert_config, num_query_token, vision_width,
+                                             cross_attention_freq))
+        else:
+            path = resolve_bert_path(bert_path)
+            try:
+                qformer = QFormer.from_bert(path, num_query_token, vision_width,
+                                            cross_attention_freq)
+            except (OSError, ValueError) as e:  # ValueError: not a folder nor a hub name
+                raise UserError(f"bert_path {bert_path!r}: cannot load BERT weights from it ({e})"
+                                ) from e
         query_tokens = nn.Parameter(torch.zeros(1, num_query_token, qformer.config.hidden_size))
         query_tokens.data.normal_(mean=0.0, std=qformer.config.initializer_range)
         return qformer, query_tokens
+
+    def cast_vision_encoder(self, precision: str) -> None:
+        """Cast the image encoder's Conv/Linear weights to ``precision`` (``vit_precision``) and
+        record it in ``cfg``. ``from_config`` builds in fp32, loads every checkpoint, then calls
+        this, so weights are rounded once, from the file's values (loading into fp16 weights
+        would round them for good, also for a later ``.float()`` on the CPU)."""
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise UserError(f"vit_precision {precision!r}: choose fp32, fp16 or bf16")
+        if precision != "fp32":
+            _cast_vit(self.visual_encoder, precision)
+        if dataclasses.is_dataclass(getattr(self, "cfg", None)):
+            self.cfg = dataclasses.replace(self.cfg, vit_precision=precision)
+
+    def save_pretrained(self, folder: Union[str, Path]) -> Path:
+        """Write a transformers folder (config.json, model.safetensors, processor and
+        tokenizer files) that transformers' own BLIP-2 class loads; see
+        :func:`lavis_plugins.models.export.save_transformers`."""
+        from lavis_plugins.models.export import save_transformers
+
+        return save_transformers(self, folder)
+
+    def save_lavis(self, path: Union[str, Path]) -> Path:
+        """Write a LAVIS ``.pth`` (``{"model": state_dict}``) that LAVIS's classes load."""
+        from lavis_plugins.models.export import save_lavis
+
+        return save_lavis(self, path)
 
     def vit_setting(self) -> str:
         """The config key that sizes this model's image encoder (for error messages)."""

@@ -33,12 +33,13 @@ from lavis.models.base_model import all_gather_with_grad, concat_all_gather
 from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from transformers import BertConfig
 from transformers.modeling_outputs import ModelOutput
 
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
 from lavis_plugins.models.arch_check import describe_mismatch, mismatch_message
-from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
+from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig, resolve_bert_path
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
 from lavis_plugins.paths import config_path
 
@@ -118,12 +119,14 @@ def _pad_right(ids: Tensor, length: int, value: int) -> Tensor:
     return F.pad(ids, (0, length - ids.shape[1]), value=value)
 
 
-def init_vision_and_qformer(model: LPBlip2Base, cfg: Any) -> None:
+def init_vision_and_qformer(model: LPBlip2Base, cfg: Any,
+                            bert_config: Optional[BertConfig] = None) -> None:
     """Set ``model.visual_encoder`` and ``ln_vision`` (frozen when ``cfg.freeze_vit``), then
     ``model.Qformer`` and ``query_tokens``, from the settings both BLIP-2 stages name alike
     (``Blip2QformerConfig``, ``Blip2LLMConfig``): vit_model, image_size, drop_path_rate,
     use_grad_checkpoint, vit_precision, vit_path, tiny_vit, freeze_vit, bert_path,
-    num_query_token, cross_attention_freq."""
+    num_query_token, cross_attention_freq. ``bert_config``: build the Q-Former at these sizes
+    instead of from ``bert_path`` (the checkpoint brings its weights)."""
     model.visual_encoder, model.ln_vision = model.init_vision_encoder(
         cfg.vit_model, cfg.image_size, cfg.drop_path_rate, cfg.use_grad_checkpoint,
         cfg.vit_precision, vit_path=cfg.vit_path, tiny=cfg.tiny_vit)
@@ -131,7 +134,7 @@ def init_vision_and_qformer(model: LPBlip2Base, cfg: Any) -> None:
         model.freeze_vision_encoder()
     model.Qformer, model.query_tokens = model.init_qformer(
         cfg.bert_path, cfg.num_query_token, model.visual_encoder.num_features,
-        cfg.cross_attention_freq)
+        cfg.cross_attention_freq, bert_config=bert_config)
 
 
 @registry.register_model("lp_blip2_qformer")
@@ -153,12 +156,25 @@ class LPBlip2Qformer(LPBlip2Base):
     TRAINED_PREFIXES = ("Qformer.", "query_tokens", "ln_vision.", "vision_proj.", "text_proj.",
                         "itm_head.", "temp")
 
-    def __init__(self, cfg: Optional[Blip2QformerConfig] = None):
+    def __init__(self, cfg: Optional[Blip2QformerConfig] = None, hf_folder: Optional[str] = None):
+        """``hf_folder``: a transformers BLIP-2 folder whose weights will be loaded (``cfg``
+        already at its sizes, see ``from_config``): the Q-Former is built at its sizes and the
+        tokenizer read from it (else from a local ``bert_path``)."""
         super().__init__()
         cfg = cfg or Blip2QformerConfig()
         self.cfg = cfg
-        self.tokenizer = self.init_tokenizer(cfg.bert_path)
-        init_vision_and_qformer(self, cfg)
+        bert_config = None
+        if hf_folder is None:
+            self.tokenizer = self.init_tokenizer(cfg.bert_path)
+        else:
+            from lavis_plugins.models import hf_format
+
+            bert_config = hf_format.qformer_bert_config(
+                hf_format.read_config(hf_folder)["qformer_config"])
+            self.tokenizer = self.init_tokenizer(hf_format.folder_tokenizer(
+                hf_folder, hf_format.BERT_TOKENIZER_FILES, resolve_bert_path(cfg.bert_path),
+                "BERT tokenizer for the Q-Former", "bert_path"))
+        init_vision_and_qformer(self, cfg, bert_config)
         # room for [DEC] (transformers' resize, as LAVIS calls it)
         self.Qformer.resize_token_embeddings(len(self.tokenizer))
         self.Qformer.bert.gradient_checkpointing = cfg.qformer_grad_checkpoint
@@ -171,8 +187,22 @@ class LPBlip2Qformer(LPBlip2Base):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "LPBlip2Qformer":
-        model = cls(Blip2QformerConfig.from_mapping(cfg))
-        model.load_checkpoint_from_config(cfg)
+        """Build from a LAVIS model config and load its ``pretrained`` / ``finetuned``: a LAVIS
+        ``.pth``, or a transformers BLIP-2 folder (``Blip2ForImageTextRetrieval``,
+        ``Blip2Model``), whose config.json then sets every size."""
+        from lavis_plugins.models import hf_format
+
+        mcfg = Blip2QformerConfig.from_mapping(cfg)
+        folder = hf_format.checkpoint_folder(cfg)
+        # built in fp32 and cast after loading (see cast_vision_encoder)
+        if folder is None:
+            model = cls(dataclasses.replace(mcfg, vit_precision="fp32"))
+            model.load_checkpoint_from_config(cfg)
+        else:
+            mcfg = hf_format.apply_folder_sizes(mcfg, folder)
+            model = cls(dataclasses.replace(mcfg, vit_precision="fp32"), hf_folder=folder)
+            hf_format.load_stage1_folder(model, folder)
+        model.cast_vision_encoder(mcfg.vit_precision)
         return model
 
     @property
