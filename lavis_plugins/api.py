@@ -106,7 +106,9 @@ def _build(name, model_type, checkpoint, overrides, device):
     from lavis_plugins.common.safe_load import weights_only_loads
 
     cfg, preprocess = model_config(name, model_type, **overrides)
-    if str(device) == "cpu" and "vit_precision" in cfg and "vit_precision" not in overrides:
+    config_class = getattr(_model_class(name), "CONFIG_CLASS", None)
+    if (str(device) == "cpu" and "vit_precision" not in overrides
+            and "vit_precision" in getattr(config_class, "__dataclass_fields__", {})):
         # the model is made fp32 for the CPU anyway; an fp16 round trip would round the weights
         cfg.vit_precision = "fp32"
     # LAVIS's own models (and their ViT builders) unpickle fully: weights-only here

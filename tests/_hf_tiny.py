@@ -38,6 +38,8 @@ def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0, 0.2 if p.ndim > 1 else 0.05)
+            if name.endswith("self_attn.qkv.bias"):  # EVA has no key bias: zero in real files
+                p[p.shape[0] // 3:2 * p.shape[0] // 3] = 0
     return model.eval()
 
 
@@ -75,3 +77,28 @@ def make_retrieval_folder(folder: Path, bert_dir: Path, seed: int = 6, tokenizer
 
 def images(n: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def lavis_reference(cls, ours: torch.nn.Module, bert_dir: Path, **kwargs) -> torch.nn.Module:
+    """LAVIS's class ``cls`` (Blip2Qformer, Blip2OPT, Blip2T5) built offline in fp32 with a copy
+    of ``ours``'s image encoder (LAVIS's own EVA attention) and ``ln_vision``; its BERT is the
+    tiny ``bert-base-uncased`` folder ``bert_dir`` (LAVIS loads that literal name)."""
+    import copy
+    import os
+
+    from lavis.models.blip2_models import blip2
+
+    from lavis_plugins.models.blip2_base import use_sdpa_attention
+
+    vit = copy.deepcopy(ours.visual_encoder).float()
+    use_sdpa_attention(vit, enabled=False)
+    ln = blip2.LayerNorm(vit.num_features, eps=ours.ln_vision.eps)
+    saved, cwd = blip2.Blip2Base.init_vision_encoder, os.getcwd()
+    blip2.Blip2Base.init_vision_encoder = classmethod(lambda c, *a, **k: (vit, ln))
+    os.chdir(bert_dir.parent)
+    try:
+        ref = cls(**kwargs)
+    finally:
+        blip2.Blip2Base.init_vision_encoder = saved
+        os.chdir(cwd)
+    return ref.float().eval()

@@ -152,6 +152,7 @@ class LPBlip2Qformer(LPBlip2Base):
         "coco": config_path("models/lp_blip2_qformer_coco.yaml"),
         "tiny": config_path("models/lp_blip2_qformer_tiny.yaml"),
     }
+    CONFIG_CLASS = Blip2QformerConfig
     # weights a stage-1 checkpoint must hold (the image encoder may come from vit_path)
     TRAINED_PREFIXES = ("Qformer.", "query_tokens", "ln_vision.", "vision_proj.", "text_proj.",
                         "itm_head.", "temp")

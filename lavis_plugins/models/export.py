@@ -55,8 +55,8 @@ def _vision_config(model: nn.Module) -> Dict[str, Any]:
     if model.ln_vision.eps != eps:
         # transformers has one epsilon for the blocks and the final LayerNorm (its own
         # conversion of LAVIS's weights accepts the same difference)
-        logger.info("ln_vision epsilon %g is written as the blocks' %g (transformers has one)",
-                    model.ln_vision.eps, eps)
+        logger.warning("ln_vision's LayerNorm epsilon %g is written as the blocks' %g "
+                       "(transformers has one): outputs differ slightly", model.ln_vision.eps, eps)
     return dict(hidden_size=enc.num_features, intermediate_size=block.mlp.fc1.out_features,
                 num_hidden_layers=len(enc.blocks), num_attention_heads=block.attn.num_heads,
                 image_size=int(model.cfg.image_size), patch_size=enc.patch_embed.patch_size[0],
@@ -145,13 +145,17 @@ def lavis_to_hf_state_dict(state: Dict[str, torch.Tensor], proj_name: str = "llm
     return out
 
 
-def _processor(model: nn.Module, tokenizer):
-    from transformers import BlipImageProcessor, Blip2Processor
+def _save_processor(model: nn.Module, tokenizer, folder: Path) -> None:
+    """The files ``Blip2Processor.from_pretrained(folder)`` reads: the image processor at the
+    model's size and normalisation, and the tokenizer. (Not through a ``Blip2Processor``: its
+    constructor adds an ``<image>`` token to the tokenizer it is given, which would change our
+    model's tokenizer and the saved vocabulary.)"""
+    from transformers import BlipImageProcessor
 
     size = int(model.cfg.image_size)
-    image = BlipImageProcessor(size={"height": size, "width": size}, image_mean=list(IMAGE_MEAN),
-                               image_std=list(IMAGE_STD))
-    return Blip2Processor(image_processor=image, tokenizer=tokenizer)
+    BlipImageProcessor(size={"height": size, "width": size}, image_mean=list(IMAGE_MEAN),
+                       image_std=list(IMAGE_STD)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def save_transformers(model: nn.Module, folder: str | Path) -> Path:
@@ -211,5 +215,5 @@ def save_transformers(model: nn.Module, folder: str | Path) -> Path:
     hf.tie_weights()
     folder.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(folder)
-    _processor(model, tokenizer).save_pretrained(folder)
+    _save_processor(model, tokenizer, folder)
     return folder
