@@ -190,3 +190,63 @@ def test_folder_without_weights_is_refused(lp, folders, tmp_path):
     shutil.copy(folders["opt"][1] / "config.json", tmp_path / "config.json")
     with pytest.raises(UserError, match="no weights"):
         _load("lp_blip2_opt", "pretrain_opt2.7b", tmp_path)
+
+
+# ------------------------------------------------------------------ the README, as written
+def _readme_section(title: str) -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index(f"## {title}\n")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def _blocks(section: str, lang: str):
+    import re
+
+    return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_checkpoint_examples_run(folders, tmp_path, llm_dirs, tiny_bert_dir, lp,
+                                        no_network):
+    """Every example of the README's Checkpoints section, on the tiny folders: the Python block
+    runs as written (the /weights paths point at tiny folders, "cuda" becomes "cpu"); the first
+    shell line runs as written, the second (a LAVIS .pth of the real-size model type, which
+    needs EVA ViT-g weights) with the tiny model type and folders."""
+    import shlex
+
+    from PIL import Image
+
+    from lavis_plugins.cli import main
+
+    section = _readme_section("Checkpoints")
+    paths = {"/weights/blip2-opt-2.7b": folders["opt"][1], "/weights/blip2-flan-t5-xl":
+             folders["t5"][1], "/weights/blip2-itm-vit-g": folders["itr"][1],
+             "/weights/exported": tmp_path / "exported", "/weights/opt-2.7b": llm_dirs["opt"]}
+
+    def local(code: str) -> str:
+        for k, v in paths.items():
+            code = code.replace(k, str(v))
+        return code.replace('"cuda"', '"cpu"')
+
+    (python,) = _blocks(section, "python")
+    namespace = {"raw_image": Image.new("RGB", (64, 48), (10, 200, 30))}
+    exec(compile(local(python), "README.md", "exec"), namespace)
+    assert namespace["features"].multimodal_embeds.shape[1] == tiny.NUM_QUERY
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+    assert (tmp_path / "exported" / "lavis_checkpoint.pth").is_file()
+
+    (shell,) = _blocks(section, "bash")
+    first, second = [line for line in shell.splitlines() if line.startswith("lavis-plugins")]
+    paths["/weights/exported"] = tmp_path / "cli"
+    assert main(shlex.split(local(first))[1:]) == 0
+    assert (tmp_path / "cli" / "config.json").is_file()
+
+    pth = tmp_path / "checkpoint_best.pth"
+    lp.load_model("lp_blip2_opt", "tiny", bert_path=str(tiny_bert_dir),
+                  opt_model=str(llm_dirs["opt"])).save_lavis(pth)
+    paths.update({"output/run/checkpoint_best.pth": pth, "/weights/exported": tmp_path / "cli2",
+                  "pretrain_opt2.7b": "tiny", "vit_path=/weights/eva_vit_g.pth":
+                  f"bert_path={tiny_bert_dir}"})
+    assert main(shlex.split(local(second))[1:]) == 0
+    assert (tmp_path / "cli2" / "lavis_checkpoint.pth").is_file()
