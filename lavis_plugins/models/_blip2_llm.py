@@ -265,12 +265,15 @@ class Blip2LLMBase(LPBlip2Base):
         llm_path = getattr(self.cfg, self.LLM_NAME)
         if hf_folder is not None:
             text_cfg = Blip2Config.from_pretrained(hf_folder).text_config
-            if text_cfg.model_type != self.LLM_MODEL_TYPE:
+            if self.LLM_MODEL_TYPE and text_cfg.model_type != self.LLM_MODEL_TYPE:
                 raise UserError(f"{hf_folder} holds a BLIP-2 with a {text_cfg.model_type!r} LLM; "
                                 f"{self.arch_name()} needs {self.LLM_LABEL} (use "
                                 f"{self.OTHER_ARCH_HINT})")
+            # Auto classes build with from_config, model classes with _from_config
+            build = getattr(llm_cls, "from_config" if llm_cls.__name__.startswith("Auto")
+                            else "_from_config")
             with no_init_weights():  # every weight comes from the folder
-                llm = llm_cls._from_config(text_cfg, torch_dtype=dtype)
+                llm = build(text_cfg, torch_dtype=dtype)
             llm.tie_weights()  # transformers ties only when it initialises
             fallback = (self.resolve_llm_folder(llm_path, self.LLM_NAME)
                         if llm_path == TINY_LLM else llm_path)
@@ -295,7 +298,7 @@ class Blip2LLMBase(LPBlip2Base):
 
     @property
     def llm(self) -> nn.Module:
-        return getattr(self, self.LLM_NAME)
+        return self._modules[self.LLM_NAME]  # not getattr: LLM_NAME may be this property's
 
     @property
     def llm_tokenizer(self):
@@ -308,7 +311,7 @@ class Blip2LLMBase(LPBlip2Base):
 
     @property
     def llm_proj(self) -> nn.Linear:
-        return getattr(self, self.PROJ_NAME)
+        return self._modules[self.PROJ_NAME]  # not getattr: PROJ_NAME may be "llm_proj"
 
     def llm_load_dtype(self) -> torch.dtype:
         """The configured dtype when a GPU is visible, else fp32 (half matmuls on CPU are slow
