@@ -102,3 +102,24 @@ def lavis_reference(cls, ours: torch.nn.Module, bert_dir: Path, **kwargs) -> tor
         blip2.Blip2Base.init_vision_encoder = saved
         os.chdir(cwd)
     return ref.float().eval()
+
+
+def make_instructblip_folder(folder: Path, bert_dir: Path, llm_dir: Path, seed: int = 8,
+                             video: bool = False):
+    """An ``InstructBlip(Video)ForConditionalGeneration`` folder: its LLM's tokenizer at the top,
+    the Q-Former's BERT tokenizer in ``qformer_tokenizer/`` (as transformers' processor saves
+    them); returns the model."""
+    from transformers import (AutoTokenizer, InstructBlipConfig,
+                              InstructBlipForConditionalGeneration, InstructBlipVideoConfig,
+                              InstructBlipVideoForConditionalGeneration)
+
+    tok = bert_tokenizer_with_dec(bert_dir)
+    sizes = blip2_config(bert_dir, llm_dir, text_input=True, vocab_size=len(tok)).to_dict()
+    keep = ("vision_config", "qformer_config", "text_config", "num_query_tokens")
+    config_cls, cls = ((InstructBlipVideoConfig, InstructBlipVideoForConditionalGeneration) if video
+                       else (InstructBlipConfig, InstructBlipForConditionalGeneration))
+    hf = randomise(cls(config_cls(**{k: sizes[k] for k in keep})), seed)
+    hf.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(llm_dir).save_pretrained(folder)
+    tok.save_pretrained(Path(folder) / "qformer_tokenizer")
+    return hf

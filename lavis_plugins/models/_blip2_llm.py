@@ -41,9 +41,9 @@ from lavis_plugins.models.blip2_base import VIT_MODELS, LPBlip2Base, TinyVitConf
 from lavis_plugins.models.blip2_qformer import init_vision_and_qformer
 from lavis_plugins.models.hf_format import (  # noqa: F401 - hf_to_lavis_state_dict: old home
     apply_folder_sizes,
+    folder_model_type,
     folder_tokenizer,
     hf_to_lavis_state_dict,
-    is_hf_blip2_folder,
     qformer_bert_config,
     read_config,
     read_hf_state_dict,
@@ -187,6 +187,8 @@ class Blip2LLMBase(LPBlip2Base):
     # state-dict name of the LLM (opt_model / t5_model), also the config key of its folder
     LLM_NAME = "llm"
     PRETRAINED_MODEL_CONFIG_DICT: ClassVar[Dict[str, str]] = {}
+    # ``model_type`` of the transformers folders this class loads
+    HF_MODEL_TYPES: ClassVar[Tuple[str, ...]] = ("blip-2",)
     # --- the LLM family; subclasses set these (classes by name: transformers is imported lazily)
     LLM_CLASS = ""  # transformers model class, e.g. "OPTForCausalLM"
     LLM_MODEL_TYPE = ""  # ``text_config.model_type`` a transformers BLIP-2 folder must have
@@ -224,7 +226,8 @@ class Blip2LLMBase(LPBlip2Base):
         init_vision_and_qformer(self, cfg, bert_config=None if hf_folder is None else
                                 qformer_bert_config(read_config(hf_folder)["qformer_config"]))
         if cfg.qformer_text_input:
-            self.tokenizer = self.init_tokenizer(cfg.bert_path)
+            self.tokenizer = self.init_tokenizer(cfg.bert_path if hf_folder is None else
+                                                 self._folder_qformer_tokenizer(hf_folder))
             self.Qformer.resize_token_embeddings(len(self.tokenizer))  # [DEC], as stage 1
             self.Qformer.cls = None  # no LM head in stage 2
         else:
@@ -236,6 +239,16 @@ class Blip2LLMBase(LPBlip2Base):
                 nn.Linear(self.Qformer.config.hidden_size, llm.config.hidden_size))
 
     # ------------------------------------------------------------------ construction
+    def _folder_qformer_tokenizer(self, folder: str) -> str:
+        """The BERT tokenizer of a transformers folder's question-aware Q-Former: its
+        ``qformer_tokenizer/`` sub-folder (InstructBLIP), else a local ``bert_path``."""
+        from lavis_plugins.models.blip2_base import resolve_bert_path
+        from lavis_plugins.models.hf_format import BERT_TOKENIZER_FILES, QFORMER_TOKENIZER_DIR
+
+        return folder_tokenizer(os.path.join(folder, QFORMER_TOKENIZER_DIR),
+                                BERT_TOKENIZER_FILES, resolve_bert_path(self.cfg.bert_path),
+                                "Q-Former tokenizer", "bert_path")
+
     def _drop_qformer_text_branch(self) -> None:
         """Stage 2 feeds only queries through the Q-Former: its LM head, word/position
         embeddings and the text-side feed-forward layers are removed (as LAVIS does), so
@@ -257,14 +270,14 @@ class Blip2LLMBase(LPBlip2Base):
         folder ``model.<LLM_NAME>``, weights and tokenizer.
         """
         import transformers
-        from transformers import Blip2Config
+        from transformers import AutoConfig
         from transformers.modeling_utils import no_init_weights
 
         llm_cls = getattr(transformers, self.LLM_CLASS)
         dtype = self.llm_load_dtype()
         llm_path = getattr(self.cfg, self.LLM_NAME)
         if hf_folder is not None:
-            text_cfg = Blip2Config.from_pretrained(hf_folder).text_config
+            text_cfg = AutoConfig.from_pretrained(hf_folder).text_config
             if self.LLM_MODEL_TYPE and text_cfg.model_type != self.LLM_MODEL_TYPE:
                 raise UserError(f"{hf_folder} holds a BLIP-2 with a {text_cfg.model_type!r} LLM; "
                                 f"{self.arch_name()} needs {self.LLM_LABEL} (use "
@@ -442,15 +455,16 @@ class Blip2LLMBase(LPBlip2Base):
             mcfg.pretrained if mcfg.load_pretrained else None)
         if mcfg.load_finetuned and not mcfg.finetuned:
             raise UserError(f"model.load_finetuned is true but model.finetuned is not set ({arch})")
-        hf_folder = path if is_hf_blip2_folder(path) else None
+        folder_type = folder_model_type(path)
+        hf_folder = path if folder_type in cls.HF_MODEL_TYPES else None
         if path and os.path.isdir(path) and hf_folder is None:
-            raise UserError(f"{path} is a folder but not a transformers BLIP-2 folder (no "
-                            "config.json with model_type 'blip-2'); give a LAVIS .pth or a "
-                            "Blip2ForConditionalGeneration folder")
+            raise UserError(f"{path} is a folder but not one {arch} loads (config.json with "
+                            f"model_type in {list(cls.HF_MODEL_TYPES)}; it has {folder_type!r}); "
+                            "give a LAVIS .pth or such a transformers folder")
         if hf_folder is not None:  # every size comes from the folder's config.json
             mcfg = apply_folder_sizes(mcfg, hf_folder)
-            if mcfg.qformer_text_input and not read_config(hf_folder)["qformer_config"].get(
-                    "use_qformer_text_input"):
+            if mcfg.qformer_text_input and folder_type == "blip-2" and not read_config(
+                    hf_folder)["qformer_config"].get("use_qformer_text_input"):
                 raise UserError(f"model.qformer_text_input is set, but {hf_folder} holds no "
                                 "Q-Former text branch (its qformer_config has no "
                                 "use_qformer_text_input); load it without qformer_text_input, "
@@ -471,7 +485,10 @@ class Blip2LLMBase(LPBlip2Base):
         mcfg = self.CONFIG_CLASS.from_cfg(cfg, self.arch_name())
         path = mcfg.finetuned if mcfg.load_finetuned else mcfg.pretrained
         if path:
-            self.load_hf_blip2(path) if is_hf_blip2_folder(path) else self.load_lavis(path)
+            if folder_model_type(path) in self.HF_MODEL_TYPES:
+                self.load_hf_blip2(path)
+            else:
+                self.load_lavis(path)
 
     def load_stage1(self, url_or_path: str) -> None:
         """Initialise Q-Former, query tokens, ``ln_vision`` (and the ViT if present) from a

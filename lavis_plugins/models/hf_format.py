@@ -33,6 +33,9 @@ from lavis_plugins.models.blip2_base import TinyVitConfig
 logger = logging.getLogger(__name__)
 
 BLIP2_MODEL_TYPE = "blip-2"
+# transformers' InstructBLIP folders: same vision tower and LLM; their Q-Former has the text branch
+INSTRUCTBLIP_MODEL_TYPES = ("instructblip", "instructblipvideo")
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"  # where InstructBLIP folders keep the BERT tokenizer
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 # files of which any one means a folder holds a BERT (Q-Former) tokenizer
@@ -201,6 +204,9 @@ def hf_to_lavis_state_dict(hf_state: Dict[str, torch.Tensor], proj_name: str = "
         if key.startswith("qformer."):
             new = "Qformer.bert." + key[len("qformer."):]
             new = new.replace("Qformer.bert.layernorm.", "Qformer.bert.embeddings.LayerNorm.")
+            # InstructBLIP keeps that LayerNorm in its Q-Former's embeddings
+            new = new.replace("Qformer.bert.embeddings.layernorm.",
+                              "Qformer.bert.embeddings.LayerNorm.")
             new = re.sub(r"\.(attention|crossattention)\.attention\.", r".\1.self.", new)
         elif key.startswith("language_projection."):
             new = proj_name + key[len("language_projection"):]

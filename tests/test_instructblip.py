@@ -1,0 +1,115 @@
+"""InstructBLIP: lp_instructblip_t5 / lp_instructblip_causal load transformers
+InstructBlip(Video)ForConditionalGeneration folders on their own (sizes from config.json, the
+Q-Former's tokenizer from qformer_tokenizer/) and equal transformers' classes from pixels:
+logits within 1e-4, identical greedy tokens; the Q-Former reads the instruction."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _hf_tiny as tiny
+from lavis_plugins.common.errors import UserError
+
+QUESTIONS = ["what is it?", "how many dogs are there"]
+ANSWERS = ["a cat", "two"]
+
+
+@pytest.fixture(scope="module")
+def llm_dirs(tmp_path_factory):
+    from lavis_plugins.common.tiny_llm import make_tiny_llama, make_tiny_t5
+
+    root = tmp_path_factory.mktemp("llm")
+    return {"t5": make_tiny_t5(root / "t5"), "llama": make_tiny_llama(root / "llama")}
+
+
+@pytest.fixture(scope="module", params=["t5", "llama"])
+def pair(request, lp, tiny_bert_dir, llm_dirs, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"instructblip_{request.param}")
+    hf = tiny.make_instructblip_folder(folder, tiny_bert_dir, llm_dirs[request.param])
+    arch = "lp_instructblip_t5" if request.param == "t5" else "lp_instructblip_causal"
+    # the tiny YAML's sizes and "tiny" paths differ from the folder's: nothing of them is used
+    ours = lp.load_model(arch, "tiny", is_eval=True, checkpoint=str(folder))
+    return request.param, hf, ours, folder
+
+
+def _qformer_inputs(ours, texts):
+    enc = ours.tokenizer(texts, padding="longest", truncation=True, max_length=ours.max_txt_len,
+                         return_tensors="pt")
+    return {"qformer_input_ids": enc.input_ids, "qformer_attention_mask": enc.attention_mask}
+
+
+def test_logits_equal_transformers(pair):
+    family, hf, ours, _ = pair
+    pixels = tiny.images(seed=3)
+    samples = {"image": pixels, "text_input": QUESTIONS, "text_output": ANSWERS}
+    q = _qformer_inputs(ours, QUESTIONS)
+    with torch.no_grad():
+        out = ours(dict(samples), return_logits=True)
+        if family == "t5":
+            tok = ours.llm_tokenizer
+            enc = tok(QUESTIONS, return_tensors="pt", padding="longest")
+            dec = tok(ANSWERS, return_tensors="pt", padding="longest")
+            ref = hf(pixel_values=pixels, input_ids=enc.input_ids,
+                     attention_mask=enc.attention_mask, decoder_attention_mask=dec.attention_mask,
+                     labels=dec.input_ids.masked_fill(dec.attention_mask == 0, -100), **q).logits
+            assert torch.allclose(out.logits, ref, atol=1e-4, rtol=0)
+        else:
+            ids, mask, targets = ours._training_tokens(samples, pixels.device)
+            ref = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask, **q).logits
+            keep = targets != -100
+            nq = tiny.NUM_QUERY
+            assert torch.allclose(out.logits[keep], ref[:, nq - 1:-1][keep], atol=1e-4, rtol=0)
+    # the instruction matters: the Q-Former reads it
+    other = {"image": pixels, "text_input": ["is it red?"] * 2, "text_output": ANSWERS}
+    with torch.no_grad():
+        assert not torch.allclose(ours.visual_prompt(pixels, QUESTIONS)[0],
+                                  ours.visual_prompt(pixels, other["text_input"])[0])
+
+
+def test_greedy_generation_equals_transformers(pair):
+    family, hf, ours, _ = pair
+    pixels = tiny.images(seed=4)
+    tok = ours.llm_tokenizer
+    prompt = "what is in the photo?"
+    enc = tok([prompt] * 2, return_tensors="pt")
+    with torch.no_grad():
+        gen = hf.generate(pixel_values=pixels, input_ids=enc.input_ids,
+                          attention_mask=enc.attention_mask, max_new_tokens=6, num_beams=1,
+                          do_sample=False, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, **_qformer_inputs(ours, [prompt] * 2))
+    theirs = [t.strip() for t in tok.batch_decode(gen, skip_special_tokens=True)]
+    mine = ours.generate({"image": pixels, "prompt": prompt}, num_beams=1, max_length=6,
+                         min_length=0)
+    assert mine == theirs and any(mine)
+
+
+def test_video_folder_loads_and_one_frame_equals_the_image_model(lp, tiny_bert_dir, llm_dirs,
+                                                                 tmp_path):
+    hf = tiny.make_instructblip_folder(tmp_path, tiny_bert_dir, llm_dirs["t5"], video=True)
+    ours = lp.load_model("lp_instructblip_t5", "tiny", is_eval=True, checkpoint=str(tmp_path))
+    pixels = tiny.images(seed=5)
+    tok = ours.llm_tokenizer
+    enc, dec = tok(QUESTIONS, return_tensors="pt", padding="longest"), tok(
+        ANSWERS, return_tensors="pt", padding="longest")
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels[:, None], input_ids=enc.input_ids,  # (B, T=1, C, H, W)
+                 attention_mask=enc.attention_mask, decoder_attention_mask=dec.attention_mask,
+                 labels=dec.input_ids.masked_fill(dec.attention_mask == 0, -100),
+                 **_qformer_inputs(ours, QUESTIONS)).logits
+        out = ours({"image": pixels, "text_input": QUESTIONS, "text_output": ANSWERS},
+                   return_logits=True)
+    assert torch.allclose(out.logits, ref, atol=1e-4, rtol=0)
+
+
+def test_bad_input(lp, pair, tmp_path):
+    import shutil
+
+    family, _, _, folder = pair
+    arch = "lp_instructblip_t5" if family == "t5" else "lp_instructblip_causal"
+    with pytest.raises(UserError, match="qformer_text_input of lp_instructblip"):
+        lp.load_model(arch, "tiny", qformer_text_input=False)
+    # a folder without its Q-Former tokenizer names the sub-folder and the setting
+    shutil.copytree(folder, tmp_path / "f", ignore=shutil.ignore_patterns("qformer_tokenizer"))
+    with pytest.raises(UserError, match=r"qformer_tokenizer holds no Q-Former tokenizer.*"
+                                        r"model\.bert_path"):
+        lp.load_model(arch, "tiny", checkpoint=str(tmp_path / "f"), bert_path="/nowhere")
