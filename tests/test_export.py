@@ -152,8 +152,13 @@ def test_export_bad_input(lp, itr, tmp_path, capsys, tiny_bert_dir, llm_dirs):
     assert "no such file or folder" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(folder), "--out", str(folder)]) == 2
     assert "--out is the --checkpoint folder" in capsys.readouterr().err
-    # a question-aware Q-Former has no place in Blip2ForConditionalGeneration
+    # transformers' Blip2VisionModel has EVA's blocks: another encoder (CLIP ViT-L) is refused
+    from lavis.models.clip_vit import VisionTransformer
+
     model = lp.load_model("lp_blip2_opt", "tiny", bert_path=str(tiny_bert_dir),
-                          opt_model=str(llm_dirs["opt"]), qformer_text_input=True)
-    with pytest.raises(UserError, match="qformer_text_input"):
-        model.save_pretrained(tmp_path / "qt")
+                          opt_model=str(llm_dirs["opt"]))
+    model.visual_encoder = VisionTransformer(input_resolution=32, patch_size=8, width=32,
+                                             layers=1, heads=2, use_grad_checkpointing=False)
+    with pytest.raises(UserError, match="vit_model 'tiny' cannot be exported to transformers"):
+        model.save_pretrained(tmp_path / "clip")
+    assert not (tmp_path / "clip").exists()

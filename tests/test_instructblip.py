@@ -113,3 +113,32 @@ def test_bad_input(lp, pair, tmp_path):
     with pytest.raises(UserError, match=r"qformer_tokenizer holds no Q-Former tokenizer.*"
                                         r"model\.bert_path"):
         lp.load_model(arch, "tiny", checkpoint=str(tmp_path / "f"), bert_path="/nowhere")
+
+
+def test_export_round_trips(lp, pair, tmp_path, tiny_bert_dir, llm_dirs):
+    """folder -> ours -> save_pretrained: transformers' class reads the same weights (and the
+    Q-Former tokenizer); ours -> save_lavis -> ours (LAVIS's instruct names) is exact."""
+    import dataclasses
+
+    from transformers import AutoTokenizer, InstructBlipForConditionalGeneration
+
+    family, hf, ours, _ = pair
+    ours.save_pretrained(tmp_path / "hf")
+    back = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    a, b = hf.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "hf" / "qformer_tokenizer")) == len(
+        ours.tokenizer)
+
+    # the .pth names sizes nothing: the model is built from the settings it was trained with
+    pth = ours.save_lavis(tmp_path / "lavis.pth")
+    arch = "lp_instructblip_t5" if family == "t5" else "lp_instructblip_causal"
+    settings = {k: v for k, v in dataclasses.asdict(ours.cfg).items()
+                if k in ("vit_model", "tiny_vit", "image_size", "num_query_token",
+                         "cross_attention_freq")}
+    llm_key = "t5_model" if family == "t5" else "llm_model"
+    again = lp.load_model(arch, "tiny", is_eval=True, checkpoint=str(pth),
+                          bert_path=str(tiny_bert_dir), **{llm_key: str(llm_dirs[family])},
+                          **settings)
+    a, b = ours.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -2,15 +2,15 @@
 
 - :func:`save_transformers` writes what transformers' ``save_pretrained`` writes (config.json,
   ``model.safetensors``, processor and tokenizer files): a stage-2 model becomes a
-  ``Blip2ForConditionalGeneration`` folder, a stage-1 model a ``Blip2ForImageTextRetrieval``
-  one. The weights are loaded *strictly* into transformers' own class before it saves them, so a
+  ``Blip2ForConditionalGeneration`` folder (with a question-aware Q-Former, InstructBLIP: an
+  ``InstructBlipForConditionalGeneration`` one), a stage-1 model a
+  ``Blip2ForImageTextRetrieval`` one. The weights are loaded *strictly* into transformers' own class before it saves them, so a
   folder is only written when every weight has its place.
 - :func:`save_lavis` writes ``{"model": state_dict}`` in LAVIS's names, which LAVIS's
   ``Blip2Qformer`` / ``Blip2OPT`` / ``Blip2T5`` load strictly (same keys and shapes).
 
 What transformers' classes cannot hold is refused, naming the setting: a CLIP ViT-L encoder
-(``Blip2VisionModel`` has EVA's blocks), a question-aware Q-Former (``qformer_text_input``) in a
-stage-2 model. Two parts of stage 1 have no place in ``Blip2ForImageTextRetrieval`` and are
+(``Blip2VisionModel`` has EVA's blocks). Two parts of stage 1 have no place in ``Blip2ForImageTextRetrieval`` and are
 logged: the ITG language-model head and the learned temperature.
 """
 from __future__ import annotations
@@ -171,12 +171,21 @@ def save_transformers(model: nn.Module, folder: str | Path) -> Path:
 
     folder = Path(folder)
     stage2 = isinstance(model, Blip2LLMBase)
-    if stage2 and model.cfg.qformer_text_input:
-        raise UserError("qformer_text_input is set: transformers' Blip2ForConditionalGeneration "
-                        "has no question-aware Q-Former; export the LAVIS .pth instead")
+    instruct = stage2 and model.cfg.qformer_text_input
     vision = _vision_config(model)
     qformer = _qformer_config(model, text_input=not stage2)
-    if stage2:
+    if instruct:
+        from transformers import InstructBlipConfig
+        from transformers import InstructBlipForConditionalGeneration as cls
+
+        qformer.pop("use_qformer_text_input")  # InstructBLIP's Q-Former always has the branch
+        config = InstructBlipConfig(vision_config=vision, qformer_config=qformer,
+                                    text_config=model.llm.config.to_dict(),
+                                    num_query_tokens=model.query_tokens.shape[1])
+        state = _instructblip_names(
+            lavis_to_hf_state_dict(model.state_dict(), model.PROJ_NAME, model.LLM_NAME))
+        tokenizer = model.llm_tokenizer
+    elif stage2:
         from transformers import Blip2ForConditionalGeneration as cls
 
         config = Blip2Config(vision_config=vision, qformer_config=qformer,
@@ -216,4 +225,20 @@ def save_transformers(model: nn.Module, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(folder)
     _save_processor(model, tokenizer, folder)
+    if instruct:  # where InstructBlipProcessor reads the Q-Former's tokenizer
+        from lavis_plugins.models.hf_format import QFORMER_TOKENIZER_DIR
+
+        model.tokenizer.save_pretrained(folder / QFORMER_TOKENIZER_DIR)
     return folder
+
+
+def _instructblip_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """BLIP-2 transformers names -> InstructBLIP's, whose Q-Former holds its text embeddings
+    and their LayerNorm."""
+    renames = {"embeddings.": "qformer.embeddings.",
+               "qformer.layernorm.": "qformer.embeddings.layernorm."}
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in renames if key.startswith(p)), None)
+        out[key if prefix is None else renames[prefix] + key[len(prefix):]] = value
+    return out
