@@ -96,3 +96,15 @@ def test_encoder_decoder_llm_is_refused(lp, tiny_bert_dir, llm_dirs):
     with pytest.raises(UserError, match="encoder-decoder.*lp_blip2_t5"):
         lp.load_model("lp_blip2_causal", "tiny", bert_path=str(tiny_bert_dir),
                       llm_model=str(llm_dirs["t5"]))
+
+
+def test_answer_follows_the_question_as_each_family_tokenises_it(pair):
+    """SentencePiece (LLaMA) marks the word start itself: the answer is tokenised on its own, as
+    LAVIS's blip2_vicuna_instruct does; byte-level BPE (OPT) needs the space before it."""
+    family, ours, _ = pair
+    tok = ours.llm_tokenizer
+    ids, mask, targets = ours._training_tokens(
+        {"text_input": ["what is it?"], "text_output": ["two dogs"]}, torch.device("cpu"))
+    answer = ("two dogs" if family == "llama" else " two dogs") + tok.eos_token
+    expected = tok(answer, add_special_tokens=False).input_ids
+    assert targets[0][targets[0] != -100].tolist() == expected

@@ -11,7 +11,9 @@ with the LM loss on the text. What differs between families is handled here, onc
   tokens (families other than OPT take positions from ``position_ids``, not from the mask);
 - a tokenizer without a pad token (LLaMA's) pads with its unk (else EOS) token: padding is
   always masked, so the choice has no effect on results, and the vocabulary is not resized;
-- BOS: whatever the tokenizer adds (LLaMA ``<s>``, OPT ``</s>``, Qwen2 none).
+- BOS: whatever the tokenizer adds (LLaMA ``<s>``, OPT ``</s>``, Qwen2 none);
+- an answer after its question is tokenised on its own, after a space for byte-level BPE
+  tokenizers; SentencePiece ones (LLaMA) mark the word start themselves (as LAVIS's recipe).
 
 State-dict names are those of LAVIS's ``blip2_vicuna_instruct``: ``llm_model.*``, ``llm_proj.*``.
 """
@@ -97,10 +99,18 @@ class LPBlip2Causal(LPBlip2OPT):
             tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
             logger.info("%s: the tokenizer has no pad token; padding with %r", folder,
                         tok.pad_token)
+        # SentencePiece tokenizers (LLaMA, Mistral) mark a word start themselves: an answer
+        # tokenised on its own then already begins a new word, as LAVIS's
+        # blip2_vicuna_instruct tokenises it; byte-level BPE ones (OPT, Qwen2) need the space
+        first = tok.convert_ids_to_tokens(tok("a", add_special_tokens=False).input_ids)[:1]
+        self._marks_word_start = bool(first) and first[0].startswith("\u2581")
         self.llm_tokenizer = tok
         self.END_TEXT = tok.eos_token
         self.eos_token_id = tok.eos_token_id
         self.prompt_length = len(tok(self.prompt).input_ids)
+
+    def _separator(self, before: str, after: str) -> str:
+        return "" if self._marks_word_start else super()._separator(before, after)
 
     def _positions(self, mask: torch.Tensor, new: Optional[int] = None) -> Optional[torch.Tensor]:
         if self.llm.config.model_type == "opt":  # OPT derives them from the mask itself

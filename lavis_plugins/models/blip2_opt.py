@@ -108,6 +108,11 @@ class LPBlip2OPT(Blip2LLMBase):
         as transformers' generation does; None for OPT, which derives them from the mask."""
         return None
 
+    def _separator(self, before: str, after: str) -> str:
+        """What goes between a context and the answer that follows it (each tokenised on its
+        own): a space, unless either side has one."""
+        return "" if before[-1:].isspace() or after[:1].isspace() else " "
+
     def _as_cache(self, past):
         """Per-layer (key, value) tuples in the form the decoder takes as past_key_values."""
         return past
@@ -176,7 +181,7 @@ class LPBlip2OPT(Blip2LLMBase):
         if len(outs) != len(texts):
             raise UserError(f"samples have {len(texts)} text_input but {len(outs)} text_output")
         ins = tok(texts).input_ids
-        sep = [("" if t[-1:].isspace() or o[:1].isspace() else " ") for t, o in zip(texts, outs)]
+        sep = [self._separator(t, o) for t, o in zip(texts, outs)]
         answers = tok([s + o + end for s, o in zip(sep, outs)], add_special_tokens=False).input_ids
         rows = [(i + a)[:self.max_txt_len] for i, a in zip(ins, answers)]
         labels = [([-100] * len(i) + a)[:self.max_txt_len] for i, a in zip(ins, answers)]
@@ -212,7 +217,8 @@ class LPBlip2OPT(Blip2LLMBase):
     # ------------------------------------------------------------------ answer ranking
     def _candidate_tokens(self, answers: Sequence[str]) -> List[List[int]]:
         # the text an answer is trained as: after a space, ended by "\n"
-        return self.llm_tokenizer([" " + a.strip() + self.END_TEXT for a in answers],
+        return self.llm_tokenizer([self._separator("?", a.strip()) + a.strip() + self.END_TEXT
+                                   for a in answers],
                                   add_special_tokens=False).input_ids
 
     def _score_prefix(self, image: torch.Tensor, prompts: Sequence[str]):
