@@ -161,3 +161,36 @@ def test_tiny_instruction_tuning_recipe_trains(lp, shapes_home, tmp_path):
     assert log and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     state = torch.load(job / "checkpoint_0.pth", weights_only=False)["model"]
     assert "Qformer.bert.embeddings.word_embeddings.weight" in state
+
+
+def test_video_model_equals_transformers_video_class(lp, tiny_bert_dir, llm_dirs, tmp_path):
+    """lp_instructblip_video_t5 (fusion concat) from an InstructBlipVideo folder: 2-frame
+    logits and greedy answers equal transformers' InstructBlipVideoForConditionalGeneration;
+    the other fusions run on the same video."""
+    hf = tiny.make_instructblip_folder(tmp_path, tiny_bert_dir, llm_dirs["t5"], video=True)
+    ours = lp.load_model("lp_instructblip_video_t5", "tiny", is_eval=True,
+                         checkpoint=str(tmp_path))
+    frames = torch.stack([tiny.images(seed=6), tiny.images(seed=7)], dim=1)  # (B, T, C, H, W)
+    video = frames.permute(0, 2, 1, 3, 4)  # ours: (B, C, T, H, W), as lp_video_eval gives
+    tok = ours.llm_tokenizer
+    enc, dec = tok(QUESTIONS, return_tensors="pt", padding="longest"), tok(
+        ANSWERS, return_tensors="pt", padding="longest")
+    q = _qformer_inputs(ours, QUESTIONS)
+    with torch.no_grad():
+        ref = hf(pixel_values=frames, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                 decoder_attention_mask=dec.attention_mask,
+                 labels=dec.input_ids.masked_fill(dec.attention_mask == 0, -100), **q).logits
+        out = ours({"video": video, "text_input": QUESTIONS, "text_output": ANSWERS},
+                   return_logits=True)
+        gen = hf.generate(pixel_values=frames, input_ids=enc.input_ids,
+                          attention_mask=enc.attention_mask, max_new_tokens=6, **q)
+    assert torch.allclose(out.logits, ref, atol=1e-4, rtol=0)
+    theirs = [t.strip() for t in tok.batch_decode(gen, skip_special_tokens=True)]
+    mine = ours.generate({"video": video, "prompt": QUESTIONS}, num_beams=1, max_length=6,
+                         min_length=0)
+    assert mine == theirs and any(mine)
+    for fusion in ("mean", "vote"):
+        ours.cfg.fusion = fusion
+        answers = ours.predict_answers({"video": video, "text_input": QUESTIONS}, prompt="{}",
+                                       num_beams=1, max_len=4)
+        assert len(answers) == 2

@@ -11,6 +11,9 @@ Q-Former together with the queries, and to the LLM after the visual prompt). The
 - transformers ``InstructBlipForConditionalGeneration`` and
   ``InstructBlipVideoForConditionalGeneration`` folders, self-sufficient like BLIP-2 folders
   (sizes from config.json; the Q-Former's tokenizer from ``qformer_tokenizer/``).
+
+``lp_instructblip_video_t5`` / ``lp_instructblip_video_causal`` add the video models' frame
+fusion (``concat`` / ``mean`` / ``vote``), every frame's Q-Former reading the question.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from lavis.common.registry import registry
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.models.blip2_causal import Blip2CausalConfig, LPBlip2Causal
 from lavis_plugins.models.blip2_t5 import Blip2T5Config, LPBlip2T5
+from lavis_plugins.models.blip2_video import LPBlip2VideoT5, VideoFusionFields, VideoFusionMixin
 from lavis_plugins.models.hf_format import INSTRUCTBLIP_MODEL_TYPES
 from lavis_plugins.paths import config_path
 
@@ -79,3 +83,46 @@ class LPInstructBlipCausal(_InstructMixin, LPBlip2Causal):
     PRETRAINED_MODEL_CONFIG_DICT = {
         "tiny": config_path("models/lp_instructblip_causal_tiny.yaml")}
     CONFIG_CLASS = InstructBlipCausalConfig
+
+
+# ------------------------------------------------------------------ video (frame sampling)
+# InstructBLIP's video QA: each frame through the Q-Former, which reads the video's question,
+# the frames' query tokens fused by the video models' ``fusion`` (``concat``: transformers'
+# InstructBlipVideoForConditionalGeneration, any number of frames)
+@dataclass
+class InstructBlipVideoT5Config(InstructBlipT5Config, VideoFusionFields):
+    def validate(self, arch: str) -> None:
+        super().validate(arch)
+        self.validate_video(arch)
+
+
+@dataclass
+class InstructBlipVideoCausalConfig(InstructBlipCausalConfig, VideoFusionFields):
+    def validate(self, arch: str) -> None:
+        super().validate(arch)
+        self.validate_video(arch)
+
+
+@registry.register_model("lp_instructblip_video_t5")
+class LPInstructBlipVideoT5(VideoFusionMixin, LPInstructBlipT5):
+    """``lp_instructblip_t5`` answering about videos by frame sampling
+    (:mod:`lavis_plugins.models.blip2_video`). Model types: ``tiny``."""
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "tiny": config_path("models/lp_instructblip_video_t5_tiny.yaml")}
+    CONFIG_CLASS = InstructBlipVideoT5Config
+
+    @property
+    def context_length(self) -> int:
+        """Room for T frames' tokens, as ``lp_blip2_video_t5`` has."""
+        return LPBlip2VideoT5.VIDEO_CONTEXT_FACTOR * LPBlip2T5.context_length.fget(self)
+
+
+@registry.register_model("lp_instructblip_video_causal")
+class LPInstructBlipVideoCausal(VideoFusionMixin, LPInstructBlipCausal):
+    """``lp_instructblip_causal`` answering about videos by frame sampling. Model types:
+    ``tiny``."""
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "tiny": config_path("models/lp_instructblip_video_causal_tiny.yaml")}
+    CONFIG_CLASS = InstructBlipVideoCausalConfig
