@@ -194,3 +194,27 @@ def test_video_model_equals_transformers_video_class(lp, tiny_bert_dir, llm_dirs
         answers = ours.predict_answers({"video": video, "text_input": QUESTIONS}, prompt="{}",
                                        num_beams=1, max_len=4)
         assert len(answers) == 2
+
+
+def test_vqa_task_draws_one_instruction_template_per_question():
+    from omegaconf import OmegaConf
+
+    from lavis_plugins.tasks.vqa import LPVQATask, VQATaskConfig
+
+    templates = ["Question: {} Short answer:", "Q: {} A:"]
+    cfg = VQATaskConfig.from_run_cfg(OmegaConf.create({"prompt": "{}", "train_prompts": templates}))
+    seen = {}
+
+    class Capture(torch.nn.Module):
+        def forward(self, samples):
+            seen.update(samples)
+            return {"loss": torch.zeros(())}
+
+    questions = [f"what is {i}?" for i in range(40)]
+    torch.manual_seed(0)
+    LPVQATask(cfg).train_step(Capture(), {"text_input": questions, "text_output": ["x"] * 40})
+    used = {t for t in templates for text, q in zip(seen["text_input"], questions)
+            if text == t.format(q)}
+    assert used == set(templates) and len(seen["text_input"]) == 40
+    with pytest.raises(UserError, match="train_prompts"):
+        VQATaskConfig.from_run_cfg(OmegaConf.create({"train_prompts": ["no slot"]}))
