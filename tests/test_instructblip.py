@@ -122,11 +122,18 @@ def test_export_round_trips(lp, pair, tmp_path, tiny_bert_dir, llm_dirs):
 
     from transformers import AutoTokenizer, InstructBlipForConditionalGeneration
 
-    family, hf, ours, _ = pair
+    from lavis_plugins.cli import main
+
+    family, hf, ours, folder = pair
     ours.save_pretrained(tmp_path / "hf")
     back = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "hf")
     a, b = hf.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    # the CLI names the model of an InstructBLIP folder itself
+    assert main(["export", "--checkpoint", str(folder), "--out", str(tmp_path / "cli"),
+                 "--format", "transformers"]) == 0
+    c = InstructBlipForConditionalGeneration.from_pretrained(tmp_path / "cli").state_dict()
+    assert [k for k in a if not torch.equal(a[k], c[k])] == []
     assert len(AutoTokenizer.from_pretrained(tmp_path / "hf" / "qformer_tokenizer")) == len(
         ours.tokenizer)
 

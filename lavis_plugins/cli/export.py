@@ -28,15 +28,22 @@ _FOLDER_MODELS = {"opt": ("lp_blip2_opt", "pretrain_opt2.7b"),
 
 
 def folder_model(folder: str) -> Tuple[str, str]:
-    """Our (model name, model type) for a transformers BLIP-2 folder."""
+    """Our (model name, model type) for a transformers BLIP-2 / InstructBLIP folder (whose
+    config.json sets every size: the type only supplies the other defaults)."""
+    from lavis_plugins.models.hf_format import INSTRUCTBLIP_MODEL_TYPES
+
     cfg = json.loads((Path(folder) / "config.json").read_text())
-    text_type = (cfg.get("text_config") or {}).get("model_type")
+    text = cfg.get("text_config") or {}
+    text_type = text.get("model_type")
     archs = cfg.get("architectures") or []
+    if cfg.get("model_type") in INSTRUCTBLIP_MODEL_TYPES:
+        return ("lp_instructblip_t5" if text.get("is_encoder_decoder") or text_type == "t5"
+                else "lp_instructblip_causal", "tiny")
     if any(a in ("Blip2ForImageTextRetrieval",) for a in archs) or not text_type:
         return _FOLDER_MODELS["retrieval"]
     if text_type in _FOLDER_MODELS:
         return _FOLDER_MODELS[text_type]
-    raise UserError(f"{folder}: a BLIP-2 with a {text_type!r} LLM; give --model and --model-type")
+    return "lp_blip2_causal", "tiny"  # any other decoder-only LLM
 
 
 def parse_options(options: Optional[List[str]]) -> Dict[str, object]:
@@ -58,16 +65,18 @@ def export(checkpoint: str, out: str, model: Optional[str] = None,
     """Load ``checkpoint`` (a transformers BLIP-2 folder or a LAVIS ``.pth``) and write it to
     ``out`` in ``fmt``; returns the written paths."""
     from lavis_plugins.api import load_model
-    from lavis_plugins.models.hf_format import is_hf_blip2_folder
+    from lavis_plugins.models.hf_format import (BLIP2_MODEL_TYPE, INSTRUCTBLIP_MODEL_TYPES,
+                                                folder_model_type)
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {list(FORMATS)}")
     if not Path(checkpoint).exists():
         raise UserError(f"--checkpoint {checkpoint}: no such file or folder")
     if model is None or model_type is None:
-        if not is_hf_blip2_folder(checkpoint):
-            raise UserError(f"--checkpoint {checkpoint} is not a transformers BLIP-2 folder: give "
-                            "--model and --model-type (the config it was trained with)")
+        if folder_model_type(checkpoint) not in (BLIP2_MODEL_TYPE, *INSTRUCTBLIP_MODEL_TYPES):
+            raise UserError(f"--checkpoint {checkpoint} is not a transformers BLIP-2 / "
+                            "InstructBLIP folder: give --model and --model-type (the config it "
+                            "was trained with)")
         guess = folder_model(checkpoint)
         model, model_type = model or guess[0], model_type or guess[1]
     if Path(out).resolve() == Path(checkpoint).resolve():
