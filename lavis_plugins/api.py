@@ -7,6 +7,7 @@ list of choices; and a ``checkpoint`` and config overrides can be given directly
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -90,7 +91,7 @@ def load_model(
             transformers folder; replaces the config's ``pretrained``.
         overrides: config keys that replace the default YAML's values.
     """
-    model, _ = _build(name, model_type, checkpoint, overrides)
+    model, _ = _build(name, model_type, checkpoint, overrides, device)
     if is_eval:
         model.eval()
     if str(device) == "cpu":
@@ -98,13 +99,18 @@ def load_model(
     return model.to(device)
 
 
-def _build(name, model_type, checkpoint, overrides):
+def _build(name, model_type, checkpoint, overrides, device):
     if checkpoint is not None:
         overrides = dict(overrides, pretrained=str(checkpoint), load_pretrained=True,
                          load_finetuned=False)
     from lavis_plugins.common.safe_load import weights_only_loads
 
     cfg, preprocess = model_config(name, model_type, **overrides)
+    config_class = getattr(_model_class(name), "CONFIG_CLASS", None)
+    if (str(device) == "cpu" and "vit_precision" not in overrides
+            and "vit_precision" in getattr(config_class, "__dataclass_fields__", {})):
+        # the model is made fp32 for the CPU anyway; an fp16 round trip would round the weights
+        cfg.vit_precision = "fp32"
     # LAVIS's own models (and their ViT builders) unpickle fully: weights-only here
     with weights_only_loads([cfg.get(k) for k in ("pretrained", "finetuned", "vit_path")]):
         model = _model_class(name).from_config(cfg)
@@ -120,7 +126,7 @@ def load_model_and_preprocess(
     **overrides: Any,
 ) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[str, Any]]:
     """Like :func:`load_model`, and also the visual and text processors ``{"train", "eval"}``."""
-    model, preprocess = _build(name, model_type, checkpoint, overrides)
+    model, preprocess = _build(name, model_type, checkpoint, overrides, device)
     if is_eval:
         model.eval()
     if str(device) == "cpu":
@@ -129,5 +135,20 @@ def load_model_and_preprocess(
         logger.info("no default preprocess for %s/%s", name, model_type)
         vis, txt = {"train": None, "eval": None}, {"train": None, "eval": None}
     else:
-        vis, txt = load_preprocess(preprocess)
+        vis, txt = load_preprocess(_processors_at_model_size(preprocess, model))
     return model.to(device), vis, txt
+
+
+def _processors_at_model_size(preprocess, model: torch.nn.Module):
+    """``preprocess`` with every visual processor's ``image_size`` set to the size the model was
+    built for (an ``image_size`` override, or the size a transformers folder's config.json
+    gives), since an image of another size fails inside the model."""
+    size = getattr(getattr(model, "cfg", None), "image_size", None)
+    vis = preprocess.get("vis_processor") if size is not None else None
+    if not vis:
+        return preprocess
+    preprocess = copy.deepcopy(preprocess)
+    for split in preprocess.vis_processor.values():
+        if split is not None:
+            split.image_size = int(size)
+    return preprocess

@@ -205,3 +205,17 @@ def test_our_checkpoint_loads_into_lavis(models, tmp_path, tiny_bert_dir, monkey
                     ("multimodal", "multimodal_embeds")]:
         assert close(lavis_model.extract_features(samples, mode)[f],
                      ours.extract_features(samples, mode)[f]), mode
+
+
+@pytest.mark.parametrize("mode,field", [("text", "text_embeds_proj"),
+                                         ("multimodal", "multimodal_embeds")])
+def test_extract_features_of_long_text_equal_lavis(models, mode, field):
+    """LAVIS's extract_features does not truncate to max_txt_len: neither do we (same shapes)."""
+    ours, ref = models
+    ours.eval(), ref.eval()
+    samples = {"image": images(5), "text_input": CAPTIONS}  # the last is > max_txt_len tokens
+    theirs, mine = ref.extract_features(samples, mode)[field], ours.extract_features(samples,
+                                                                                      mode)[field]
+    if mode == "text":
+        assert mine.shape[1] > ours.max_txt_len
+    assert close(mine, theirs)

@@ -2,9 +2,8 @@
 
 (a) training loss and logits of lp_blip2_opt / lp_blip2_t5 equal LAVIS's Blip2OPT / Blip2T5 (1e-5)
     for the same weights and inputs;
-(b) logits equal transformers' Blip2ForConditionalGeneration (1e-4) after loading its
-    save_pretrained folder (identical image embeddings fed to both: our tiny ViT is not the
-    transformers vision tower);
+(b) the renaming of transformers' weights (whole-model parity with transformers' classes, pixels
+    in: tests/test_hf_folders.py);
 (c) greedy generation gives the same text as LAVIS and as transformers.
 Plus checkpoint loading: a LAVIS .pth as it is, a stage-1 checkpoint, and the width-mismatch error.
 
@@ -175,115 +174,7 @@ def test_opt_batched_prompts_left_padded_equal_one_by_one(opt_pair):
 
 
 # ------------------------------------------------------------------ (b) transformers
-def _hf_blip2(kind, llm_dir, tiny_bert_dir, ours, folder):
-    from transformers import (AutoConfig, AutoTokenizer, Blip2Config,
-                              Blip2ForConditionalGeneration, Blip2QFormerConfig,
-                              Blip2VisionConfig)
-
-    bert = AutoConfig.from_pretrained(tiny_bert_dir)
-    vision = Blip2VisionConfig(hidden_size=ours.visual_encoder.num_features, intermediate_size=64,
-                               num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                               patch_size=8)
-    qformer = Blip2QFormerConfig(
-        vocab_size=bert.vocab_size, hidden_size=bert.hidden_size,
-        num_hidden_layers=bert.num_hidden_layers, num_attention_heads=bert.num_attention_heads,
-        intermediate_size=bert.intermediate_size, cross_attention_frequency=2,
-        encoder_hidden_size=ours.visual_encoder.num_features)
-    text = AutoConfig.from_pretrained(llm_dir)
-    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                         text_config=text.to_dict(), num_query_tokens=ours.query_tokens.shape[1])
-    torch.manual_seed(5)
-    hf = Blip2ForConditionalGeneration(config).eval()
-    with torch.no_grad():  # random, but not the near-zero init of some parameters
-        hf.query_tokens.normal_(0, 1)
-        hf.language_projection.weight.normal_(0, 0.2)
-    hf.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(llm_dir).save_pretrained(folder)
-    return hf
-
-
-@pytest.fixture(scope="module")
-def hf_opt(lp, tiny_bert_dir, llm_dirs, opt_pair, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf_opt")
-    hf = _hf_blip2("opt", llm_dirs["opt"], tiny_bert_dir, opt_pair[0], folder)
-    # no opt_model: the transformers folder brings its own OPT and tokenizer
-    ours = _ours("lp_blip2_opt", tiny_bert_dir, llm_dirs["opt"], opt_model=None,
-                 pretrained=str(folder), load_pretrained=True).eval()
-    return hf, ours
-
-
-def _feed_hf_image_embeds(hf, ours, pixels):
-    """Make ``ours`` see the transformers vision tower's output (post-LayerNorm = ln_vision)."""
-    with torch.no_grad():
-        embeds = hf.vision_model(pixels).last_hidden_state
-    ours.encode_image = lambda image: embeds
-    return embeds
-
-
-def test_opt_logits_equal_transformers(hf_opt):
-    hf, ours = hf_opt
-    tok = ours.opt_tokenizer
-    pixels = _images(4)
-    _feed_hf_image_embeds(hf, ours, pixels)
-    enc = tok([c + "\n" for c in CAPTIONS], return_tensors="pt", padding="longest",
-              padding_side="right")
-    with torch.no_grad():
-        ref = hf(pixel_values=pixels, input_ids=enc.input_ids,
-                 attention_mask=enc.attention_mask).logits
-        out = ours({"image": pixels, "text_input": CAPTIONS}, return_logits=True)
-    nq = ours.query_tokens.shape[1]
-    assert torch.allclose(out.logits, ref[:, nq - 1:-1], atol=1e-4, rtol=0)
-
-
-def test_opt_greedy_generation_equals_transformers(hf_opt):
-    hf, ours = hf_opt
-    pixels = _images(5)
-    _feed_hf_image_embeds(hf, ours, pixels)
-    prompt = "Question: what is it? Answer:"
-    ids = ours.opt_tokenizer([prompt] * B, return_tensors="pt").input_ids
-    with torch.no_grad():
-        ref = hf.generate(pixel_values=pixels, input_ids=ids, max_new_tokens=8, num_beams=1,
-                          do_sample=False, eos_token_id=ours.eos_token_id,
-                          pad_token_id=ours.opt_tokenizer.pad_token_id)
-    theirs = [t.strip() for t in ours.opt_tokenizer.batch_decode(ref[:, 1:],
-                                                                 skip_special_tokens=True)]
-    mine = ours.generate({"image": pixels, "prompt": prompt}, num_beams=1, max_length=8,
-                         min_length=0)
-    assert mine == theirs and any(mine)
-
-
-@pytest.fixture(scope="module")
-def hf_t5(lp, tiny_bert_dir, llm_dirs, t5_pair, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf_t5")
-    hf = _hf_blip2("t5", llm_dirs["t5"], tiny_bert_dir, t5_pair[0], folder)
-    ours = _ours("lp_blip2_t5", tiny_bert_dir, llm_dirs["t5"], t5_model=None,
-                 pretrained=str(folder), load_pretrained=True).eval()
-    return hf, ours
-
-
-def test_t5_logits_and_generation_equal_transformers(hf_t5):
-    hf, ours = hf_t5
-    tok = ours.t5_tokenizer
-    pixels = _images(6)
-    _feed_hf_image_embeds(hf, ours, pixels)
-    enc = tok(QUESTIONS, return_tensors="pt", padding="longest")
-    dec = tok(ANSWERS, return_tensors="pt", padding="longest")
-    labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
-    with torch.no_grad():
-        ref = hf(pixel_values=pixels, input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                 labels=labels, decoder_attention_mask=dec.attention_mask)
-        out = ours({"image": pixels, "text_input": QUESTIONS, "text_output": ANSWERS},
-                   return_logits=True)
-        gen = hf.generate(pixel_values=pixels, input_ids=enc.input_ids,
-                          attention_mask=enc.attention_mask, max_new_tokens=8, num_beams=1)
-    assert torch.allclose(out.logits, ref.logits, atol=1e-4, rtol=0)
-    assert torch.allclose(out.loss, ref.loss, atol=1e-4, rtol=0)
-    theirs = [t.strip() for t in tok.batch_decode(gen, skip_special_tokens=True)]
-    mine = ours.generate({"image": pixels, "prompt": QUESTIONS}, num_beams=1, max_length=8,
-                         min_length=0)
-    assert mine == theirs and any(mine)
-
-
+# whole-model parity (pixels in, sizes from config.json): tests/test_hf_folders.py
 def test_hf_key_converter_inverts_transformers_conversion():
     """vision qkv bias split, attention renames, embeddings LayerNorm, projection, LLM."""
     from lavis_plugins.models._blip2_llm import hf_to_lavis_state_dict
@@ -313,7 +204,7 @@ def test_hf_key_converter_inverts_transformers_conversion():
     assert torch.equal(out["visual_encoder.blocks.0.attn.q_bias"], q)
     assert torch.equal(out["visual_encoder.blocks.0.attn.v_bias"], v)
     with pytest.raises(UserError, match="unexpected weight"):
-        hf_to_lavis_state_dict({"text_projection.weight": torch.ones(1)}, "opt_proj", "opt_model")
+        hf_to_lavis_state_dict({"text_decoder.weight": torch.ones(1)}, "opt_proj", "opt_model")
 
 
 # ------------------------------------------------------------------ checkpoints

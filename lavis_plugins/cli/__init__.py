@@ -8,6 +8,7 @@
     lavis-plugins names    # the names this plugin registered
     lavis-plugins convert --trust old.pth new.pth   # a trusted pickled file -> weights-only
     lavis-plugins projects # the shipped experiment YAMLs
+    lavis-plugins export   --checkpoint X --out DIR   # to a transformers folder + LAVIS .pth
     torchrun --nproc_per_node=2 -m lavis_plugins.cli train --cfg-path ...
 
 Each sub-command lives in its own module of this package, which exposes ``add_parsers(sub)``
@@ -31,6 +32,7 @@ COMMAND_MODULES = (
     "lavis_plugins.cli.predict",
     "lavis_plugins.cli.info",
     "lavis_plugins.cli.convert",
+    "lavis_plugins.cli.export",
 )
 
 

@@ -38,7 +38,7 @@ def check_checkpoint_source(value: Optional[str], key: str) -> None:
                 f"{ALLOW_DOWNLOAD_ENV}=1 to let LAVIS download it.")
     elif not os.path.exists(value):
         raise UserError(f"model.{key} {value!r} does not exist; give the local path of a LAVIS "
-                        ".pth checkpoint (or of a transformers BLIP-2 folder, for stage 2)")
+                        ".pth checkpoint (or of a transformers BLIP-2 folder)")
 
 
 def local_checkpoint(value: str, key: str) -> str:

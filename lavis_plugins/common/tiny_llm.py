@@ -15,7 +15,7 @@ import json
 import math
 import string
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from lavis_plugins.common.tiny_bert import BASIC_WORDS
 
@@ -78,11 +78,15 @@ def make_tiny_opt(
     return folder
 
 
-def _t5_tokenizer_json(words: Optional[Iterable[str]]) -> str:
-    """A SentencePiece-style unigram tokenizer (``▁`` marks a word start) as tokenizer.json."""
+def _t5_tokenizer_json(words: Optional[Iterable[str]],
+                       pieces: Sequence[str] = ("<pad>", "</s>", "<unk>"),
+                       template: Tuple[str, str] = ("$A </s>", "$A </s> $B </s>")) -> str:
+    """A SentencePiece-style unigram tokenizer (``▁`` marks a word start) as tokenizer.json.
+    ``pieces``: the special tokens, in id order (one named ``<unk>``); ``template``: what the
+    tokenizer adds around one text / a pair (T5: ``</s>`` after; LLaMA: ``<s>`` before)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    pieces = ["<pad>", "</s>", "<unk>"]
+    pieces = list(pieces)
     seen = set(pieces)
     whole = []
     for w in [*BASIC_WORDS, *PROMPT_WORDS, *(words or [])]:
@@ -95,11 +99,12 @@ def _t5_tokenizer_json(words: Optional[Iterable[str]]) -> str:
     # whole words score higher than spelling them out, so known words stay one piece
     vocab = [(p, 0.0) for p in pieces] + [(p, -2.0) for p in whole] + \
         [(c, -2.0 - math.log(len(chars))) for c in chars]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok = Tokenizer(models.Unigram(vocab, unk_id=pieces.index("<unk>"), byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    used = [p for p in pieces if p in " ".join(template).split()]
     tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+        single=template[0], pair=template[1], special_tokens=[(p, pieces.index(p)) for p in used])
     return tok.to_str()
 
 
@@ -138,4 +143,42 @@ def make_tiny_t5(
     )
     torch.manual_seed(seed)
     T5ForConditionalGeneration(config).save_pretrained(folder, safe_serialization=False)
+    return folder
+
+
+def make_tiny_llama(
+    folder: str | Path,
+    words: Optional[Iterable[str]] = None,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 64,
+    max_position_embeddings: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Write a LLaMA-architecture config (grouped-query attention, RoPE, RMSNorm, SwiGLU),
+    tokenizer and random weights: the family of Vicuna, the LLM of InstructBLIP's causal models.
+
+    Special tokens follow LLaMA's: ``<unk>``=0, ``<s>``=1 (prepended), ``</s>``=2; like LLaMA's
+    tokenizer it has no pad token.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(_t5_tokenizer_json(
+        words, pieces=("<unk>", "<s>", "</s>"), template=("<s> $A", "<s> $A $B")))
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), bos_token="<s>",
+                                  eos_token="</s>", unk_token="<unk>",
+                                  model_max_length=max_position_embeddings)
+    tok.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
+        bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
     return folder

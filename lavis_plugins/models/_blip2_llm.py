@@ -21,7 +21,7 @@ errors, frozen parts the file lacks (the LLM, the ViT in LAVIS's released files)
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import re
@@ -42,13 +42,22 @@ from lavis_plugins.common.local_files import (
     local_hf_folder,
 )
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
-from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
+from lavis_plugins.models.arch_check import describe_mismatch, mismatch_message
+from lavis_plugins.models.blip2_base import VIT_MODELS, LPBlip2Base, TinyVitConfig
 from lavis_plugins.models.blip2_qformer import init_vision_and_qformer
+from lavis_plugins.models.hf_format import (  # noqa: F401 - hf_to_lavis_state_dict: old home
+    apply_folder_sizes,
+    folder_model_type,
+    folder_tokenizer,
+    hf_to_lavis_state_dict,
+    qformer_bert_config,
+    read_config,
+    read_hf_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
 LLM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-VIT_MODELS = ("eva_clip_g", "clip_L", "tiny")
 TINY_LLM = "tiny"  # LLM folder value that makes (once, in the cache folder) a tiny random LLM
 # keys of the model config that LAVIS's Config adds and that are not model settings
 _CONFIG_META_KEYS = ("arch", "model_type")
@@ -59,14 +68,15 @@ class Blip2LLMConfig:
     """Settings shared by the stage-2 models (each default is written here, once)."""
 
     # --- image encoder ---
-    vit_model: str = "eva_clip_g"  # "eva_clip_g" (EVA ViT-g/14), "clip_L" (ViT-L/14), "tiny"
+    # "eva_clip_g" (EVA ViT-g/14), "clip_L" (ViT-L/14), "eva" (EVA-style, sizes in tiny_vit), "tiny"
+    vit_model: str = "eva_clip_g"
     image_size: int = 224  # input resolution (364 for LAVIS's COCO caption fine-tuned weights)
     drop_path_rate: float = 0.0  # stochastic depth of the ViT (matters only when it trains)
     use_grad_checkpoint: bool = False  # recompute ViT activations in backward (unfrozen ViT)
     vit_precision: str = "fp16"  # ViT weights on GPU: "fp16" or "fp32"
     vit_path: Optional[str] = None  # local eva_clip_g / clip_L weights; "random": untrained
     freeze_vit: bool = True  # False fine-tunes the image encoder (caption / VQA fine-tuning)
-    tiny_vit: TinyVitConfig = field(default_factory=TinyVitConfig)  # sizes for vit_model "tiny"
+    tiny_vit: TinyVitConfig = field(default_factory=TinyVitConfig)  # sizes for "tiny" / "eva"
     # --- Q-Former ---
     bert_path: str = "bert-base-uncased"  # BERT folder the Q-Former is built from; "tiny": random
     num_query_token: int = 32  # learned queries = length of the soft visual prompt
@@ -152,120 +162,6 @@ class Blip2LLMOutput(ModelOutput):
     targets: Optional[torch.Tensor] = None
 
 
-def is_hf_blip2_folder(path: Optional[str]) -> bool:
-    """A local folder holding a transformers BLIP-2 ``config.json``."""
-    if not path or not os.path.isdir(path):
-        return False
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("model_type") == "blip-2"
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def read_hf_state_dict(folder: str) -> Dict[str, torch.Tensor]:
-    """All weights of a transformers folder (safetensors or .bin, single file or sharded)."""
-    folder_p = Path(folder)
-    for index_name, loader in (("model.safetensors.index.json", "st"),
-                               ("pytorch_model.bin.index.json", "pt")):
-        index = folder_p / index_name
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            break
-    else:
-        if (folder_p / "model.safetensors").is_file():
-            files, loader = ["model.safetensors"], "st"
-        elif (folder_p / "pytorch_model.bin").is_file():
-            files, loader = ["pytorch_model.bin"], "pt"
-        else:
-            raise UserError(f"{folder} has a BLIP-2 config.json but no weights (model.safetensors "
-                            "or pytorch_model.bin, single or sharded)")
-    state: Dict[str, torch.Tensor] = {}
-    for name in files:
-        if loader == "st":
-            from safetensors.torch import load_file
-
-            state.update(load_file(str(folder_p / name)))
-        else:
-            state.update(load_weights(folder_p / name, f"transformers folder {folder}"))
-    return state
-
-
-_HF_VIT_LAYER = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.(.*)$")
-_HF_VIT_LAYER_NAMES = {
-    "layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
-    "self_attn.projection": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-}
-_HF_VIT_TOP = {
-    "vision_model.embeddings.class_embedding": "visual_encoder.cls_token",
-    "vision_model.embeddings.position_embedding": "visual_encoder.pos_embed",
-    "vision_model.embeddings.patch_embedding.weight": "visual_encoder.patch_embed.proj.weight",
-    "vision_model.embeddings.patch_embedding.bias": "visual_encoder.patch_embed.proj.bias",
-    "vision_model.post_layernorm.weight": "ln_vision.weight",
-    "vision_model.post_layernorm.bias": "ln_vision.bias",
-}
-
-
-def hf_to_lavis_state_dict(hf_state: Dict[str, torch.Tensor], proj_name: str, llm_name: str,
-                           include_vision: bool = True) -> Dict[str, torch.Tensor]:
-    """Rename a transformers ``Blip2ForConditionalGeneration`` state dict to LAVIS's names.
-
-    The inverse of transformers' ``convert_blip_2_original_to_pytorch.py``:
-    ``qformer.*`` -> ``Qformer.bert.*`` (``qformer.layernorm`` -> ``embeddings.LayerNorm``,
-    ``*.attention.attention.*`` -> ``*.attention.self.*``), ``language_projection`` ->
-    ``proj_name``, ``language_model`` -> ``llm_name``, ``query_tokens`` as is, and (with
-    ``include_vision``) ``vision_model`` -> ``visual_encoder``/``ln_vision`` in the EVA ViT-g
-    layout (its fused qkv bias split back into ``q_bias``/``v_bias``; the k part is zero).
-
-    Args:
-        hf_state: the transformers model's weights.
-        proj_name: ``"opt_proj"`` or ``"t5_proj"``.
-        llm_name: ``"opt_model"`` or ``"t5_model"``.
-        include_vision: False drops the vision weights (a model whose ViT is not EVA ViT-g).
-    """
-    out: Dict[str, torch.Tensor] = {}
-    for key, value in hf_state.items():
-        if key.startswith("vision_model."):
-            if include_vision:
-                out.update(_hf_vision_key(key, value))
-            continue
-        if key.startswith("qformer."):
-            new = "Qformer.bert." + key[len("qformer."):]
-            new = new.replace("Qformer.bert.layernorm.", "Qformer.bert.embeddings.LayerNorm.")
-            new = re.sub(r"\.(attention|crossattention)\.attention\.", r".\1.self.", new)
-        elif key.startswith("language_projection."):
-            new = proj_name + key[len("language_projection"):]
-        elif key.startswith("language_model."):
-            new = llm_name + key[len("language_model"):]
-        elif key == "query_tokens":
-            new = key
-        else:
-            raise UserError(f"unexpected weight {key!r} in a transformers BLIP-2 checkpoint "
-                            "(expected vision_model.*, qformer.*, query_tokens, "
-                            "language_projection.*, language_model.*)")
-        out[new] = value
-    return out
-
-
-def _hf_vision_key(key: str, value: torch.Tensor) -> Dict[str, torch.Tensor]:
-    if key in _HF_VIT_TOP:
-        return {_HF_VIT_TOP[key]: value}
-    m = _HF_VIT_LAYER.match(key)
-    if m is None:
-        raise UserError(f"cannot map vision weight {key!r} to LAVIS's EVA ViT-g layout")
-    i, rest = m.groups()
-    if rest == "self_attn.qkv.bias":
-        q, _, v = value.chunk(3)  # transformers stores (q, 0, v); EVA keeps q and v only
-        return {f"visual_encoder.blocks.{i}.attn.q_bias": q,
-                f"visual_encoder.blocks.{i}.attn.v_bias": v}
-    for hf_name, lavis_name in _HF_VIT_LAYER_NAMES.items():
-        if rest.startswith(hf_name + "."):
-            return {f"visual_encoder.blocks.{i}.{lavis_name}{rest[len(hf_name):]}": value}
-    raise UserError(f"cannot map vision weight {key!r} to LAVIS's EVA ViT-g layout")
-
-
 def load_pth(url_or_path: str) -> Dict[str, torch.Tensor]:
     """The ``model`` state dict of a LAVIS-format checkpoint (a local file; a URL only when the
     user allowed downloads, see :mod:`lavis_plugins.common.local_files`)."""
@@ -294,6 +190,8 @@ class Blip2LLMBase(LPBlip2Base):
     # state-dict name of the LLM (opt_model / t5_model), also the config key of its folder
     LLM_NAME = "llm"
     PRETRAINED_MODEL_CONFIG_DICT: ClassVar[Dict[str, str]] = {}
+    # ``model_type`` of the transformers folders this class loads
+    HF_MODEL_TYPES: ClassVar[Tuple[str, ...]] = ("blip-2",)
     # --- the LLM family; subclasses set these (classes by name: transformers is imported lazily)
     LLM_CLASS = ""  # transformers model class, e.g. "OPTForCausalLM"
     LLM_MODEL_TYPE = ""  # ``text_config.model_type`` a transformers BLIP-2 folder must have
@@ -327,9 +225,12 @@ class Blip2LLMBase(LPBlip2Base):
         self.cfg = cfg
         self.prompt = cfg.prompt
         self.max_txt_len = cfg.max_txt_len
-        init_vision_and_qformer(self, cfg)
+        # a transformers folder brings every weight: the Q-Former is built at its sizes
+        init_vision_and_qformer(self, cfg, bert_config=None if hf_folder is None else
+                                qformer_bert_config(read_config(hf_folder)["qformer_config"]))
         if cfg.qformer_text_input:
-            self.tokenizer = self.init_tokenizer(cfg.bert_path)
+            self.tokenizer = self.init_tokenizer(cfg.bert_path if hf_folder is None else
+                                                 self._folder_qformer_tokenizer(hf_folder))
             self.Qformer.resize_token_embeddings(len(self.tokenizer))  # [DEC], as stage 1
             self.Qformer.cls = None  # no LM head in stage 2
         else:
@@ -341,6 +242,16 @@ class Blip2LLMBase(LPBlip2Base):
                 nn.Linear(self.Qformer.config.hidden_size, llm.config.hidden_size))
 
     # ------------------------------------------------------------------ construction
+    def _folder_qformer_tokenizer(self, folder: str) -> str:
+        """The BERT tokenizer of a transformers folder's question-aware Q-Former: its
+        ``qformer_tokenizer/`` sub-folder (InstructBLIP), else a local ``bert_path``."""
+        from lavis_plugins.models.blip2_base import resolve_bert_path
+        from lavis_plugins.models.hf_format import BERT_TOKENIZER_FILES, QFORMER_TOKENIZER_DIR
+
+        return folder_tokenizer(os.path.join(folder, QFORMER_TOKENIZER_DIR),
+                                BERT_TOKENIZER_FILES, lambda: resolve_bert_path(self.cfg.bert_path),
+                                "Q-Former tokenizer", "bert_path")
+
     def _drop_qformer_text_branch(self) -> None:
         """Stage 2 feeds only queries through the Q-Former: its LM head, word/position
         embeddings and the text-side feed-forward layers are removed (as LAVIS does), so
@@ -362,25 +273,28 @@ class Blip2LLMBase(LPBlip2Base):
         folder ``model.<LLM_NAME>``, weights and tokenizer.
         """
         import transformers
-        from transformers import Blip2Config
+        from transformers import AutoConfig
         from transformers.modeling_utils import no_init_weights
 
         llm_cls = getattr(transformers, self.LLM_CLASS)
         dtype = self.llm_load_dtype()
         llm_path = getattr(self.cfg, self.LLM_NAME)
         if hf_folder is not None:
-            text_cfg = Blip2Config.from_pretrained(hf_folder).text_config
-            if text_cfg.model_type != self.LLM_MODEL_TYPE:
+            text_cfg = AutoConfig.from_pretrained(hf_folder).text_config
+            if self.LLM_MODEL_TYPE and text_cfg.model_type != self.LLM_MODEL_TYPE:
                 raise UserError(f"{hf_folder} holds a BLIP-2 with a {text_cfg.model_type!r} LLM; "
                                 f"{self.arch_name()} needs {self.LLM_LABEL} (use "
                                 f"{self.OTHER_ARCH_HINT})")
+            # Auto classes build with from_config, model classes with _from_config
+            build = getattr(llm_cls, "from_config" if llm_cls.__name__.startswith("Auto")
+                            else "_from_config")
             with no_init_weights():  # every weight comes from the folder
-                llm = llm_cls._from_config(text_cfg, torch_dtype=dtype)
+                llm = build(text_cfg, torch_dtype=dtype)
             llm.tie_weights()  # transformers ties only when it initialises
-            has_tokenizer = any(os.path.isfile(os.path.join(hf_folder, n))
-                                for n in self.TOKENIZER_FILES)
-            tok_folder = hf_folder if has_tokenizer else self.resolve_llm_folder(
-                llm_path, self.LLM_NAME)
+            fallback = (self.resolve_llm_folder(llm_path, self.LLM_NAME)
+                        if llm_path == TINY_LLM else llm_path)
+            tok_folder = folder_tokenizer(hf_folder, self.TOKENIZER_FILES, fallback,
+                                          f"{self.LLM_LABEL} tokenizer", self.LLM_NAME)
         else:
             tok_folder = self.resolve_llm_folder(llm_path, self.LLM_NAME)
             llm = self._llm_from_folder(llm_cls, tok_folder, dtype)
@@ -400,7 +314,7 @@ class Blip2LLMBase(LPBlip2Base):
 
     @property
     def llm(self) -> nn.Module:
-        return getattr(self, self.LLM_NAME)
+        return self._modules[self.LLM_NAME]  # not getattr: LLM_NAME may be this property's
 
     @property
     def llm_tokenizer(self):
@@ -413,7 +327,7 @@ class Blip2LLMBase(LPBlip2Base):
 
     @property
     def llm_proj(self) -> nn.Linear:
-        return getattr(self, self.PROJ_NAME)
+        return self._modules[self.PROJ_NAME]  # not getattr: PROJ_NAME may be "llm_proj"
 
     def llm_load_dtype(self) -> torch.dtype:
         """The configured dtype when a GPU is visible, else fp32 (half matmuls on CPU are slow
@@ -534,15 +448,24 @@ class Blip2LLMBase(LPBlip2Base):
             mcfg.pretrained if mcfg.load_pretrained else None)
         if mcfg.load_finetuned and not mcfg.finetuned:
             raise UserError(f"model.load_finetuned is true but model.finetuned is not set ({arch})")
-        hf_folder = path if is_hf_blip2_folder(path) else None
+        folder_type = folder_model_type(path)
+        hf_folder = path if folder_type in cls.HF_MODEL_TYPES else None
         if path and os.path.isdir(path) and hf_folder is None:
-            raise UserError(f"{path} is a folder but not a transformers BLIP-2 folder (no "
-                            "config.json with model_type 'blip-2'); give a LAVIS .pth or a "
-                            "Blip2ForConditionalGeneration folder")
+            raise UserError(f"{path} is a folder but not one {arch} loads (config.json with "
+                            f"model_type in {list(cls.HF_MODEL_TYPES)}; it has {folder_type!r}); "
+                            "give a LAVIS .pth or such a transformers folder")
         # a URL or a missing file is refused before the encoders and the LLM are built (seconds)
         check_checkpoint_source(path, "finetuned" if mcfg.load_finetuned else "pretrained")
         check_checkpoint_source(mcfg.stage1_checkpoint, "stage1_checkpoint")
-        model = cls(mcfg, hf_folder=hf_folder)
+        if hf_folder is not None:  # every size comes from the folder's config.json
+            mcfg = apply_folder_sizes(mcfg, hf_folder)
+            if mcfg.qformer_text_input and folder_type == "blip-2" and not read_config(
+                    hf_folder)["qformer_config"].get("use_qformer_text_input"):
+                raise UserError(f"model.qformer_text_input is set, but {hf_folder} holds no "
+                                "Q-Former text branch (its qformer_config has no "
+                                "use_qformer_text_input); load it without qformer_text_input, "
+                                "or load an InstructBLIP folder")
+        model = cls(dataclasses.replace(mcfg, vit_precision="fp32"), hf_folder=hf_folder)
         if mcfg.stage1_checkpoint:
             model.load_stage1(mcfg.stage1_checkpoint)
         if path:
@@ -550,6 +473,7 @@ class Blip2LLMBase(LPBlip2Base):
                 model.load_hf_blip2(hf_folder)
             else:
                 model.load_lavis(path)
+        model.cast_vision_encoder(mcfg.vit_precision)  # after loading: see its docstring
         return model
 
     def load_checkpoint_from_config(self, cfg, **kwargs) -> None:
@@ -557,13 +481,16 @@ class Blip2LLMBase(LPBlip2Base):
         mcfg = self.CONFIG_CLASS.from_cfg(cfg, self.arch_name())
         path = mcfg.finetuned if mcfg.load_finetuned else mcfg.pretrained
         if path:
-            self.load_hf_blip2(path) if is_hf_blip2_folder(path) else self.load_lavis(path)
+            if folder_model_type(path) in self.HF_MODEL_TYPES:
+                self.load_hf_blip2(path)
+            else:
+                self.load_lavis(path)
 
     def load_checkpoint(self, url_or_filename: str) -> None:
         """What LAVIS's ``lavis.models.load_model(..., checkpoint=X)`` calls: the same checked
         loading as ``pretrained`` (LAVIS's own loads anything with strict=False, so a stage-1
         file would load silently and leave the projection random)."""
-        if is_hf_blip2_folder(url_or_filename):
+        if folder_model_type(url_or_filename) in self.HF_MODEL_TYPES:
             self.load_hf_blip2(url_or_filename)
         else:
             self.load_lavis(url_or_filename)
@@ -587,20 +514,15 @@ class Blip2LLMBase(LPBlip2Base):
                            required=("Qformer.", "query_tokens", self.PROJ_NAME + "."))
 
     def load_hf_blip2(self, folder: str) -> None:
-        """Load a transformers ``Blip2ForConditionalGeneration`` folder (weights renamed)."""
-        include_vision = self.cfg.vit_model == "eva_clip_g"
-        if not include_vision:
-            logger.warning("%s: vision weights skipped: the transformers layout maps onto EVA "
-                           "ViT-g only and this model's vit_model is %r", folder,
-                           self.cfg.vit_model)
-        state = hf_to_lavis_state_dict(read_hf_state_dict(folder), self.PROJ_NAME,
-                                       self.LLM_NAME, include_vision=include_vision)
+        """Load a transformers ``Blip2ForConditionalGeneration`` folder (weights renamed); the
+        model must have been built at the folder's sizes (``from_config`` does that). Every
+        weight the model has must be in the folder."""
+        state = hf_to_lavis_state_dict(read_hf_state_dict(folder), self.PROJ_NAME, self.LLM_NAME)
         state = {k: v for k, v in state.items() if not self._unused_key(k)}
-        if not include_vision:
-            state = {k: v for k, v in state.items() if not k.startswith("ln_vision.")}
         self._check_projection(state, folder)
-        self._load_checked(state, folder, required=("Qformer.", "query_tokens",
-                                                    self.PROJ_NAME + ".", self.LLM_NAME + "."))
+        self._load_checked(state, folder, required=(
+            "Qformer.", "query_tokens", self.PROJ_NAME + ".", self.LLM_NAME + ".",
+            "visual_encoder.", "ln_vision."))
 
     def _check_projection(self, state: Dict[str, torch.Tensor], source: str) -> None:
         w = state.get(self.PROJ_NAME + ".weight")
@@ -623,12 +545,15 @@ class Blip2LLMBase(LPBlip2Base):
         ``required`` prefixes; missing frozen parts are logged."""
         own = self.state_dict()
         unknown = sorted(k for k in state if k not in own)
+        bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+               if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        differs = describe_mismatch(state, own, self.vit_setting()) if unknown or bad else []
+        if differs:  # name the setting, not the tensor
+            raise UserError(mismatch_message(source, differs, ""))
         if unknown:
             raise UserError(f"{source}: {len(unknown)} weight(s) this model does not have, e.g. "
                             f"{unknown[:6]}. Is it a checkpoint of {type(self).__name__}'s "
-                            "architecture (same vit_model, Q-Former size)?")
-        bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-               if tuple(v.shape) != tuple(own[k].shape)]
+                            "architecture?")
         if bad:
             raise UserError(f"{source}: weight shapes differ from this model's (name, file, "
                             f"model): {bad[:6]}. Check vit_model, bert_path, num_query_token.")

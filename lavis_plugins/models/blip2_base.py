@@ -8,6 +8,7 @@ paths, and a missing or wrong file is a :class:`~lavis_plugins.common.errors.Use
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -24,12 +25,12 @@ from lavis.models import eva_vit
 from lavis.models.base_model import BaseModel
 from lavis.models.blip2_models.blip2 import disabled_train
 from torch import Tensor, nn
-from transformers import BertTokenizer
+from transformers import BertConfig, BertTokenizer
 
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.common.local_files import local_hf_folder
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
-from lavis_plugins.models.qformer import KV, ImageKV, QFormer, padding_mask
+from lavis_plugins.models.qformer import KV, ImageKV, QFormer, padding_mask, qformer_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +41,29 @@ VIT_URLS = {
     "clip_L": "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/"
               "BLIP2/clip_vit_L.pth",
 }
-VIT_MODELS = ("eva_clip_g", "clip_L", "tiny")
+VIT_MODELS = ("eva_clip_g", "clip_L", "eva", "tiny")
+# encoders built from the sizes in ``tiny_vit`` (EVA-style blocks, LAVIS's eva_vit module): "tiny"
+# for tests and demos, "eva" for any size, e.g. the vision tower of a transformers BLIP-2 folder
+SIZED_VIT_MODELS = ("eva", "tiny")
 RANDOM_WEIGHTS = "random"  # vit_path value that builds the encoder untrained (benchmarks only)
 TINY_BERT = "tiny"  # bert_path value that makes (once) and uses a tiny random BERT
 
 
 @dataclass
 class TinyVitConfig:
-    """A small EVA-style ViT (LAVIS's ``eva_vit.VisionTransformer``) for tests and demos."""
+    """Sizes of an EVA-style ViT (LAVIS's ``eva_vit.VisionTransformer``, the blocks transformers'
+    ``Blip2VisionModel`` also has): ``vit_model`` "tiny" (tests and demos, these defaults) or
+    "eva" (any size; a transformers BLIP-2 folder sets them from its ``vision_config``)."""
 
     width: int = 32  # token width (= num_features, the Q-Former's vision_width)
     depth: int = 1  # transformer blocks
     heads: int = 2  # attention heads
     patch_size: int = 8  # pixels per patch side; image_size must be a multiple
-    mlp_ratio: float = 2.0  # feed-forward width / token width
+    mlp_ratio: float = 2.0  # feed-forward width / token width (when mlp_dim is not set)
+    mlp_dim: Optional[int] = None  # feed-forward width, exactly (transformers' intermediate_size)
+    qkv_bias: bool = True  # query and value biases (EVA has no key bias)
+    layer_norm_eps: float = 1e-6  # epsilon of the blocks' LayerNorms
+    ln_vision_eps: float = 1e-5  # epsilon of ln_vision (LAVIS: 1e-5; transformers: layer_norm_eps)
 
     @classmethod
     def from_any(cls, value: Union["TinyVitConfig", Mapping[str, Any], None]) -> "TinyVitConfig":
@@ -233,7 +243,7 @@ class LPBlip2Base(BaseModel):
             raise UserError(f"unknown vit_model {vit_model!r}; choose one of {list(VIT_MODELS)}")
         if precision not in ("fp32", "fp16", "bf16"):
             raise UserError(f"vit_precision {precision!r}: choose fp32, fp16 or bf16")
-        if vit_model == "tiny":
+        if vit_model in SIZED_VIT_MODELS:
             encoder = cls._tiny_vit(TinyVitConfig.from_any(tiny), img_size, drop_path_rate,
                                     use_grad_checkpoint)
         else:
@@ -243,7 +253,8 @@ class LPBlip2Base(BaseModel):
             use_sdpa_attention(encoder)
         if precision != "fp32":
             _cast_vit(encoder, precision)
-        return encoder, nn.LayerNorm(encoder.num_features)
+        eps = TinyVitConfig.from_any(tiny).ln_vision_eps if vit_model in SIZED_VIT_MODELS else 1e-5
+        return encoder, nn.LayerNorm(encoder.num_features, eps=eps)
 
     @staticmethod
     def _tiny_vit(cfg: TinyVitConfig, img_size: int, drop_path_rate: float,
@@ -251,10 +262,13 @@ class LPBlip2Base(BaseModel):
         if img_size % cfg.patch_size:
             raise UserError(f"image_size {img_size} is not a multiple of tiny_vit.patch_size "
                             f"{cfg.patch_size}")
+        # eva_vit sizes the feed-forward as int(width * mlp_ratio): a ratio just above the exact
+        # one gives mlp_dim whatever the float rounding
+        ratio = cfg.mlp_ratio if cfg.mlp_dim is None else (cfg.mlp_dim + 0.5) / cfg.width
         return eva_vit.VisionTransformer(
             img_size=img_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
-            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
-            drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=cfg.heads, mlp_ratio=ratio, qkv_bias=cfg.qkv_bias,
+            drop_path_rate=drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
             use_checkpoint=use_grad_checkpoint)
 
     @staticmethod
@@ -297,19 +311,59 @@ class LPBlip2Base(BaseModel):
 
     @classmethod
     def init_qformer(
-        cls, bert_path: str, num_query_token: int, vision_width: int, cross_attention_freq: int = 2
+        cls, bert_path: str, num_query_token: int, vision_width: int, cross_attention_freq: int = 2,
+        bert_config: Optional[BertConfig] = None,
     ) -> Tuple[QFormer, nn.Parameter]:
         """A Q-Former initialised from the BERT at ``bert_path`` and its learned queries
-        (1, num_query_token, hidden) ~ N(0, initializer_range), as LAVIS's ``init_Qformer``."""
-        path = resolve_bert_path(bert_path)
-        try:
-            qformer = QFormer.from_bert(path, num_query_token, vision_width, cross_attention_freq)
-        except (OSError, ValueError) as e:  # ValueError: not a folder nor a hub name
-            raise UserError(f"bert_path {bert_path!r}: cannot load BERT weights from it ({e})"
-                            ) from e
+        (1, num_query_token, hidden) ~ N(0, initializer_range), as LAVIS's ``init_Qformer``.
+        With ``bert_config`` (the sizes of a checkpoint that brings every weight, e.g. a
+        transformers folder) it is built at those sizes, randomly initialised, and
+        ``bert_path`` is not read."""
+        if bert_config is not None:
+            qformer = QFormer(qformer_config(bert_config, num_query_token, vision_width,
+                                             cross_attention_freq))
+        else:
+            path = resolve_bert_path(bert_path)
+            try:
+                qformer = QFormer.from_bert(path, num_query_token, vision_width,
+                                            cross_attention_freq)
+            except (OSError, ValueError) as e:  # ValueError: not a folder nor a hub name
+                raise UserError(f"bert_path {bert_path!r}: cannot load BERT weights from it ({e})"
+                                ) from e
         query_tokens = nn.Parameter(torch.zeros(1, num_query_token, qformer.config.hidden_size))
         query_tokens.data.normal_(mean=0.0, std=qformer.config.initializer_range)
         return qformer, query_tokens
+
+    def cast_vision_encoder(self, precision: str) -> None:
+        """Cast the image encoder's Conv/Linear weights to ``precision`` (``vit_precision``) and
+        record it in ``cfg``. ``from_config`` builds in fp32, loads every checkpoint, then calls
+        this, so weights are rounded once, from the file's values (loading into fp16 weights
+        would round them for good, also for a later ``.float()`` on the CPU)."""
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise UserError(f"vit_precision {precision!r}: choose fp32, fp16 or bf16")
+        if precision != "fp32":
+            _cast_vit(self.visual_encoder, precision)
+        if dataclasses.is_dataclass(getattr(self, "cfg", None)):
+            self.cfg = dataclasses.replace(self.cfg, vit_precision=precision)
+
+    def save_pretrained(self, folder: Union[str, Path]) -> Path:
+        """Write a transformers folder (config.json, model.safetensors, processor and
+        tokenizer files) that transformers' own BLIP-2 class loads; see
+        :func:`lavis_plugins.models.export.save_transformers`."""
+        from lavis_plugins.models.export import save_transformers
+
+        return save_transformers(self, folder)
+
+    def save_lavis(self, path: Union[str, Path]) -> Path:
+        """Write a LAVIS ``.pth`` (``{"model": state_dict}``) that LAVIS's classes load."""
+        from lavis_plugins.models.export import save_lavis
+
+        return save_lavis(self, path)
+
+    def vit_setting(self) -> str:
+        """The config key that sizes this model's image encoder (for error messages)."""
+        cfg = getattr(self, "cfg", None)
+        return "tiny_vit" if getattr(cfg, "vit_model", None) in SIZED_VIT_MODELS else "vit_model"
 
     def freeze_vision_encoder(self) -> None:
         """LAVIS's ``freeze_vit``: no gradients, eval mode for good (``train()`` does nothing)."""

@@ -74,6 +74,7 @@ class LPBlip2OPT(Blip2LLMBase):
     TOKENIZER_NAME = "opt_tokenizer"
     TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
     VQA_PROMPT = "Question: {} Answer:"  # BLIP-2's zero-shot VQA prompt for OPT
+    END_TEXT = "\n"  # ends every training target; its token stops generation (BLIP-2's OPT)
 
     # ------------------------------------------------------------------ construction
     def make_tiny_llm(self, folder: Path) -> None:
@@ -83,15 +84,38 @@ class LPBlip2OPT(Blip2LLMBase):
 
     def _load_tokenizer(self, folder: str) -> None:
         super()._load_tokenizer(folder)
-        if self.opt_tokenizer.pad_token_id is None:
+        if self.llm_tokenizer.pad_token_id is None:
             raise UserError(f"the OPT tokenizer in {folder} has no pad token")
         # BLIP-2 ends every training caption with "\n" and stops generation there
-        self.eos_token_id = self.opt_tokenizer("\n", add_special_tokens=False).input_ids[0]
-        self.prompt_length = len(self.opt_tokenizer(self.prompt).input_ids)
+        self.eos_token_id = self.llm_tokenizer(self.END_TEXT, add_special_tokens=False
+                                               ).input_ids[0]
+        self.prompt_length = len(self.llm_tokenizer(self.prompt).input_ids)
 
     @property
     def context_length(self) -> int:
-        return int(self.opt_model.config.max_position_embeddings)
+        return int(self.llm.config.max_position_embeddings)
+
+    def _decoder(self):
+        """The LLM without its head: (inputs_embeds | input_ids, attention_mask, ...) ->
+        last_hidden_state (B, L, H)."""
+        return self.llm.get_decoder()
+
+    def _lm_head(self):
+        return self.llm.get_output_embeddings()
+
+    def _positions(self, mask: torch.Tensor, new: Optional[int] = None) -> Optional[torch.Tensor]:
+        """Position ids for ``mask`` (B, L) (the last ``new`` columns), counting only kept tokens,
+        as transformers' generation does; None for OPT, which derives them from the mask."""
+        return None
+
+    def _separator(self, before: str, after: str) -> str:
+        """What goes between a context and the answer that follows it (each tokenised on its
+        own): a space, unless either side has one."""
+        return "" if before[-1:].isspace() or after[:1].isspace() else " "
+
+    def _as_cache(self, past):
+        """Per-layer (key, value) tuples in the form the decoder takes as past_key_values."""
+        return past
 
     # ------------------------------------------------------------------ training
     def forward(self, samples: Dict[str, Any], return_logits: bool = False) -> Blip2LLMOutput:
@@ -109,13 +133,15 @@ class LPBlip2OPT(Blip2LLMBase):
         nq = inputs_opt.shape[1]
         with self.autocast():
             embeds = torch.cat([inputs_opt, self._embed(ids)], dim=1)  # (B, Nq + L, H)
-            hidden = self.opt_model.model.decoder(
-                inputs_embeds=embeds, attention_mask=torch.cat([atts_opt, mask], dim=1),
-                use_cache=False, return_dict=True).last_hidden_state
+            full_mask = torch.cat([atts_opt, mask], dim=1)
+            hidden = self._decoder()(
+                inputs_embeds=embeds, attention_mask=full_mask,
+                position_ids=self._positions(full_mask), use_cache=False,
+                return_dict=True).last_hidden_state
             # position Nq - 1 + i predicts text token i (the last query predicts the first token)
             text_hidden = hidden[:, nq - 1:-1]  # (B, L, H)
             loss = self._lm_loss(text_hidden, targets)
-            logits = self.opt_model.lm_head(text_hidden).float() if return_logits else None
+            logits = self._lm_head()(text_hidden).float() if return_logits else None
         return Blip2LLMOutput(loss=loss, loss_lm=loss, logits=logits,
                               targets=targets if return_logits else None)
 
@@ -126,7 +152,7 @@ class LPBlip2OPT(Blip2LLMBase):
             logger.warning("a training batch has no target tokens (all text truncated or "
                            "masked); its loss is 0")
             return hidden.sum() * 0.0
-        logits = self.opt_model.lm_head(hidden[valid])  # (n_targets, V)
+        logits = self._lm_head()(hidden[valid])  # (n_targets, V)
         return F.cross_entropy(logits.float(), targets[valid])
 
     def _with_prompt(self, text: str) -> str:
@@ -141,10 +167,10 @@ class LPBlip2OPT(Blip2LLMBase):
         target -100 (LAVIS's recipe). Pairs: ``text_input`` (with BOS, no loss) followed by
         ``" " + text_output + "\\n"``.
         """
-        tok = self.opt_tokenizer
+        tok, end = self.llm_tokenizer, self.END_TEXT
         texts = as_text_list(samples.get("text_input"), "text_input")
         if samples.get("text_output") is None:
-            enc = tok([self._with_prompt(t) + "\n" for t in texts], return_tensors="pt",
+            enc = tok([self._with_prompt(t) + end for t in texts], return_tensors="pt",
                       padding="longest", truncation=True, max_length=self.max_txt_len,
                       padding_side="right").to(device)
             targets = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
@@ -155,8 +181,8 @@ class LPBlip2OPT(Blip2LLMBase):
         if len(outs) != len(texts):
             raise UserError(f"samples have {len(texts)} text_input but {len(outs)} text_output")
         ins = tok(texts).input_ids
-        sep = [("" if t[-1:].isspace() or o[:1].isspace() else " ") for t, o in zip(texts, outs)]
-        answers = tok([s + o + "\n" for s, o in zip(sep, outs)], add_special_tokens=False).input_ids
+        sep = [self._separator(t, o) for t, o in zip(texts, outs)]
+        answers = tok([s + o + end for s, o in zip(sep, outs)], add_special_tokens=False).input_ids
         rows = [(i + a)[:self.max_txt_len] for i, a in zip(ins, answers)]
         labels = [([-100] * len(i) + a)[:self.max_txt_len] for i, a in zip(ins, answers)]
         width = max(len(r) for r in rows)
@@ -172,7 +198,7 @@ class LPBlip2OPT(Blip2LLMBase):
                     prompts: Sequence[str], max_new_tokens: int = 0
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``[visual prompt][left-padded prompt tokens]`` embeddings (B, Nq + P, H) and mask."""
-        enc = self.opt_tokenizer(list(prompts), return_tensors="pt", padding="longest",
+        enc = self.llm_tokenizer(list(prompts), return_tensors="pt", padding="longest",
                                  padding_side="left").to(inputs_opt.device)
         total = inputs_opt.shape[1] + enc.input_ids.shape[1] + max_new_tokens
         if total > self.context_length:
@@ -186,22 +212,24 @@ class LPBlip2OPT(Blip2LLMBase):
 
     def _generation_kwargs(self) -> Dict[str, Any]:
         return {"eos_token_id": self.eos_token_id,
-                "pad_token_id": self.opt_tokenizer.pad_token_id}
+                "pad_token_id": self.llm_tokenizer.pad_token_id}
 
     # ------------------------------------------------------------------ answer ranking
     def _candidate_tokens(self, answers: Sequence[str]) -> List[List[int]]:
         # the text an answer is trained as: after a space, ended by "\n"
-        return self.opt_tokenizer([" " + a.strip() + "\n" for a in answers],
+        return self.llm_tokenizer([self._separator("?", a.strip()) + a.strip() + self.END_TEXT
+                                   for a in answers],
                                   add_special_tokens=False).input_ids
 
     def _score_prefix(self, image: torch.Tensor, prompts: Sequence[str]):
         inputs_opt, atts_opt = self.visual_prompt(image, prompts)
         with self.autocast():
             embeds, mask = self._llm_inputs(inputs_opt, atts_opt, prompts)
-            out = self.opt_model.model.decoder(inputs_embeds=embeds, attention_mask=mask,
-                                               use_cache=True, return_dict=True)
+            out = self._decoder()(inputs_embeds=embeds, attention_mask=mask,
+                                  position_ids=self._positions(mask), use_cache=True,
+                                  return_dict=True)
             first = F.log_softmax(
-                self.opt_model.lm_head(out.last_hidden_state[:, -1]).float(), dim=-1)  # (B, V)
+                self._lm_head()(out.last_hidden_state[:, -1]).float(), dim=-1)  # (B, V)
         past = out.past_key_values
         if hasattr(past, "to_legacy_cache"):
             past = past.to_legacy_cache()
@@ -215,10 +243,11 @@ class LPBlip2OPT(Blip2LLMBase):
                      for layer in state["past"])
         full_mask = torch.cat([state["mask"][b:b + 1].expand(k, -1), mask], dim=1)
         with self.autocast():
-            out = self.opt_model.model.decoder(input_ids=ids, attention_mask=full_mask,
-                                               past_key_values=past, use_cache=False,
-                                               return_dict=True)
-            logp = F.log_softmax(self.opt_model.lm_head(out.last_hidden_state).float(), dim=-1)
+            out = self._decoder()(input_ids=ids, attention_mask=full_mask,
+                                  position_ids=self._positions(full_mask, ids.shape[1]),
+                                  past_key_values=self._as_cache(past), use_cache=False,
+                                  return_dict=True)
+            logp = F.log_softmax(self._lm_head()(out.last_hidden_state).float(), dim=-1)
         first = state["first"][b, ids[:, 0]]  # (K,)
         rest = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # token t+1 given up to t
         return first + (rest * mask[:, 1:]).sum(1)

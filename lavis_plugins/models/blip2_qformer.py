@@ -31,12 +31,14 @@ from lavis.models.base_model import all_gather_with_grad, concat_all_gather
 from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from transformers import BertConfig
 from transformers.modeling_outputs import ModelOutput
 
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.common.local_files import check_checkpoint_source, local_checkpoint
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
-from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
+from lavis_plugins.models.arch_check import describe_mismatch, mismatch_message
+from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig, resolve_bert_path
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
 from lavis_plugins.paths import config_path
 
@@ -50,7 +52,7 @@ class Blip2QformerConfig:
     # BERT folder (or a name in the HF cache) for the Q-Former and tokenizer; "tiny": a tiny
     # random BERT made once in the cache folder
     bert_path: str = "bert-base-uncased"
-    vit_model: str = "eva_clip_g"  # image encoder: eva_clip_g | clip_L | tiny
+    vit_model: str = "eva_clip_g"  # image encoder: eva_clip_g | clip_L | eva (sized) | tiny
     # local weights file of eva_clip_g / clip_L; "random": untrained (benchmarks only)
     vit_path: Optional[str] = None
     image_size: int = 224  # input side in pixels
@@ -58,7 +60,7 @@ class Blip2QformerConfig:
     use_grad_checkpoint: bool = False  # image-encoder gradient checkpointing (unfrozen encoder)
     vit_precision: str = "fp16"  # fp32 | fp16 | bf16 encoder Conv/Linear weights (half: GPU)
     freeze_vit: bool = True  # image encoder gets no gradients and stays in eval mode
-    tiny_vit: TinyVitConfig = field(default_factory=TinyVitConfig)  # sizes for vit_model "tiny"
+    tiny_vit: TinyVitConfig = field(default_factory=TinyVitConfig)  # sizes for "tiny" / "eva"
     num_query_token: int = 32  # learned queries
     cross_attention_freq: int = 2  # Q-Former layers 0, f, 2f, ... cross-attend to the image
     embed_dim: int = 256  # width of the ITC projections (vision_proj, text_proj)
@@ -121,12 +123,14 @@ def _pad_right(ids: Tensor, length: int, value: int) -> Tensor:
     return F.pad(ids, (0, length - ids.shape[1]), value=value)
 
 
-def init_vision_and_qformer(model: LPBlip2Base, cfg: Any) -> None:
+def init_vision_and_qformer(model: LPBlip2Base, cfg: Any,
+                            bert_config: Optional[BertConfig] = None) -> None:
     """Set ``model.visual_encoder`` and ``ln_vision`` (frozen when ``cfg.freeze_vit``), then
     ``model.Qformer`` and ``query_tokens``, from the settings both BLIP-2 stages name alike
     (``Blip2QformerConfig``, ``Blip2LLMConfig``): vit_model, image_size, drop_path_rate,
     use_grad_checkpoint, vit_precision, vit_path, tiny_vit, freeze_vit, bert_path,
-    num_query_token, cross_attention_freq."""
+    num_query_token, cross_attention_freq. ``bert_config``: build the Q-Former at these sizes
+    instead of from ``bert_path`` (the checkpoint brings its weights)."""
     model.visual_encoder, model.ln_vision = model.init_vision_encoder(
         cfg.vit_model, cfg.image_size, cfg.drop_path_rate, cfg.use_grad_checkpoint,
         cfg.vit_precision, vit_path=cfg.vit_path, tiny=cfg.tiny_vit)
@@ -134,7 +138,7 @@ def init_vision_and_qformer(model: LPBlip2Base, cfg: Any) -> None:
         model.freeze_vision_encoder()
     model.Qformer, model.query_tokens = model.init_qformer(
         cfg.bert_path, cfg.num_query_token, model.visual_encoder.num_features,
-        cfg.cross_attention_freq)
+        cfg.cross_attention_freq, bert_config=bert_config)
 
 
 @registry.register_model("lp_blip2_qformer")
@@ -152,16 +156,30 @@ class LPBlip2Qformer(LPBlip2Base):
         "coco": config_path("models/lp_blip2_qformer_coco.yaml"),
         "tiny": config_path("models/lp_blip2_qformer_tiny.yaml"),
     }
+    CONFIG_CLASS = Blip2QformerConfig
     # weights a stage-1 checkpoint must hold (the image encoder may come from vit_path)
     TRAINED_PREFIXES = ("Qformer.", "query_tokens", "ln_vision.", "vision_proj.", "text_proj.",
                         "itm_head.", "temp")
 
-    def __init__(self, cfg: Optional[Blip2QformerConfig] = None):
+    def __init__(self, cfg: Optional[Blip2QformerConfig] = None, hf_folder: Optional[str] = None):
+        """``hf_folder``: a transformers BLIP-2 folder whose weights will be loaded (``cfg``
+        already at its sizes, see ``from_config``): the Q-Former is built at its sizes and the
+        tokenizer read from it (else from a local ``bert_path``)."""
         super().__init__()
         cfg = cfg or Blip2QformerConfig()
         self.cfg = cfg
-        self.tokenizer = self.init_tokenizer(cfg.bert_path)
-        init_vision_and_qformer(self, cfg)
+        bert_config = None
+        if hf_folder is None:
+            self.tokenizer = self.init_tokenizer(cfg.bert_path)
+        else:
+            from lavis_plugins.models import hf_format
+
+            bert_config = hf_format.qformer_bert_config(
+                hf_format.read_config(hf_folder)["qformer_config"])
+            self.tokenizer = self.init_tokenizer(hf_format.folder_tokenizer(
+                hf_folder, hf_format.BERT_TOKENIZER_FILES, lambda: resolve_bert_path(cfg.bert_path),
+                "BERT tokenizer for the Q-Former", "bert_path"))
+        init_vision_and_qformer(self, cfg, bert_config)
         # room for [DEC] (transformers' resize, as LAVIS calls it)
         self.Qformer.resize_token_embeddings(len(self.tokenizer))
         self.Qformer.bert.gradient_checkpointing = cfg.qformer_grad_checkpoint
@@ -174,12 +192,25 @@ class LPBlip2Qformer(LPBlip2Base):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "LPBlip2Qformer":
+        """Build from a LAVIS model config and load its ``pretrained`` / ``finetuned``: a LAVIS
+        ``.pth``, or a transformers BLIP-2 folder (``Blip2ForImageTextRetrieval``,
+        ``Blip2Model``), whose config.json then sets every size."""
+        from lavis_plugins.models import hf_format
+
         mcfg = Blip2QformerConfig.from_mapping(cfg)
         for flag, key in (("load_finetuned", "finetuned"), ("load_pretrained", "pretrained")):
             if getattr(mcfg, flag):  # refused before the encoder is built: seconds, not minutes
                 check_checkpoint_source(getattr(mcfg, key), key)
-        model = cls(mcfg)
-        model.load_checkpoint_from_config(cfg)
+        folder = hf_format.checkpoint_folder(cfg)
+        # built in fp32 and cast after loading (see cast_vision_encoder)
+        if folder is None:
+            model = cls(dataclasses.replace(mcfg, vit_precision="fp32"))
+            model.load_checkpoint_from_config(cfg)
+        else:
+            mcfg = hf_format.apply_folder_sizes(mcfg, folder)
+            model = cls(dataclasses.replace(mcfg, vit_precision="fp32"), hf_folder=folder)
+            hf_format.load_stage1_folder(model, folder)
+        model.cast_vision_encoder(mcfg.vit_precision)
         return model
 
     @property
@@ -187,9 +218,11 @@ class LPBlip2Qformer(LPBlip2Base):
         return self.query_tokens.shape[1]
 
     # ------------------------------------------------------------------ inputs
-    def tokenize(self, texts: Sequence[str], samples: Optional[Mapping[str, Any]] = None):
+    def tokenize(self, texts: Sequence[str], samples: Optional[Mapping[str, Any]] = None,
+                 truncate: bool = True):
         """Captions -> ``BatchEncoding`` (input_ids, attention_mask) (B, T) on the model's device,
-        padded to the longest caption and truncated to ``max_txt_len`` tokens."""
+        padded to the longest caption and (``truncate``) truncated to ``max_txt_len`` tokens;
+        without truncation, longer than the Q-Former's position embeddings is a ``UserError``."""
         if isinstance(texts, str):  # one caption, as LAVIS's tokenizer call accepts
             texts = [texts]
         if not isinstance(texts, Sequence):
@@ -201,8 +234,15 @@ class LPBlip2Qformer(LPBlip2Base):
                                 if samples is not None and k in samples)
                 raise UserError(f"sample {i} of the batch{ident} has an empty or non-text caption "
                                 f"({t!r}); fix or drop it in the annotation file")
-        return self.tokenizer(list(texts), padding="longest", truncation=True,
-                              max_length=self.max_txt_len, return_tensors="pt").to(self.device)
+        if truncate:
+            return self.tokenizer(list(texts), padding="longest", truncation=True,
+                                  max_length=self.max_txt_len, return_tensors="pt").to(self.device)
+        enc = self.tokenizer(list(texts), padding="longest", return_tensors="pt")
+        limit = self.Qformer.config.max_position_embeddings
+        if enc.input_ids.shape[1] > limit:
+            raise UserError(f"a text of {enc.input_ids.shape[1]} tokens is longer than the "
+                            f"Q-Former's {limit} position embeddings; shorten it")
+        return enc.to(self.device)
 
     # ------------------------------------------------------------------ training
     def forward(self, samples: Mapping[str, Any], match_head: Optional[str] = None
@@ -357,6 +397,8 @@ class LPBlip2Qformer(LPBlip2Base):
         mode "image": image_embeds (B, Nq, D) query outputs, image_embeds_proj (B, Nq, E)
         normalised; "text": text_embeds (B, T, D), text_embeds_proj (B, T, E) normalised;
         "multimodal": multimodal_embeds (B, Nq, D), query outputs of the image-grounded pass.
+        T is the longest text's token count: as LAVIS's ``Blip2Qformer.extract_features``, texts
+        are not truncated to ``max_txt_len`` here (training truncates them).
         """
         if mode not in ("image", "text", "multimodal"):
             raise UserError(f"extract_features mode {mode!r}: choose image, text or multimodal")
@@ -371,13 +413,13 @@ class LPBlip2Qformer(LPBlip2Base):
             out.update(image_embeds=hidden,
                        image_embeds_proj=F.normalize(self.vision_proj(hidden), dim=-1))
         elif mode == "text":
-            text = self.tokenize(caption, samples)
+            text = self.tokenize(caption, samples, truncate=False)
             hidden, _ = self.Qformer.bert(input_ids=text.input_ids,
                                           attention_mask=padding_mask(text.attention_mask))
             out.update(text_embeds=hidden,
                        text_embeds_proj=F.normalize(self.text_proj(hidden), dim=-1))
         else:
-            text = self.tokenize(caption, samples)
+            text = self.tokenize(caption, samples, truncate=False)
             out.update(multimodal_embeds=self.query_text_output(
                 self.encode_image(image), text.input_ids, text.attention_mask))
         return BlipOutputFeatures(**out)
@@ -495,6 +537,17 @@ class LPBlip2Qformer(LPBlip2Base):
                        for k in state if k in own and state[k].shape != own[k].shape]
         absent = [k for k, _ in self.named_parameters()
                   if k.startswith(self.TRAINED_PREFIXES) and k not in state]
+        # trained weights the model has no place for would be dropped: another architecture
+        dropped = [k for k in state if k not in own and k.startswith(self.TRAINED_PREFIXES)]
+        if wrong_shape or absent or dropped:
+            differs = describe_mismatch(state, own, self.vit_setting())
+            if differs:
+                raise UserError(mismatch_message(f"checkpoint {path!r}", differs, ""))
+        if dropped:
+            raise UserError(f"checkpoint {path!r} holds {len(dropped)} trained weight(s) "
+                            f"lp_blip2_qformer with this config has no place for (e.g. "
+                            f"{dropped[:3]}); loading would drop them. Build the model with the "
+                            "settings the checkpoint was trained with.")
         if wrong_shape or absent:
             raise UserError(
                 f"checkpoint {path!r} does not fit lp_blip2_qformer with this config: "

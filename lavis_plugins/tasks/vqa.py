@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import torch
 from lavis.common.registry import registry
@@ -50,6 +50,10 @@ class VQATaskConfig:
     # question template, e.g. "Question: {} Answer:" (OPT) / "Question: {} Short answer:"
     # (FlanT5); null: the model's own (its VQA_PROMPT); "": the bare question
     prompt: Optional[str] = None
+    # instruction templates for training (InstructBLIP's instruction tuning): each training
+    # question is put in one drawn at random (torch's RNG: seeded, restored on resume); null:
+    # ``prompt`` for training too. Evaluation always uses ``prompt``
+    train_prompts: Optional[List[str]] = None
     # "vqa_acc": VQAv2 accuracy over several human answers; "exact_match": one answer;
     # "auto": per question, vqa_acc when it has 2+ reference answers, else exact_match
     metric: Literal["auto", "vqa_acc", "exact_match"] = "auto"
@@ -61,6 +65,12 @@ class VQATaskConfig:
         if cfg.inference_method not in ("generate", "rank"):
             raise UserError(f"run.inference_method is {cfg.inference_method!r}; use 'generate' "
                             "or 'rank'")
+        if cfg.train_prompts is not None:
+            cfg.train_prompts = [str(t) for t in cfg.train_prompts]
+        bad = [t for t in (cfg.train_prompts or []) if "{}" not in t]
+        if bad or cfg.train_prompts == []:
+            raise UserError(f"run.train_prompts: give a list of templates, each with '{{}}' where "
+                            f"the question goes (not so: {bad or '[]'})")
         if cfg.metric not in ("auto", "vqa_acc", "exact_match"):
             raise UserError(f"run.metric is {cfg.metric!r}; use 'auto', 'vqa_acc' or "
                             "'exact_match'")
@@ -137,10 +147,17 @@ class LPVQATask(BaseTask):
         return getattr(getattr(model, "module", model), "VQA_PROMPT", "")
 
     def train_step(self, model, samples):
-        return model(self.to_generation_targets(samples, self.prompt_for(model)))["loss"]
+        prompt: Union[str, List[str]] = self.prompt_for(model)
+        templates = self.cfg.train_prompts
+        if templates:  # one template per question
+            picks = torch.randint(len(templates), (len(samples["text_input"]),)).tolist()
+            prompt = [templates[i] for i in picks]
+        return model(self.to_generation_targets(samples, prompt))["loss"]
 
-    def to_generation_targets(self, samples: Dict[str, Any], prompt: str = "") -> Dict[str, Any]:
-        """A VQA batch as ``text_input`` (question put in ``prompt``) / ``text_output`` (answer).
+    def to_generation_targets(self, samples: Dict[str, Any],
+                              prompt: Union[str, Sequence[str]] = "") -> Dict[str, Any]:
+        """A VQA batch as ``text_input`` (question put in ``prompt``, or in ``prompt[i]`` when
+        it is a list with one template per question) / ``text_output`` (answer).
 
         LAVIS's VQA collater gives ``answer`` (all answers of the batch, flattened),
         ``weight`` (their agreement) and ``n_answers`` (answers per question); the answer with the
@@ -163,9 +180,12 @@ class LPVQATask(BaseTask):
                 start += n
             out["text_output"] = targets
         if prompt:
-            if "{}" not in prompt:
-                raise UserError(f"run.prompt {prompt!r} has no '{{}}' where the question goes")
-            out["text_input"] = [prompt.format(q) for q in samples["text_input"]]
+            questions = samples["text_input"]
+            per_question = [prompt] * len(questions) if isinstance(prompt, str) else list(prompt)
+            for p in set(per_question):
+                if "{}" not in p:
+                    raise UserError(f"run.prompt {p!r} has no '{{}}' where the question goes")
+            out["text_input"] = [p.format(q) for p, q in zip(per_question, questions)]
         return out
 
     # ------------------------------------------------------------------ evaluation
