@@ -400,7 +400,13 @@ class Blip2LLMBase(LPBlip2Base):
         Returns:
             ``(inputs_llm, atts_llm)``: (B, Nq, H_llm) in the LLM's dtype and (B, Nq) ones.
         """
-        image_embeds = self.encode_image(image)  # (B, N, Dv) fp32; ViT precision handled there
+        return self.prompt_from_features(self.encode_image(image), texts)
+
+    def prompt_from_features(self, image_embeds: torch.Tensor,
+                             texts: Optional[Sequence[str]] = None
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``visual_prompt`` from image features (B, N, Dv) (``encode_image``'s output):
+        (B, Nq, H_llm) and (B, Nq) ones."""
         image_embeds = image_embeds.to(self.query_tokens.dtype)
         if self.cfg.qformer_text_input:
             ids, atts = self.qformer_tokens(texts, image_embeds.shape[0], image_embeds.device)

@@ -384,7 +384,17 @@ class LPBlip2Base(BaseModel):
 
     def encode_image(self, image: Tensor) -> Tensor:
         """(B, 3, H, W) -> image features (B, N, vision_width), ``ln_vision`` applied, in
-        ``ln_vision``'s dtype (fp32 unless the whole model was cast).
+        ``ln_vision``'s dtype (fp32 unless the whole model was cast)."""
+        return self.norm_vit_features(self.vit_features(image))
+
+    def norm_vit_features(self, feats: Tensor) -> Tensor:
+        """``ln_vision`` on the image encoder's raw output (B, N, Dv) (``vit_features``)."""
+        return self.ln_vision(feats.to(self.ln_vision.weight.dtype))
+
+    def vit_features(self, image: Tensor) -> Tensor:
+        """(B, 3, H, W) -> the image encoder's raw output (B, N, vision_width), before
+        ``ln_vision`` (models that share one frozen encoder, e.g. a frame selector, each apply
+        their own ``ln_vision`` to it).
 
         A frozen encoder runs without autograd. Half-precision encoder weights run under CUDA
         autocast of their dtype; on the CPU the encoder must be fp32 (``vit_precision: fp32``).
@@ -400,8 +410,7 @@ class LPBlip2Base(BaseModel):
             raise UserError(f"the image encoder holds {weight_dtype} weights, which need a GPU; "
                             "set model.vit_precision: fp32 to run on the CPU")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self._vit_frozen), cast:
-            feats = self.visual_encoder(image.to(weight_dtype))
-        return self.ln_vision(feats.to(self.ln_vision.weight.dtype))
+            return self.visual_encoder(image.to(weight_dtype))
 
     def encode_samples(self, samples: Mapping[str, Any]) -> Tensor:
         """Image features (B, N, Dv) of a batch: from ``samples["image_embeds"]`` — the frozen

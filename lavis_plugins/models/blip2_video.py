@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from lavis.common.registry import registry
@@ -35,6 +36,14 @@ from lavis.common.registry import registry
 from lavis_plugins.common.errors import UserError, unknown_name
 from lavis_plugins.common.vqa_eval import normalize_answer
 from lavis_plugins.models._blip2_llm import Blip2LLMOutput
+from lavis_plugins.models._frame_selection import (
+    FrameSelectionFields,
+    best_per_frame,
+    gather_frames,
+    own_pairs,
+    selection_texts,
+    top_k_in_time_order,
+)
 from lavis_plugins.models._video_frames import check_video, flatten_frames
 from lavis_plugins.models.blip2_opt import Blip2OPTConfig, LPBlip2OPT
 from lavis_plugins.models.blip2_t5 import Blip2T5Config, LPBlip2T5
@@ -46,8 +55,9 @@ FUSIONS = ("concat", "vote", "mean")
 
 
 @dataclass
-class VideoFusionFields:
-    """The video settings added to a stage-2 model's config."""
+class VideoFusionFields(FrameSelectionFields):
+    """The video settings added to a stage-2 model's config (fusion, and frame selection:
+    ``lavis_plugins/models/_frame_selection.py``)."""
 
     fusion: str = "concat"  # "concat" | "vote" | "mean": how the frames' tokens are combined
     # text before each frame's tokens with fusion "concat" ("{i}": 1-based frame number), e.g.
@@ -55,6 +65,7 @@ class VideoFusionFields:
     frame_prompt: str = ""
 
     def validate_video(self, arch: str) -> None:
+        self.validate_selection(arch)
         if self.fusion not in FUSIONS:
             raise unknown_name(f"model.fusion of {arch}", self.fusion, FUSIONS)
         if self.frame_prompt and self.fusion != "concat":
@@ -102,6 +113,10 @@ def majority_vote(answers: Sequence[str]) -> str:
 class VideoFusionMixin:
     """Frames -> soft visual prompt, and per-frame voting, on top of a ``Blip2LLMBase`` model."""
 
+    SELECTION_CHUNK = 128  # (frame, text) pairs per LLM call when the LLM scores frames
+    # (B, k) indices of the frames the last selection kept (None before any)
+    last_frame_selection: Optional[torch.Tensor] = None
+
     @property
     def fusion(self) -> str:
         return self.cfg.fusion
@@ -142,19 +157,38 @@ class VideoFusionMixin:
     def visual_prompt(self, image: torch.Tensor, texts: Optional[Sequence[str]] = None
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W) as the image model; videos (B, 3, T, H, W) -> fused prompt:
-        ``concat`` (B, T*Nq [+ cue tokens], H_llm), ``mean`` (B, Nq, H_llm); mask all ones.
-        ``texts`` (B) as the image model's; every frame of a video reads its video's text."""
+        ``concat`` (B, k*Nq [+ cue tokens], H_llm), ``mean`` (B, Nq, H_llm); mask all ones.
+        ``texts`` (B) as the image model's; every frame of a video reads its video's text.
+        k = T, or ``selection_k`` with ``frame_selection`` (the kept frames, in time order)."""
+        given = self.__dict__.get("_given_visual")
+        if given is not None:  # LLM frame scoring: the frames' tokens are already computed
+            return given
         if image.dim() != 5:
             return super().visual_prompt(image, texts)
         if self.fusion == "vote":
             raise UserError("fusion 'vote' answers each frame separately and has no single "
                             "visual prompt for a video (training / logits need fusion concat or "
                             "mean)")
-        b, _, t = image.shape[:3]
+        tokens, raw = self.frame_tokens(image, texts)  # every frame encoded once
+        if self.cfg.frame_selection != "none":
+            index = self.choose_frames(image, tokens, raw, texts)
+            tokens = gather_frames(tokens, index)  # (B, k, Nq, H)
+        return self.fuse(tokens)
+
+    def frame_tokens(self, video: torch.Tensor, texts: Optional[Sequence[str]] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Every frame's soft prompt (B, T, Nq, H_llm) and the image encoder's raw output
+        (B * T, N, Dv) (kept for a frame selector that shares the encoder)."""
+        b, _, t = video.shape[:3]
         if texts is not None and not isinstance(texts, str):
             texts = [x for x in texts for _ in range(t)]  # video-major, as the frames
-        tokens, _ = super().visual_prompt(flatten_frames(image), texts)  # (B*T, Nq, H)
-        tokens = tokens.reshape(b, t, *tokens.shape[1:])  # (B, T, Nq, H)
+        raw = self.vit_features(flatten_frames(video))  # (B*T, N, Dv)
+        tokens, _ = self.prompt_from_features(self.norm_vit_features(raw), texts)
+        return tokens.reshape(b, t, *tokens.shape[1:]), raw
+
+    def fuse(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Frames' tokens (B, T, Nq, H) -> the soft prompt of ``fusion`` and its mask."""
+        b, t = tokens.shape[:2]
         if self.fusion == "mean":
             fused = tokens.float().mean(dim=1).to(tokens.dtype)  # (B, Nq, H)
         else:
@@ -168,6 +202,94 @@ class VideoFusionMixin:
         atts = torch.ones(fused.shape[:-1], dtype=torch.long, device=fused.device)
         return fused, atts
 
+    # ------------------------------------------------------------------ frame selection
+    @contextmanager
+    def _selection_batch(self, samples: Dict[str, Any], video: torch.Tensor) -> Iterator[None]:
+        """The texts this batch's frames are scored against, for ``visual_prompt`` (the prompts
+        it receives hold the question inside a template)."""
+        if self.cfg.frame_selection == "none":
+            yield
+            return
+        self.__dict__["_selection_texts"] = selection_texts(samples, video.shape[0])
+        try:
+            yield
+        finally:
+            self.__dict__["_selection_texts"] = None
+
+    def choose_frames(self, video: torch.Tensor, tokens: torch.Tensor, raw: torch.Tensor,
+                      texts: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Indices (B, k) of the frames to keep, in time order, by ``frame_selection``.
+
+        video (B, C, T, H, W); tokens (B, T, Nq, H_llm) and raw encoder output (B*T, N, Dv)
+        from ``frame_tokens``. The scored texts are the batch's questions (or
+        ``selection_text``), else ``texts``. The choice is kept in ``last_frame_selection``."""
+        b, t = tokens.shape[:2]
+        batch_texts = self.__dict__.get("_selection_texts")
+        if batch_texts is None:
+            batch_texts = selection_texts({"prompt": texts}, b)
+        method = self.cfg.frame_selection
+        if method == "llm":
+            scores = self.llm_frame_scores(tokens, batch_texts)
+        else:
+            selector = self.frame_selector()
+            if self.__dict__["_selector_shares_vit"]:
+                embeds = selector.norm_vit_features(raw)
+            else:
+                embeds = selector.encode_image(flatten_frames(video))
+            scores = selector.frame_text_scores(embeds.reshape(b, t, *embeds.shape[1:]),
+                                                batch_texts, method)
+        index = top_k_in_time_order(scores, self.cfg.selection_k)
+        self.last_frame_selection = index  # (B, k): for inspection; no host sync here
+        return index
+
+    def llm_frame_scores(self, tokens: torch.Tensor, texts: Sequence[Sequence[str]]
+                         ) -> torch.Tensor:
+        """(B, T) log P("yes" | "yes" or "no") of the LLM asked ``selection_prompt`` about each
+        frame alone (its Nq tokens), best over the video's texts. tokens (B, T, Nq, H)."""
+        b, t = tokens.shape[:2]
+        frames = tokens.reshape(b * t, *tokens.shape[2:])
+        rows, cols = own_pairs(texts, t, frames.device)
+        flat = [x for ts in texts for x in ts]
+        prompts = [self.cfg.selection_prompt.format(question=flat[c]) for c in cols.tolist()]
+        yes, no = (self._candidate_tokens([w])[0][0] for w in ("yes", "no"))
+        scores = []
+        for s in range(0, rows.shape[0], self.SELECTION_CHUNK):
+            vis = frames[rows[s:s + self.SELECTION_CHUNK]]
+            atts = torch.ones(vis.shape[:-1], dtype=torch.long, device=vis.device)
+            self.__dict__["_given_visual"] = (vis, atts)
+            try:
+                first = self._score_prefix(vis, prompts[s:s + self.SELECTION_CHUNK])["first"]
+            finally:
+                self.__dict__["_given_visual"] = None
+            pair = first[:, [yes, no]]  # (P, 2) log-probs of the two answers
+            scores.append(pair[:, 0] - torch.logsumexp(pair, dim=1))
+        return best_per_frame(torch.cat(scores), rows, b, t)
+
+    def frame_selector(self):
+        """The stage-1 model (``lp_blip2_video_qformer``) of ``selector_checkpoint`` that scores
+        frames for ``itc`` / ``itm``: built on first use, kept out of this model's state dict
+        and checkpoints, on this model's device."""
+        from lavis_plugins.models._frame_selection import build_frame_selector
+
+        selector = self.__dict__.get("_frame_selector")
+        if selector is None:
+            selector, shares = build_frame_selector(self)
+            self.__dict__["_frame_selector"] = selector
+            self.__dict__["_selector_shares_vit"] = shares
+        if selector.query_tokens.device != self.query_tokens.device:
+            selector.to(self.query_tokens.device)
+        return selector
+
+    def _selected_video(self, samples: Dict[str, Any], video: torch.Tensor) -> torch.Tensor:
+        """``fusion: vote`` with selection: the video (B, C, k, H, W) of the kept frames (they
+        are encoded again when answered, frame by frame)."""
+        if self.cfg.frame_selection == "none":
+            return video
+        tokens, raw = self.frame_tokens(video, samples.get("text_input"))
+        index = self.choose_frames(video, tokens, raw)
+        idx = index[:, None, :, None, None].expand(-1, video.shape[1], -1, *video.shape[3:])
+        return video.gather(2, idx)
+
     def frame_cue(self, index: int, device: torch.device) -> torch.Tensor:
         """LLM input embeddings (L, H) of ``frame_prompt`` for frame ``index`` (0-based)."""
         text = self.cfg.frame_prompt.format(i=index + 1)
@@ -180,8 +302,10 @@ class VideoFusionMixin:
     def forward(self, samples: Dict[str, Any], **kwargs: Any) -> Blip2LLMOutput:
         """The image model's LM loss with the fused video prompt (``samples["video"]``)."""
         video = self.video_input(samples)
-        return super().forward(samples if video is None else self._as_images(samples, video),
-                               **kwargs)
+        if video is None:
+            return super().forward(samples, **kwargs)
+        with self._selection_batch(samples, video):
+            return super().forward(self._as_images(samples, video), **kwargs)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -191,10 +315,12 @@ class VideoFusionMixin:
         video = self.video_input(samples)
         if video is None:
             return super().generate(samples, **kwargs)
-        if self.fusion != "vote":
-            return super().generate(self._as_images(samples, video), **kwargs)
-        if kwargs.get("num_captions", 1) != 1:
-            raise UserError("fusion 'vote' returns one caption per video; use num_captions 1")
+        with self._selection_batch(samples, video):
+            if self.fusion != "vote":
+                return super().generate(self._as_images(samples, video), **kwargs)
+            if kwargs.get("num_captions", 1) != 1:
+                raise UserError("fusion 'vote' returns one caption per video; use num_captions 1")
+            video = self._selected_video(samples, video)
         per_frame = super().generate(self._per_frame(samples, video), **kwargs)
         return self._vote(per_frame, video.shape[2])
 
@@ -205,8 +331,10 @@ class VideoFusionMixin:
         video = self.video_input(samples)
         if video is None:
             return super().predict_answers(samples, **kwargs)
-        if self.fusion != "vote":
-            return super().predict_answers(self._as_images(samples, video), **kwargs)
+        with self._selection_batch(samples, video):
+            if self.fusion != "vote":
+                return super().predict_answers(self._as_images(samples, video), **kwargs)
+            video = self._selected_video(samples, video)
         per_frame = super().predict_answers(self._per_frame(samples, video), **kwargs)
         return self._vote(per_frame, video.shape[2])
 
@@ -217,9 +345,11 @@ class VideoFusionMixin:
         video = self.video_input(samples)
         if video is None:
             return super().rank_answers(samples, answer_list, num_ans_candidates, prompt)
-        if self.fusion != "vote":
-            return super().rank_answers(self._as_images(samples, video), answer_list,
-                                        num_ans_candidates, prompt)
+        with self._selection_batch(samples, video):
+            if self.fusion != "vote":
+                return super().rank_answers(self._as_images(samples, video), answer_list,
+                                            num_ans_candidates, prompt)
+            video = self._selected_video(samples, video)
         per_frame = super().rank_answers(self._per_frame(samples, video), answer_list,
                                          num_ans_candidates, prompt)
         return self._vote(per_frame, video.shape[2])
@@ -229,9 +359,10 @@ class VideoFusionMixin:
                          prompt: Optional[str] = None) -> torch.Tensor:
         """(B, C) log-likelihood of each candidate per video (``concat`` / ``mean`` only)."""
         video = self.video_input(samples)
-        if video is not None:
-            samples = self._as_images(samples, video)
-        return super().score_candidates(samples, candidates, prompt)
+        if video is None:
+            return super().score_candidates(samples, candidates, prompt)
+        with self._selection_batch(samples, video):
+            return super().score_candidates(self._as_images(samples, video), candidates, prompt)
 
     @staticmethod
     def _vote(per_frame: Sequence[str], frames: int) -> List[str]:

@@ -105,16 +105,65 @@ class LPBlip2VideoQformer(LPBlip2Qformer):
             out.append(sim.max(dim=2).values.mean(dim=1))  # (B, chunk)
         return torch.cat(out, dim=1)
 
-    def itm_scores(self, memory: Tensor, rows: Tensor, text_ids: Tensor, text_atts: Tensor
-                   ) -> Tensor:
+    def itm_scores(self, memory: Tensor, rows: Tensor, text_ids: Tensor, text_atts: Tensor,
+                   kv: Any = None) -> Tensor:
         """Matched-logit ITM scores (P,) (LAVIS's ``compute_itm``) of P pairs: text p with video
-        ``rows[p]`` of ``memory`` (V, T * N, Dv); each video's keys/values are computed once."""
-        kv = self.Qformer.bert.image_kv(memory)
+        ``rows[p]`` of ``memory`` (V, T * N, Dv); each video's keys/values are computed once
+        (``kv``: ``Qformer.bert.image_kv(memory)`` when the caller already has it)."""
+        kv = self.Qformer.bert.image_kv(memory) if kv is None else kv
         hidden, _ = self.Qformer.bert(
             input_ids=text_ids, query_embeds=self.query_tokens.expand(text_ids.shape[0], -1, -1),
             attention_mask=padding_mask(text_atts, self.num_query), image_kv=kv,
             image_index=rows)
         return self.itm_head(hidden[:, :self.num_query]).mean(1)[:, 1]
+
+    # ------------------------------------------------------------------ frame selection
+    @torch.no_grad()
+    def frame_text_scores(self, frame_embeds: Tensor, texts: Sequence[Sequence[str]],
+                          method: str = "itm") -> Tensor:
+        """How well each frame matches its video's texts (question, or question + option):
+        (B, T), the best over the video's texts (``_frame_selection`` module docstring).
+
+        Args:
+            frame_embeds: image features (B, T, N, Dv), ``ln_vision`` applied (``encode_image``).
+            texts: for each of the B videos, one or more texts.
+            method: "itc" (contrastive similarity) or "itm" (matched logit).
+        """
+        from lavis_plugins.models._frame_selection import best_per_frame, own_pairs
+
+        b, t, n, dv = frame_embeds.shape
+        if len(texts) != b:
+            raise UserError(f"{len(texts)} text lists for {b} videos")
+        flat = [x for ts in texts for x in ts]
+        text_ids, text_atts, text_feats = self.text_features(flat)
+        embeds = frame_embeds.reshape(b * t, n, dv)
+        # only the pairs (frame of video b, text of video b): P = T * sum_b(texts of b)
+        rows, cols = own_pairs(texts, t, embeds.device)
+        if method == "itc":
+            feats = F.normalize(self.vision_proj(self.query_output(embeds)), dim=-1)
+            sims = torch.einsum("fqe,ne->fqn", feats, text_feats).max(dim=1).values  # (B*T, Nt)
+            return best_per_frame(sims[rows, cols], rows, b, t)
+        if method != "itm":
+            raise unknown_name("frame scoring method", method, ("itc", "itm"))
+        kv = self.Qformer.bert.image_kv(embeds)  # each frame's keys/values once
+        scores = torch.cat([self.itm_scores(embeds, rows[s:s + _ITM_CHUNK],
+                                            text_ids[cols[s:s + _ITM_CHUNK]],
+                                            text_atts[cols[s:s + _ITM_CHUNK]], kv)
+                            for s in range(0, rows.shape[0], _ITM_CHUNK)])  # (P,)
+        return best_per_frame(scores, rows, b, t)
+
+    @torch.no_grad()
+    def select_frames(self, video: Tensor, texts: Sequence[Any], k: int,
+                      method: str = "itm") -> Tensor:
+        """Indices (B, min(k, T)) of the ``k`` frames of each video (B, C, T, H, W) that best
+        match its text(s) (a string or a list of strings per video), in time order."""
+        from lavis_plugins.models._frame_selection import top_k_in_time_order
+
+        b, _, t = check_video(video, "a video batch").shape[:3]
+        embeds = self.encode_image(flatten_frames(video))
+        texts = [[x] if isinstance(x, str) else list(x) for x in texts]
+        scores = self.frame_text_scores(embeds.reshape(b, t, *embeds.shape[1:]), texts, method)
+        return top_k_in_time_order(scores, k)
 
     # ------------------------------------------------------------------ retrieval
     @torch.no_grad()

@@ -1,0 +1,167 @@
+"""Question-aware frame selection without training (the ``frame_selection`` model option).
+
+The ``lp_video_eval`` processor samples N candidate frames (its ``n_frms``, e.g. 32); each frame
+is scored against the question (for multiple choice: against the question with each option)
+and the ``selection_k`` best are kept **in time order** before the frames are fused. Scorers:
+
+- ``itc``: the stage-1 Q-Former's image-text contrastive similarity (max over the queries of the
+  cosine similarity with the text's [CLS] embedding), BLIP-2's candidate-selection score;
+- ``itm``: the stage-1 Q-Former's image-text matching logit (matched class, averaged over the
+  queries), BLIP-2's re-ranking score;
+- ``llm``: the answering LLM's log P("yes" | "yes" or "no") after the frame's soft prompt and
+  ``selection_prompt`` ("Does the information in this frame help answer: {question}?"): SeViLA's
+  localizer question, asked zero-shot of the answering model itself.
+
+With several texts per video (the question with each option), a frame's score is its best score
+over them: a frame that supports any option is informative. Ties keep the earlier frame.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from lavis_plugins.common.errors import UserError, unknown_name
+
+SCORERS = ("none", "itc", "itm", "llm")
+DEFAULT_SELECTION_PROMPT = "Does the information in this frame help answer: {question}?"
+# sample key that carries the texts frames are scored against (one string or a list of strings
+# per video); without it the questions (``text_input``) are used
+SELECTION_TEXT_KEY = "selection_text"
+
+
+@dataclass
+class FrameSelectionFields:
+    """Model settings of question-aware frame selection (module docstring)."""
+
+    # "none" | "itc" | "itm" | "llm": how candidate frames are scored against the question
+    frame_selection: str = "none"
+    # frames kept of the processor's n_frms candidates (all of them when n_frms <= selection_k)
+    selection_k: int = 4
+    # "llm" scorer: the yes/no question asked about each frame ("{question}": the question)
+    selection_prompt: str = DEFAULT_SELECTION_PROMPT
+    # "itc" / "itm" scorers: a stage-1 checkpoint (lp_blip2_qformer / LAVIS blip2 .pth) whose
+    # Q-Former scores the frames; it must match this model's image encoder and Q-Former sizes
+    selector_checkpoint: Optional[str] = None
+
+    def validate_selection(self, arch: str) -> None:
+        if self.frame_selection not in SCORERS:
+            raise unknown_name(f"model.frame_selection of {arch}", self.frame_selection, SCORERS)
+        if self.frame_selection == "none":
+            return
+        if not isinstance(self.selection_k, int) or self.selection_k < 1:
+            raise UserError(f"model.selection_k of {arch} is {self.selection_k!r}; give the "
+                            "number of frames to keep (an integer >= 1)")
+        if self.frame_selection in ("itc", "itm") and not self.selector_checkpoint:
+            raise UserError(f"model.frame_selection {self.frame_selection!r} of {arch} scores "
+                            "frames with a stage-1 Q-Former: set model.selector_checkpoint to a "
+                            "stage-1 .pth (lp_blip2_qformer / LAVIS blip2), or use "
+                            "frame_selection: llm")
+        if self.frame_selection == "llm":
+            try:
+                self.selection_prompt.format(question="q")
+            except (KeyError, IndexError, ValueError) as e:
+                raise UserError(f"model.selection_prompt {self.selection_prompt!r} of {arch}: "
+                                "only '{question}' may be substituted") from e
+
+
+def top_k_in_time_order(scores: Tensor, k: int) -> Tensor:
+    """Indices (B, min(k, T)) of the best-scoring frames of each video, in time order.
+
+    scores (B, T). A stable sort keeps the earlier frame among equal scores, so the choice does
+    not depend on the device's top-k implementation.
+    """
+    k = min(int(k), scores.shape[1])
+    best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return best.sort(dim=1).values
+
+
+def gather_frames(x: Tensor, index: Tensor) -> Tensor:
+    """Frames ``index`` (B, k) of each video of ``x`` (B, T, ...) -> (B, k, ...)."""
+    shape = index.shape + (1,) * (x.dim() - 2)
+    return x.gather(1, index.reshape(shape).expand(*index.shape, *x.shape[2:]))
+
+
+def selection_texts(samples: Dict[str, Any], batch: int) -> List[List[str]]:
+    """For each of the ``batch`` videos the texts its frames are scored against:
+    ``samples["selection_text"]`` when given, else the question (``text_input``), else the
+    prompt. Each entry is a string or a list of strings."""
+    for key in (SELECTION_TEXT_KEY, "text_input", "prompt"):
+        value = samples.get(key)
+        if value is not None:
+            break
+    else:
+        raise UserError("frame selection scores frames against the question, but the batch has "
+                        "no text_input (or selection_text / prompt)")
+    values: Sequence[Any] = [value] * batch if isinstance(value, str) else list(value)
+    if len(values) != batch:
+        raise UserError(f"samples[{key!r}] has {len(values)} entries for {batch} videos")
+    out = []
+    for v in values:
+        texts = [v] if isinstance(v, str) else list(v)
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise UserError(f"samples[{key!r}] holds an empty text or a non-string ({v!r}); frame "
+                            "selection needs the question text of every video")
+        out.append(texts)
+    return out
+
+
+def best_per_frame(scores: Tensor, rows: Tensor, batch: int, frames: int) -> Tensor:
+    """(B, T) best score of each frame over its pairs: scores (P,) of the pairs whose frame
+    rows (P,) index the video-major (B * T) frames (``own_pairs``)."""
+    best = torch.full((batch * frames,), float("-inf"), device=scores.device)
+    best = best.scatter_reduce(0, rows, scores.to(best.dtype), reduce="amax")
+    return best.reshape(batch, frames)
+
+
+def own_pairs(texts: Sequence[Sequence[str]], frames: int, device: torch.device
+              ) -> "tuple[Tensor, Tensor]":
+    """The (frame, text) pairs of each video with its own texts: frame rows (P,) into the
+    video-major (B * T) frames and text columns (P,) into the flattened texts; P = T * total
+    texts."""
+    rows, cols, col = [], [], 0
+    for v, ts in enumerate(texts):
+        for _ in ts:
+            rows.append(torch.arange(v * frames, (v + 1) * frames))
+            cols.append(torch.full((frames,), col))
+            col += 1
+    return torch.cat(rows).to(device), torch.cat(cols).to(device)
+
+
+def build_frame_selector(model: Any) -> "tuple[Any, bool]":
+    """The stage-1 ``lp_blip2_video_qformer`` of ``model.cfg.selector_checkpoint``, built with
+    ``model``'s image encoder and Q-Former settings, in eval mode; and whether it shares
+    ``model``'s image encoder (same weights: the frames are then encoded once for both)."""
+    import os
+
+    from lavis_plugins.models.blip2_qformer import Blip2QformerConfig
+    from lavis_plugins.models.blip2_video_qformer import LPBlip2VideoQformer
+
+    cfg = model.cfg
+    path = os.path.expanduser(str(cfg.selector_checkpoint))
+    if not os.path.isfile(path):
+        raise UserError(f"model.selector_checkpoint {path!r} is not a file; give a local stage-1 "
+                        "checkpoint (.pth)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
+    if "vision_proj.weight" not in state or "query_tokens" not in state:
+        raise UserError(f"model.selector_checkpoint {path!r} is not a stage-1 checkpoint (no "
+                        "vision_proj / query_tokens): frame_selection itc/itm needs the stage-1 "
+                        "Q-Former's ITC/ITM heads")
+    sel_cfg = Blip2QformerConfig(
+        bert_path=cfg.bert_path, vit_model=cfg.vit_model, vit_path=cfg.vit_path,
+        image_size=cfg.image_size, vit_precision=cfg.vit_precision, tiny_vit=cfg.tiny_vit,
+        num_query_token=int(state["query_tokens"].shape[1]),
+        cross_attention_freq=cfg.cross_attention_freq,
+        embed_dim=int(state["vision_proj.weight"].shape[0]))
+    selector = LPBlip2VideoQformer(sel_cfg)
+    selector.load_checkpoint(path)
+    selector.eval().requires_grad_(False)
+    mine, theirs = model.visual_encoder.state_dict(), selector.visual_encoder.state_dict()
+    shares = mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k].to(mine[k]))
+                                                  for k in mine)
+    if shares:  # one encoder in memory, one pass per frame
+        selector.visual_encoder = model.visual_encoder
+    return selector, shares

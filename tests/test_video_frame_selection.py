@@ -1,0 +1,178 @@
+"""Question-aware frame selection (``model.frame_selection``) of lp_blip2_video_opt / _t5, and
+the stage-1 frame scoring of lp_blip2_video_qformer, through ``load_model``.
+
+The "picks the frames that match" test trains a tiny stage-1 model for a few seconds on two kinds
+of frames (red squares, blue circles) with their captions, saves it as a checkpoint and lets it
+choose frames of clips where only some frames show what the question asks about.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lavis_plugins.common.errors import UserError
+
+QUESTIONS = ["is there a red square", "is there a blue circle"]
+ANSWERS = ["yes", "no", "red", "blue"]
+SIZE = 32
+TRAIN_STEPS = 120  # ITC separates the two kinds after ~20 steps, ITM after ~60-100
+
+
+def _frame(color: str) -> torch.Tensor:
+    """(3, SIZE, SIZE): a red square or a blue circle on grey, normalised roughly as CLIP."""
+    img = torch.full((3, SIZE, SIZE), -0.5)
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    if color == "red":
+        mask = (yy - 16).abs().le(8) & (xx - 16).abs().le(8)
+        rgb = (1.5, -1.5, -1.5)
+    else:
+        mask = ((yy - 16) ** 2 + (xx - 16) ** 2).le(80)
+        rgb = (-1.5, -1.5, 1.5)
+    for c in range(3):
+        img[c][mask] = rgb[c]
+    return img
+
+
+def _clip(colors) -> torch.Tensor:
+    """(3, T, SIZE, SIZE) video whose frame t is ``_frame(colors[t])``."""
+    return torch.stack([_frame(c) for c in colors], dim=1)
+
+
+@pytest.fixture(scope="module")
+def demo_bert(tmp_path_factory):
+    """The demo's tiny BERT (no dropout, wider init: a tiny Q-Former learns in seconds)."""
+    from lavis_plugins.demo import make_demo_bert
+
+    return str(make_demo_bert(tmp_path_factory.mktemp("bert") / "bert"))
+
+
+@pytest.fixture(scope="module")
+def selector_ckpt(lp, tmp_path_factory, demo_bert):
+    """A tiny stage-1 model trained (about 5 s) to tell red squares from blue circles."""
+    torch.manual_seed(0)
+    model = lp.load_model("lp_blip2_qformer", "tiny", freeze_vit=False, bert_path=demo_bert)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    captions = {"red": "a red square", "blue": "a blue circle"}
+    for step in range(TRAIN_STEPS):
+        colors = ["red", "blue"]  # two distinct captions: each one's ITM negative is the other
+        images = torch.stack([_frame(c) + 0.2 * torch.randn(3, SIZE, SIZE) for c in colors])
+        out = model({"image": images, "text_input": [captions[c] for c in colors],
+                     "image_id": torch.tensor([0 if c == "red" else 1 for c in colors])})
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    _BERT[:] = [demo_bert]
+    path = tmp_path_factory.mktemp("selector") / "stage1.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def _video_model(lp, arch="lp_blip2_video_opt", **kw):
+    """A tiny video model; with a selector it is built from the selector's BERT (the selector
+    takes the answering model's Q-Former settings)."""
+    torch.manual_seed(1)
+    if kw.get("selector_checkpoint"):
+        kw.setdefault("bert_path", _BERT[0])
+    return lp.load_model(arch, "tiny", is_eval=True, **kw)
+
+
+_BERT: list = []  # the demo BERT's folder, set by the selector_ckpt fixture
+
+
+@pytest.mark.parametrize("method", ["itc", "itm"])
+def test_selection_picks_the_frames_that_match_the_question(lp, selector_ckpt, method):
+    colors = [["blue", "red", "blue", "blue", "red", "blue"],
+              ["red", "red", "blue", "red", "red", "red"]]
+    video = torch.stack([_clip(c) for c in colors])  # (2, 3, 6, H, W)
+    texts = ["is there a red square", "is there a blue circle"]
+    # the stage-1 model's own API
+    stage1 = lp.load_model("lp_blip2_video_qformer", "tiny", is_eval=True,
+                           checkpoint=str(selector_ckpt), bert_path=_BERT[0])
+    chosen = stage1.select_frames(video, texts, k=2, method=method).tolist()
+    assert chosen[0] == [1, 4] and 2 in chosen[1]  # the red frames; the only blue frame
+    # the stage-2 model answering from the kept frames (its own encoder differs: not shared)
+    model = _video_model(lp, frame_selection=method, selection_k=2,
+                         selector_checkpoint=str(selector_ckpt))
+    answers = model.predict_answers({"video": video, "text_input": texts}, max_len=2,
+                                    num_beams=1)
+    assert len(answers) == 2
+    assert model.last_frame_selection.tolist() == chosen
+
+
+def test_a_selector_with_the_same_encoder_shares_it_and_encodes_frames_once(lp, selector_ckpt):
+    """When the selector's image encoder equals the answering model's (BLIP-2's frozen ViT), each
+    frame goes through the encoder once for both scoring and answering."""
+    model = _video_model(lp, frame_selection="itm", selection_k=2,
+                         selector_checkpoint=str(selector_ckpt))
+    state = torch.load(selector_ckpt, weights_only=False)["model"]
+    model.visual_encoder.load_state_dict({k[len("visual_encoder."):]: v for k, v in state.items()
+                                          if k.startswith("visual_encoder.")})
+    calls = []
+    model.visual_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    video = torch.stack([_clip(["blue", "red", "blue", "red"])])
+    model.predict_answers({"video": video, "text_input": ["is there a red square"]},
+                          max_len=2, num_beams=1)
+    assert model.frame_selector().visual_encoder is model.visual_encoder
+    assert calls == [4]  # one pass over the 4 candidate frames
+    assert model.last_frame_selection.tolist() == [[1, 3]]
+
+
+@pytest.mark.parametrize("arch", ["lp_blip2_video_opt", "lp_blip2_video_t5"])
+def test_llm_scorer_encodes_each_frame_once_and_is_batch_independent(lp, arch):
+    model = _video_model(lp, arch, frame_selection="llm", selection_k=2)
+    calls = []
+    model.visual_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(2, 3, 5, SIZE, SIZE, generator=g)
+    scores = model.score_candidates({"video": video, "text_input": QUESTIONS}, ANSWERS)
+    assert calls == [10]  # 2 videos x 5 candidate frames, once: scoring and answering share them
+    both = model.last_frame_selection.tolist()
+    assert all(len(row) == 2 and row == sorted(row) for row in both)
+    for i in range(2):  # each video alone selects and scores the same
+        alone = model.score_candidates({"video": video[i:i + 1], "text_input": QUESTIONS[i:i + 1]},
+                                       ANSWERS)
+        assert model.last_frame_selection.tolist() == [both[i]]
+        torch.testing.assert_close(alone, scores[i:i + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "mean", "vote"])
+@pytest.mark.parametrize("method", ["llm", "itm"])
+def test_keeping_all_frames_equals_no_selection(lp, selector_ckpt, fusion, method):
+    plain = _video_model(lp, fusion=fusion)
+    chosen = _video_model(lp, fusion=fusion, frame_selection=method, selection_k=4,
+                          selector_checkpoint=str(selector_ckpt))
+    chosen.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(2)
+    samples = {"video": torch.randn(2, 3, 4, SIZE, SIZE, generator=g), "text_input": QUESTIONS}
+    kw = dict(max_len=3, num_beams=2)
+    assert chosen.predict_answers(samples, **kw) == plain.predict_answers(samples, **kw)
+    assert chosen.last_frame_selection.tolist() == [[0, 1, 2, 3]] * 2
+    if fusion != "vote":
+        assert torch.equal(chosen.score_candidates(samples, ANSWERS),
+                           plain.score_candidates(samples, ANSWERS))
+
+
+def test_selection_settings_are_checked(lp, tmp_path):
+    with pytest.raises(UserError, match="frame_selection"):
+        lp.load_model("lp_blip2_video_opt", "tiny", frame_selection="clip")
+    with pytest.raises(UserError, match="selection_k"):
+        lp.load_model("lp_blip2_video_opt", "tiny", frame_selection="llm", selection_k=0)
+    with pytest.raises(UserError, match="selector_checkpoint"):
+        lp.load_model("lp_blip2_video_t5", "tiny", frame_selection="itm")
+    with pytest.raises(UserError, match="selection_prompt"):
+        lp.load_model("lp_blip2_video_opt", "tiny", frame_selection="llm",
+                      selection_prompt="Is {q} answered?")
+    video = {"video": torch.zeros(1, 3, 2, SIZE, SIZE), "text_input": ["what"]}
+    missing = _video_model(lp, frame_selection="itc", selector_checkpoint=str(tmp_path / "no.pth"))
+    with pytest.raises(UserError, match="not a file"):
+        missing.predict_answers(video, max_len=2, num_beams=1)
+    stage2 = tmp_path / "stage2.pth"
+    torch.save({"model": missing.state_dict()}, stage2)
+    wrong = _video_model(lp, frame_selection="itc", selector_checkpoint=str(stage2))
+    with pytest.raises(UserError, match="not a stage-1 checkpoint"):
+        wrong.predict_answers(video, max_len=2, num_beams=1)
+    llm = _video_model(lp, frame_selection="llm")
+    with pytest.raises(UserError, match="question text"):
+        llm.predict_answers({"video": video["video"], "text_input": [""]}, max_len=2,
+                            num_beams=1)
