@@ -185,8 +185,7 @@ class _VideoDataset(Dataset):
         self.annotation: List[Dict[str, Any]] = []
         self.video_paths: List[str] = []
         for ann_path in ann_paths:
-            records = load_annotation_list(ann_path, self.required_fields, self.kind)
-            check_text_fields(records, self.text_fields, ann_path)
+            records = self.read_annotations(ann_path)
             for i, rec in enumerate(records):
                 self.video_paths.append(
                     video_path_in_root(vis_root, rec["video"], f"{ann_path}: record {i}"))
@@ -196,6 +195,13 @@ class _VideoDataset(Dataset):
                             "give files with at least one record")
         for idx, ann in enumerate(self.annotation):
             ann["instance_id"] = str(idx)  # as LAVIS's BaseDataset
+
+    def read_annotations(self, ann_path: str) -> List[Dict[str, Any]]:
+        """The records of one annotation file (LAVIS's JSON list by default), their text fields
+        checked."""
+        records = load_annotation_list(ann_path, self.required_fields, self.kind)
+        check_text_fields(records, self.text_fields, ann_path)
+        return records
 
     def __len__(self) -> int:
         return len(self.annotation)
@@ -321,3 +327,47 @@ class VideoRetrievalEvalDataset(_VideoDataset):
         if isinstance(video, dict):
             return video
         return {"video": video, "index": index}
+
+
+class MultipleChoiceVideoQADataset(_VideoDataset):
+    """Multiple-choice video QA (NExT-QA, STAR, How2QA, or a plain JSON list): the records of
+    :mod:`lavis_plugins.datasets.mc_formats`. A sample is ``{"video", "text_input": processed
+    question, "options": [option texts], "answer": correct index, "question_id",
+    "question_type", "instance_id"}``."""
+
+    kind = "multiple-choice video QA"
+
+    def __init__(self, vis_processor=None, text_processor=None, vis_root: str = "",
+                 ann_paths: Sequence[str] = (), on_bad_video: BadVideoPolicy = "fail",
+                 ann_format: str = "json", video_template: str = "{video}.mp4",
+                 video_map: Optional[Dict[str, str]] = None, shuffle_seed: Optional[int] = None
+                 ) -> None:
+        self.ann_format, self.video_template = ann_format, video_template
+        self.video_map, self.shuffle_seed = video_map, shuffle_seed
+        super().__init__(vis_processor, text_processor, vis_root, ann_paths, on_bad_video)
+        seen: Dict[str, int] = {}
+        for idx, ann in enumerate(self.annotation):
+            qid = str(ann["question_id"])
+            if qid in seen:
+                raise UserError(f"{self.kind} annotations {list(ann_paths)}: question_id {qid!r} "
+                                f"appears twice (records {seen[qid]} and {idx})")
+            seen[qid] = idx
+
+    def read_annotations(self, ann_path: str) -> List[Dict[str, Any]]:
+        from lavis_plugins.datasets.mc_formats import apply_video_map, read_mc_annotations
+
+        records = read_mc_annotations(ann_path, self.ann_format, self.video_template,
+                                      self.shuffle_seed)
+        if self.video_map is not None:
+            apply_video_map(records, self.video_map, self.video_template, ann_path)
+        return records
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        ann = self.annotation[index]
+        video = self._video(index, ann["question_id"])
+        if isinstance(video, dict):
+            return video
+        return {"video": video, "text_input": self._text(ann["question"]),
+                "options": list(ann["options"]), "answer": ann["answer"],
+                "question_id": ann["question_id"], "question_type": ann.get("question_type"),
+                "instance_id": ann["instance_id"]}

@@ -234,6 +234,21 @@ class VideoQATask(BaseTask):
         dist.barrier()
         return metrics
 
+    RESULT_NAME = "video_qa"  # result files: <split>_<RESULT_NAME>_<protocol>.json
+
+    @staticmethod
+    def result_rows(protocol: str, answered: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """One scored row per answered question for ``protocol``."""
+        return [{"question_id": r["question_id"], "question": r.get("question"),
+                 "question_type": r.get("question_type"),
+                 "prediction": r["predictions"][protocol], "answer": r["answer"],
+                 "correct": is_correct(r["predictions"][protocol], r["answer"])}
+                for r in answered]
+
+    @staticmethod
+    def protocol_metrics(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        return protocol_metrics(rows)
+
     def score(self, answered: List[Dict[str, Any]], skipped: List[Dict[str, Any]], split: str,
               duplicates: int = 0, epoch: Any = None) -> Dict[str, Any]:
         """Metrics of the merged records of ``split``; writes the per-question files."""
@@ -257,19 +272,16 @@ class VideoQATask(BaseTask):
 
         result_dir = registry.get_path("result_dir")
         for protocol in self.cfg.protocols:
-            rows = [{"question_id": r["question_id"], "question": r.get("question"),
-                     "question_type": r.get("question_type"),
-                     "prediction": r["predictions"][protocol], "answer": r["answer"],
-                     "correct": is_correct(r["predictions"][protocol], r["answer"])}
-                    for r in answered]
+            rows = self.result_rows(protocol, answered)
             if rows:
-                metrics[protocol] = protocol_metrics(rows)
-            path = os.path.join(result_dir,
-                                result_file_name(split, epoch, f"video_qa_{protocol}.json"))
+                metrics[protocol] = self.protocol_metrics(rows)
+            path = os.path.join(result_dir, result_file_name(
+                split, epoch, f"{self.RESULT_NAME}_{protocol}.json"))
             with open(path, "w") as f:
                 json.dump(rows, f, indent=1)
         if skipped:
-            path = os.path.join(result_dir, result_file_name(split, epoch, "video_qa_skipped.json"))
+            path = os.path.join(result_dir, result_file_name(
+                split, epoch, f"{self.RESULT_NAME}_skipped.json"))
             with open(path, "w") as f:
                 json.dump(sorted(skipped, key=lambda r: str(r["question_id"])), f, indent=1)
             logger.warning("video QA %s: %d questions skipped because their video could not be "

@@ -37,6 +37,7 @@ from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 
 from lavis_plugins.common.errors import UserError, unknown_name
 from lavis_plugins.datasets.video_datasets import (
+    MultipleChoiceVideoQADataset,
     VideoQADataset,
     VideoRetrievalDataset,
     VideoRetrievalEvalDataset,
@@ -202,3 +203,65 @@ class MSRVTTRetrievalBuilder(VideoRetrievalBuilder):
     """MSRVTT text-video retrieval (LAVIS's annotation files; 1K-A test split)."""
 
     DATASET_CONFIG_DICT = {"default": config_path("datasets/lp_msrvtt/defaults_ret.yaml")}
+
+
+class MultipleChoiceVideoQABuilder(VideoBuilderBase):
+    """Multiple-choice video QA from a published annotation format
+    (:mod:`lavis_plugins.datasets.mc_formats`). ``build_info`` keys besides annotations/videos:
+    ``ann_format`` (default: the benchmark's), ``video_template`` (file of a video id, default
+    ``"{video}.mp4"``), ``video_map`` (NExT-QA's ``map_vid_vidorID.json``: ``{storage: ...}``),
+    ``shuffle_seed`` (How2QA: option order; null keeps the correct answer first)."""
+
+    train_dataset_cls = MultipleChoiceVideoQADataset
+    eval_dataset_cls = MultipleChoiceVideoQADataset
+    ANN_FORMAT = "json"
+
+    def dataset_kwargs(self, paths: Dict[str, List[str]]) -> Dict[str, Any]:
+        import json
+
+        info = self.config.build_info
+        kw: Dict[str, Any] = {"ann_format": str(info.get("ann_format") or self.ANN_FORMAT),
+                              "video_template": str(info.get("video_template") or "{video}.mp4")}
+        vmap = info.get("video_map")
+        if vmap is not None:
+            (path,) = self._paths("build_info.video_map", vmap.get("storage"))
+            with open(path) as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                raise UserError(f"datasets.{self._name()}.build_info.video_map {path}: must be a "
+                                "JSON object {video id: path} (NExT-QA's map_vid_vidorID.json)")
+            kw["video_map"] = {str(k): str(v) for k, v in data.items()}
+        if info.get("shuffle_seed") is not None:
+            kw["shuffle_seed"] = int(info.shuffle_seed)
+        return kw
+
+
+@registry.register_builder("lp_nextqa")
+class NExTQABuilder(MultipleChoiceVideoQABuilder):
+    """NExT-QA (5 options; causal / temporal / descriptive questions), its published CSVs."""
+
+    ANN_FORMAT = "nextqa"
+    DATASET_CONFIG_DICT = {"default": config_path("datasets/lp_nextqa/defaults_mc.yaml")}
+
+
+@registry.register_builder("lp_star")
+class STARBuilder(MultipleChoiceVideoQABuilder):
+    """STAR situated reasoning (4 options; interaction / sequence / prediction / feasibility)."""
+
+    ANN_FORMAT = "star"
+    DATASET_CONFIG_DICT = {"default": config_path("datasets/lp_star/defaults_mc.yaml")}
+
+
+@registry.register_builder("lp_how2qa")
+class How2QABuilder(MultipleChoiceVideoQABuilder):
+    """How2QA (4 options), its release CSVs."""
+
+    ANN_FORMAT = "how2qa"
+    DATASET_CONFIG_DICT = {"default": config_path("datasets/lp_how2qa/defaults_mc.yaml")}
+
+
+@registry.register_builder("lp_video_mcqa")
+class VideoMCQABuilder(MultipleChoiceVideoQABuilder):
+    """Any multiple-choice video QA as a JSON list of {video, question, options, answer}."""
+
+    DATASET_CONFIG_DICT = {"default": config_path("datasets/lp_video_mcqa/defaults_mc.yaml")}
