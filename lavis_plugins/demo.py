@@ -94,6 +94,15 @@ STAGES: Tuple[Stage, ...] = (
     Stage("vqa", "evaluate image VQA accuracy (fine-tuned model)", "vqa_ft.yaml", True),
     Stage("video_qa", "zero-shot video QA (image VQA model, sampled frames)",
           "video_qa_zeroshot.yaml", True),
+    # the temporal split: uniform vs question-aware frames at the same k (demo_temporal.py)
+    Stage("temporal_uniform", "temporal split video QA, uniform frames", "video_temporal.yaml",
+          True),
+    Stage("temporal_select", "temporal split video QA, question-aware frame selection",
+          "video_temporal.yaml", True),
+    Stage("temporal_mc_uniform", "temporal split multiple choice, uniform frames",
+          "video_temporal_mc.yaml", True),
+    Stage("temporal_mc_select", "temporal split multiple choice, question-aware selection",
+          "video_temporal_mc.yaml", True),
 )
 STAGE_KEYS = tuple(s.key for s in STAGES)
 
@@ -137,6 +146,9 @@ class MetricRow:
     value: float  # the model's score
     chance: float  # the chance level, in the same unit
     chance_rule: str  # how the chance level was computed
+    # a row measured to compare settings (the temporal split's uniform vs selected frames):
+    # shown beside its chance level, not held to TARGET_RATIO
+    comparison: bool = False
 
     @property
     def ratio(self) -> float:
@@ -279,8 +291,10 @@ def write_report(out: Path, rows: Sequence[MetricRow], stages: Sequence[StageRes
     md += [f"Run {when} on {os.cpu_count()} CPU core(s){took}. Every number below comes from the "
            "test split; the chance levels are computed from the same data.", ""]
     md += ["## Metrics", "", format_table(rows), ""]
-    passed = all(r.ratio >= TARGET_RATIO for r in rows)
-    md += [f"Every metric is at least {TARGET_RATIO:g}x its chance level: "
+    passed = all(r.ratio >= TARGET_RATIO for r in rows if not r.comparison)
+    compared = " (the temporal split's comparison rows aside)" if any(
+        r.comparison for r in rows) else ""
+    md += [f"Every metric is at least {TARGET_RATIO:g}x its chance level{compared}: "
            f"**{'yes' if passed else 'NO'}**.", ""]
     md += ["Chance levels:", ""] + [f"- {r.name}: {r.chance_rule}" for r in rows] + [""]
     md += ["Notes:", ""] + [f"- {n}" for n in (*notes, *SETUP_NOTES)] + [""]
@@ -391,6 +405,12 @@ def stage_options(key: str, ctx: DemoContext) -> List[str]:
                                "run.test_splits=[]"]
     if key in ("vqa", "video_qa"):
         return common + llm + [f"model.finetuned={ctx.ckpt('vqa_ft')}", "model.load_finetuned=True"]
+    if key.startswith("temporal_"):
+        from lavis_plugins.demo_temporal import temporal_options
+
+        return (common + llm + [f"model.finetuned={ctx.ckpt('vqa_ft')}",
+                                "model.load_finetuned=True"]
+                + temporal_options(key, ctx.ckpt("stage1")))
     raise KeyError(key)
 
 
@@ -462,7 +482,10 @@ def metric_rows(ctx: DemoContext) -> Tuple[List[MetricRow], List[str]]:
                                                      f"test answer"))
         notes.append(f"video QA, blind baseline that knows the question type: "
                      f"{c['type_prior']:.1f}% (best answer per question type, no video)")
-    return rows, notes
+    from lavis_plugins.demo_temporal import temporal_rows
+
+    more_rows, more_notes = temporal_rows(res, MetricRow, qa_chance)
+    return rows + more_rows, notes + more_notes
 
 
 def video_example_records(ctx: DemoContext, k: int = N_VIDEO_EXAMPLES) -> List[Dict[str, Any]]:

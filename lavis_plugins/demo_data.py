@@ -336,7 +336,10 @@ def _video_tracks(rng: random.Random, scene: Scene) -> list[tuple[float, float, 
     return tracks
 
 
-def _write_video(path: Path, scene: Scene, tracks: list) -> None:
+def _write_video(path: Path, scene: Scene, tracks: list,
+                 visible: Optional[Sequence[Sequence[bool]]] = None) -> None:
+    """Encode the moving ``scene``; ``visible[k][t]``: whether shape k is drawn in frame t
+    (default: every shape in every frame)."""
     import av
     import numpy as np
     from PIL import Image, ImageDraw
@@ -357,7 +360,9 @@ def _write_video(path: Path, scene: Scene, tracks: list) -> None:
             frac = t / (VIDEO_FRAMES - 1)
             img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
             draw = ImageDraw.Draw(img)
-            for s, (x0, y0, x1, y1) in zip(scene, tracks):
+            for k, (s, (x0, y0, x1, y1)) in enumerate(zip(scene, tracks)):
+                if visible is not None and not visible[k][t]:
+                    continue
                 _draw(draw, s.shape, s.color, round(x0 + (x1 - x0) * frac),
                       round(y0 + (y1 - y0) * frac), SIZES[s.size])
             frame = av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")

@@ -217,10 +217,14 @@ class VideoQATask(BaseTask):
         questions = _as_list(samples.get("text_input"), n)
         answers = _as_list(samples.get("answer"), n)
         types = _as_list(samples.get("question_type"), n)
+        # frame selection (model.frame_selection): the kept candidates' positions, per video
+        chosen = getattr(model, "last_frame_selection", None)
         for i in range(n):
             records.append({"question_id": _plain_id(qids[i]), "question": questions[i],
                             "question_type": types[i], "answer": answers[i],
                             "predictions": {p: preds[p][i] for p in c.protocols}})
+            if chosen is not None and chosen.shape[0] == n:
+                records[-1]["selected_frames"] = chosen[i].tolist()
         return records
 
     def after_evaluation(self, val_result, split_name, epoch=None, **kwargs) -> Dict[str, Any]:
@@ -242,7 +246,8 @@ class VideoQATask(BaseTask):
         return [{"question_id": r["question_id"], "question": r.get("question"),
                  "question_type": r.get("question_type"),
                  "prediction": r["predictions"][protocol], "answer": r["answer"],
-                 "correct": is_correct(r["predictions"][protocol], r["answer"])}
+                 "correct": is_correct(r["predictions"][protocol], r["answer"]),
+                 **({"selected_frames": r["selected_frames"]} if "selected_frames" in r else {})}
                 for r in answered]
 
     @staticmethod

@@ -85,11 +85,15 @@ class VideoBuilderBase(BaseDatasetBuilder):
                                hint="A plugin processor registers when lavis_plugins is imported.")
         return cls.from_config(cfg)
 
+    def resolve(self, path: str) -> str:
+        """A storage path of this dataset's YAML, made absolute (``resolve_storage``)."""
+        return resolve_storage(path)
+
     def _paths(self, key: str, storage: Any) -> List[str]:
         if storage is None:
             raise UserError(f"datasets.{self._name()}.{key}.storage is not set")
         storage = [storage] if isinstance(storage, str) else list(storage)
-        out = [resolve_storage(p) for p in storage]
+        out = [self.resolve(p) for p in storage]
         for p in out:
             if not os.path.isfile(p):
                 raise UserError(f"datasets.{self._name()}.{key}: file not found: {p}. Set "
@@ -102,7 +106,7 @@ class VideoBuilderBase(BaseDatasetBuilder):
         info = self.config.build_info.get("videos")
         if info is None or info.get("storage") is None:
             raise UserError(f"datasets.{self._name()}.build_info.videos.storage is not set")
-        root = resolve_storage(info.storage)
+        root = self.resolve(info.storage)
         if not os.path.isdir(root):
             raise UserError(f"datasets.{self._name()}.build_info.videos.storage: folder not "
                             f"found: {root}")
@@ -265,3 +269,31 @@ class VideoMCQABuilder(MultipleChoiceVideoQABuilder):
     """Any multiple-choice video QA as a JSON list of {video, question, options, answer}."""
 
     DATASET_CONFIG_DICT = {"default": config_path("datasets/lp_video_mcqa/defaults_mc.yaml")}
+
+
+class ShapesTemporalMixin:
+    """Storage paths relative to the temporal split's folder (``build_info.root``: ``default``
+    generates it on first use, :mod:`lavis_plugins.datasets.shapes_temporal`)."""
+
+    def resolve(self, path: str) -> str:
+        from lavis_plugins.datasets.shapes_temporal import ensure_temporal_split
+
+        if getattr(self, "_root", None) is None:
+            root = self.config.build_info.get("root", "default")
+            self._root = (ensure_temporal_split() if root in (None, "default")
+                          else os.path.abspath(os.path.expanduser(str(root))))
+        return os.path.join(str(self._root), os.path.expanduser(str(path)))
+
+
+@registry.register_builder("lp_shapes_temporal_qa")
+class ShapesTemporalQABuilder(ShapesTemporalMixin, VideoQABuilder):
+    """Open-ended video QA on the temporal split of the shapes videos (MSRVTT-QA format)."""
+
+    DATASET_CONFIG_DICT = {"default": config_path("datasets/lp_shapes/defaults_temporal_qa.yaml")}
+
+
+@registry.register_builder("lp_shapes_temporal_mc")
+class ShapesTemporalMCBuilder(ShapesTemporalMixin, VideoMCQABuilder):
+    """Multiple-choice video QA on the temporal split of the shapes videos."""
+
+    DATASET_CONFIG_DICT = {"default": config_path("datasets/lp_shapes/defaults_temporal_mc.yaml")}
