@@ -320,3 +320,27 @@ def test_error_keeps_its_type_through_pickling_and_dataloader_workers(tmp_path):
     with pytest.raises(VideoDecodeError, match="gone.mp4") as caught:  # a UserError, not RuntimeError
         next(iter(loader))
     assert isinstance(caught.value, UserError)
+
+
+def test_damaged_tail_gives_one_count_whatever_n_and_one_warning(videos, caplog):
+    """A file cut inside a packet whose header announces every frame: the count sampling uses
+    is what decodes, the same for 2 frames as for all of them, with one warning per read and
+    none of FFmpeg's own lines in Python's logging (PyAV forwards them once torchvision is
+    imported; that is switched off before the file is opened)."""
+    import logging
+
+    import av.logging
+
+    av.logging.set_level(av.logging.ERROR)  # what torchvision.io does at import
+    caplog.set_level(logging.INFO)
+    path = videos["cut_mid"]
+    last = set()
+    for n in (2, 8, probe(path).num_frames):
+        caplog.clear()
+        out = read_frames(path, n, "uniform_endpoints")
+        last.add(out.indices[-1])
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warned) == 1 and "decode; sampling from those" in warned[0], warned
+        assert not [r for r in caplog.records if r.name.startswith("libav")]
+        assert_frames_match(out.frames, out.indices, n)
+    assert len(last) == 1
