@@ -1,4 +1,5 @@
-"""Frames/s of sparse uniform frame sampling: PyAV and decord backends vs LAVIS's ``load_video``.
+"""Frames/s of sparse uniform frame sampling: PyAV, torchcodec and decord backends vs LAVIS's
+``load_video``.
 
     .venv/bin/python benchmarks/bench_video_decode.py                # all clips, n = 8 and 16
     .venv/bin/python benchmarks/bench_video_decode.py --reps 3 --sizes 360p
@@ -29,7 +30,7 @@ from typing import Callable, Dict, List, Tuple
 
 from lavis_plugins.video.synthetic import write_moving_video
 
-SIZES = {"360p": (640, 360), "720p": (1280, 720)}
+SIZES = {"144p": (176, 144), "360p": (640, 360), "720p": (1280, 720)}
 GOPS = (30, 250)
 FPS = 30
 SECONDS = 10
@@ -59,18 +60,25 @@ def methods() -> Dict[str, Callable[[str, int], object]]:
 
     from lavis_plugins.video.decode import read_frames
 
-    return {
+    from lavis_plugins.video.torchcodec_backend import torchcodec_problem
+
+    out = {
         LAVIS: lambda p, n: load_video(p, n_frms=n),
         "pyav": lambda p, n: read_frames(p, n, "uniform", backend="pyav"),
         "decord": lambda p, n: read_frames(p, n, "uniform", backend="decord"),
     }
+    if torchcodec_problem() is None:
+        out["torchcodec"] = lambda p, n: read_frames(p, n, "uniform", backend="torchcodec")
+    else:
+        print(f"# torchcodec left out: {torchcodec_problem()}", file=sys.stderr)
+    return out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache-dir", type=Path,
                     default=Path(tempfile.gettempdir()) / "lavis_plugins_bench_video")
-    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--sizes", nargs="+", default=["360p", "720p"], choices=list(SIZES))
     ap.add_argument("--n", nargs="+", type=int, default=[8, 16])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--stat", choices=["min", "median"], default="min")

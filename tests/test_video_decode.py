@@ -9,6 +9,8 @@ from __future__ import annotations
 import faulthandler
 import random
 
+import torch
+
 import numpy as np
 import pytest
 
@@ -24,6 +26,16 @@ from lavis_plugins.video.decode import (
 )
 
 N = 40  # frames in the main test video
+
+
+from lavis_plugins.video.torchcodec_backend import torchcodec_problem  # noqa: E402
+
+# torchcodec needs FFmpeg's shared libraries, which a clean machine may lack: its cases skip
+NO_TORCHCODEC = torchcodec_problem()
+USABLE_BACKENDS = [b for b in BACKENDS if b != "torchcodec" or NO_TORCHCODEC is None]
+BACKEND_PARAMS = [pytest.param(b, marks=pytest.mark.skipif(
+    b == "torchcodec" and NO_TORCHCODEC is not None,
+    reason=f"torchcodec cannot load here: {NO_TORCHCODEC}")) for b in BACKENDS]
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +163,7 @@ def test_sampler_rejects_bad_arguments():
 
 
 # ----------------------------------------------------------------------------- decoding
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_read_frames_returns_the_sampled_frames_in_rgb(videos, backend, strategy):
     out = read_frames(videos["mp4"], 8, strategy, backend=backend, rng=random.Random(1))
@@ -162,7 +174,7 @@ def test_read_frames_returns_the_sampled_frames_in_rgb(videos, backend, strategy
 @pytest.mark.parametrize("key", ["mkv", "faststart", "avi"])
 def test_read_frames_other_containers_and_codecs(videos, key):
     n_avail = probe(videos[key]).num_frames
-    for backend in BACKENDS:
+    for backend in USABLE_BACKENDS:
         out = read_frames(videos[key], 6, "uniform_endpoints", backend=backend)
         assert out.indices[0] == 0 and out.indices[-1] == n_avail - 1
         assert [synthetic.frame_index(f) for f in out.frames.numpy()] == out.indices
@@ -193,7 +205,7 @@ def test_probe_reports_header_and_decodable_counts(videos):
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("key, kind", [
     ("missing", "missing"),
     ("truncated", "unreadable"),
@@ -221,7 +233,7 @@ def test_shorter_than_n_refused_or_repeated(videos):
 
 
 def test_one_frame_video(videos):
-    for backend in BACKENDS:
+    for backend in USABLE_BACKENDS:
         out = read_frames(videos["one"], 4, "random", backend=backend)
         assert out.indices == [0, 0, 0, 0]
         assert_frames_match(out.frames, out.indices, 4)
@@ -234,7 +246,7 @@ def test_decoding_is_bounded_by_the_timeout(videos):
 
 
 # ----------------------------------------------------------------------------- over-reporting
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("key, decodable", [("cut", 20), ("edit", 20), ("long_mkv", N)])
 def test_over_reported_frame_count_gives_valid_frames(videos, no_hang, backend, key, decodable):
     """Header (or duration x fps) claims more frames than exist: sample from what decodes."""
@@ -252,7 +264,7 @@ def test_over_reported_frame_count_gives_valid_frames(videos, no_hang, backend, 
     assert [synthetic.frame_index(f) for f in out.frames.numpy()] == [i + offset for i in out.indices]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_file_cut_inside_a_packet_gives_the_frames_before_the_cut(videos, no_hang, backend):
     info = probe(videos["cut_mid"])
     assert 0 < info.num_frames < N and info.reported_frames == N
@@ -344,3 +356,25 @@ def test_damaged_tail_gives_one_count_whatever_n_and_one_warning(videos, caplog)
         assert not [r for r in caplog.records if r.name.startswith("libav")]
         assert_frames_match(out.frames, out.indices, n)
     assert len(last) == 1
+
+
+# ----------------------------------------------------------------------------- torchcodec
+@pytest.mark.skipif(NO_TORCHCODEC is not None, reason=f"torchcodec cannot load: {NO_TORCHCODEC}")
+@pytest.mark.parametrize("key", ["mp4", "mkv", "faststart", "avi", "short"])
+def test_torchcodec_returns_exactly_the_frames_pyav_returns(videos, key):
+    for strategy, n in (("uniform", 8), ("uniform_endpoints", 5), ("headtail", 6)):
+        a = read_frames(videos[key], n, strategy, backend="pyav", rng=random.Random(0))
+        b = read_frames(videos[key], n, strategy, backend="torchcodec", rng=random.Random(0))
+        assert a.indices == b.indices and torch.equal(a.frames, b.frames), (key, strategy)
+
+
+def test_auto_backend_falls_back_to_pyav_when_torchcodec_cannot_load(videos, monkeypatch):
+    from lavis_plugins.video import decode, torchcodec_backend
+
+    monkeypatch.setattr(decode, "torchcodec_problem", lambda: "OSError: libavcodec.so missing")
+    out = read_frames(videos["mp4"], 4, "uniform", backend="auto")
+    assert torch.equal(out.frames, read_frames(videos["mp4"], 4, "uniform", backend="pyav").frames)
+    monkeypatch.setattr(torchcodec_backend, "torchcodec_problem",
+                        lambda: "OSError: libavcodec.so missing")
+    with pytest.raises(VideoDecodeError, match="backend 'torchcodec' cannot load .*libavcodec"):
+        read_frames(videos["mp4"], 4, "uniform", backend="torchcodec")

@@ -47,6 +47,7 @@ from lavis_plugins.video.pyav_backend import (
     _read_pyav,
     _require_frames,
 )
+from lavis_plugins.video.torchcodec_backend import _read_torchcodec, torchcodec_problem
 from lavis_plugins.video.sampling import STRATEGIES, SamplingStrategy, _Rng, sample_indices
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEFAULT_TIMEOUT_S", "STRATEGIES", "Backend",
@@ -55,8 +56,9 @@ __all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEFAULT_TIMEOUT_S", "STRATEGIES", "Ba
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["pyav", "decord"]
-BACKENDS: Tuple[str, ...] = ("pyav", "decord")
+Backend = Literal["auto", "pyav", "torchcodec", "decord"]
+# "auto": torchcodec where it loads (FFmpeg's shared libraries present), else PyAV
+BACKENDS: Tuple[str, ...] = ("auto", "pyav", "torchcodec", "decord")
 
 # Chosen by measurement (benchmarks/bench_video_decode.py, docs/benchmarks_video_decode.md):
 # PyAV with keyframe seeking is as fast as decord or faster on every benchmark clip, is bounded by
@@ -120,9 +122,13 @@ def read_frames(
         container.close()
         raise
     req = _Request(n, strategy, rng, allow_repeat, deadline, timeout_s)
+    if backend == "auto":
+        backend = "torchcodec" if torchcodec_problem() is None else "pyav"
     if backend == "pyav":  # decodes from the container the index came from (closes it)
         return _read_pyav(index, (container, stream), req)
     container.close()
+    if backend == "torchcodec":
+        return _read_torchcodec(index, req)
     if index.demux_error:
         logger.warning("%s: the file breaks off after %d frames (%s); sampling from those",
                        path, index.num_frames, index.demux_error)
