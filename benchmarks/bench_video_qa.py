@@ -25,6 +25,11 @@ lengths) and greedy decoding is forced to ``--new-tokens`` tokens so both do the
 Decoding runs in the main process, one video after another, as a DataLoader with
 ``num_workers=0`` does; with workers it overlaps the model.
 
+``--selection N K``: instead, ours only, question-aware frame selection (``frame_selection: llm``,
+the answering LLM's yes-probability per frame) keeping K of N candidates, beside uniform K and
+uniform N frames; the three run alternating, and the table gives videos/s, process CPU seconds
+per video and the time per video relative to uniform K (the issue's goal: selection below 2x).
+
 Each (frames, implementation) pair runs ``--rounds`` times, alternating, after one warm-up batch;
 figures are medians. Per stage (seconds per video): decode (file -> normalised (C, T, H, W)),
 encoder (ViT + ln_vision, all frames), Q-Former + projection, LLM (prompt + generation).
@@ -66,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--clip-size", default="360p", choices=list(bench_video_decode.SIZES))
     p.add_argument("--opt-layers", type=int, default=4, help="small config: OPT layers")
     p.add_argument("--opt-hidden", type=int, default=256, help="small config: OPT width")
+    p.add_argument("--selection", type=int, nargs=2, metavar=("N", "K"),
+                   help="compare selecting K of N frames with uniform K and uniform N")
     p.add_argument("--cache-dir", type=Path,
                    default=Path(tempfile.gettempdir()) / "lavis_plugins_bench_video")
     return p.parse_args(argv)
@@ -101,14 +108,14 @@ class StageClock:
         return timed
 
 
-def build_ours(args, root: Path, n_frms: int):
+def build_ours(args, root: Path, n_frms: int, **video_settings):
     from lavis_plugins.models.blip2_video import Blip2VideoOPTConfig, LPBlip2VideoOPT
     from lavis_plugins.processors.video_processors import VideoEvalConfig, VideoEvalProcessor
 
     cfg = Blip2VideoOPTConfig(
         bert_path=str(root / "bert-base-uncased"), opt_model=str(root / "opt"),
         llm_dtype="fp16" if args.real_size else "fp32", prompt="", num_query_token=32,
-        fusion="concat", **bench_stage2.vit_settings(args))
+        fusion="concat", **video_settings, **bench_stage2.vit_settings(args))
     model = LPBlip2VideoOPT(cfg).to(args.device).eval()
     return model, VideoEvalProcessor(VideoEvalConfig(n_frms=n_frms, image_size=224))
 
@@ -231,6 +238,8 @@ def main(argv=None) -> None:
     print(f"# zero-shot video QA, {size}, {args.device}, torch threads "
           f"{torch.get_num_threads()}, {args.videos} {args.clip_size} videos in batches of "
           f"{args.batch}, {args.new_tokens} answer tokens, greedy", flush=True)
+    if args.selection:
+        return selection_main(args, paths, cuda)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -264,6 +273,40 @@ def main(argv=None) -> None:
             if cuda:
                 torch.cuda.empty_cache()
     report(args, rows)
+
+
+def selection_main(args, paths: List[str], cuda: bool) -> None:
+    """Uniform K, uniform N and LLM-selected K of N, ours only, alternating rounds."""
+    import torch
+
+    n, k = args.selection
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        bench_stage2.make_folders(argparse.Namespace(**vars(args)), root)
+        torch.manual_seed(0)
+        base, _ = build_ours(args, root, k)
+        runs = {f"uniform {k}": (base, build_ours(args, root, k)[1]),
+                f"uniform {n}": (base, build_ours(args, root, n)[1])}
+        sel, sel_proc = build_ours(args, root, n, frame_selection="llm", selection_k=k)
+        sel.load_state_dict(base.state_dict())
+        runs[f"select {k} of {n} (llm)"] = (sel, sel_proc)
+        wall, cpu = defaultdict(list), defaultdict(list)
+        for name, (model, proc) in runs.items():  # warm-up
+            measure("ours", model, proc, paths[:args.batch], args, StageClock(cuda))
+        for r in range(args.rounds):
+            for name, (model, proc) in runs.items():
+                c0 = time.process_time()
+                _, total = measure("ours", model, proc, paths, args, StageClock(cuda))
+                wall[name].append(total)
+                cpu[name].append(time.process_time() - c0)
+                print(f"  round {r}, {name}: {args.videos / total:.2f} videos/s", flush=True)
+    base_t = statistics.median(wall[f"uniform {k}"])
+    print("\n| frames | videos/s | CPU s / video | time / uniform " + str(k) + " |")
+    print("|---|---|---|---|")
+    for name in runs:
+        t = statistics.median(wall[name])
+        print(f"| {name} | {args.videos / t:.2f} | {statistics.median(cpu[name]) / args.videos:.3f}"
+              f" | {t / base_t:.2f} |")
 
 
 def report(args, rows) -> None:
