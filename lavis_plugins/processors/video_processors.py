@@ -171,9 +171,9 @@ class VideoEvalProcessor(BaseProcessor):
         """PIL frames -> (C, T, S, S), frame t exactly as the image processor transforms it.
 
         Only the resize runs per frame (PIL, as the image path); ToTensor and Normalize run once
-        on the whole clip: per-frame tensor ops on small frames are dominated by the intra-op
-        thread pool's start-up, which on a loaded machine made them 10-30x slower than with one
-        thread (benchmarks/bench_video_decode.py --processor).
+        on the whole clip: each of those small tensor ops goes through torch's intra-op thread
+        pool, whose hand-off dominates on small frames and grows when the machine is loaded
+        (issue 16 saw 10-30x against one thread), so 3 ops per clip replace 3 per frame.
         """
         resize = self.image_transform.transform.transforms[0]
         return self._to_normalized([resize(img) for img in images], self.image_transform.normalize)
