@@ -59,6 +59,15 @@ def test_unknown_or_invalid_options_are_refused(lp):
         build("lp_video_eval", backend="opencv")
     with pytest.raises(UserError, match="min_scale"):
         build("lp_video_train", min_scale=0.9, max_scale=0.5)
+    with pytest.raises(UserError, match="threads=-1 must be an integer >= 0"):
+        build("lp_video_eval", threads=-1)
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_decoder_threads_change_nothing_but_speed(lp, clips, backend):
+    outs = [build("lp_video_eval", n_frms=5, image_size=32, backend=backend, threads=t)(
+        str(clips["clip"])) for t in (0, 1, 2)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 @pytest.mark.parametrize("name", ["lp_video_eval", "lp_video_train"])

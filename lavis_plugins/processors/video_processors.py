@@ -54,7 +54,8 @@ class VideoEvalConfig:
     # how frame indices are chosen: uniform | uniform_endpoints | random | headtail
     # (lavis_plugins.video.sample_indices)
     sampling: SamplingStrategy = "uniform"
-    # decoding library: pyav | decord (the default is the faster one in our benchmark)
+    # decoding library: pyav | torchcodec | decord | auto (torchcodec where it loads, else pyav);
+    # the default is the fastest in our benchmark
     backend: Backend = DEFAULT_BACKEND
     # normalisation mean/std per RGB channel; None = LAVIS's BLIP/BLIP-2 image normalisation
     mean: Optional[Tuple[float, float, float]] = None
@@ -64,6 +65,8 @@ class VideoEvalConfig:
     # a video with fewer decodable frames than n_frms: repeat frames (true) or raise a
     # VideoDecodeError of kind "too_short" (false), which the datasets' on_bad_video policy handles
     allow_repeat: bool = True
+    # decoder threads per video; 0 = the decoder's own choice (FFmpeg: one per core)
+    threads: int = 0
 
 
 @dataclass
@@ -110,6 +113,8 @@ def _validate(cfg: VideoEvalConfig, processor: str) -> None:
             raise bad(field, "must list 3 numbers (R, G, B)")
     if cfg.std is not None and min(cfg.std) <= 0:
         raise bad("std", "must be positive")
+    if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 0:
+        raise bad("threads", "must be an integer >= 0 (0: the decoder's own choice)")
     if not cfg.timeout_s > 0:
         raise bad("timeout_s", "must be > 0 seconds")
     if isinstance(cfg, VideoTrainConfig) and not 0 < cfg.min_scale <= cfg.max_scale <= 1:
@@ -155,6 +160,7 @@ class VideoEvalProcessor(BaseProcessor):
             backend=self.cfg.backend,
             timeout_s=self.cfg.timeout_s,
             allow_repeat=self.cfg.allow_repeat,
+            threads=self.cfg.threads,
         )
         return out.frames, out.indices
 

@@ -69,6 +69,7 @@ class _Request(NamedTuple):
     allow_repeat: bool
     deadline: float  # ``time.monotonic()`` value after which decoding stops
     timeout_s: float  # the budget ``deadline`` was set from (for messages)
+    threads: int = 0  # decoder threads; 0: the library's own choice (FFmpeg: one per core)
 
     def sample(self, path: str, available: int) -> List[int]:
         """``n`` indices among ``available`` frames (``sample_indices``); errors name ``path``."""

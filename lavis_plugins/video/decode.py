@@ -36,7 +36,7 @@ import os
 import time
 from typing import Literal, Optional, Tuple
 
-from lavis_plugins.common.errors import unknown_name
+from lavis_plugins.common.errors import UserError, unknown_name
 from lavis_plugins.video._common import DecodedFrames, VideoIndex, _Request
 from lavis_plugins.video.decord_backend import _read_decord
 from lavis_plugins.video.errors import VideoDecodeError
@@ -94,6 +94,7 @@ def read_frames(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     rng: Optional[_Rng] = None,
     allow_repeat: bool = True,
+    threads: int = 0,
 ) -> DecodedFrames:
     """Decode ``n`` frames of ``path`` sampled by ``strategy``.
 
@@ -105,12 +106,17 @@ def read_frames(
     truncated/corrupt, audio-only, unknown codec, no decodable frames, fewer frames than ``n``
     with ``allow_repeat=False``, or decoding past ``timeout_s`` seconds (PyAV decoding is checked
     against the deadline at every packet; decord runs uninterrupted, guarded by the frame-count
-    check described in the module docstring).
+    check described in the module docstring). ``threads``: decoder threads (0: the
+    decoder's own choice, one per core for FFmpeg; 1 is often fastest for small clips on a
+    busy machine, and with DataLoader workers that already use every core).
     """
     if backend not in BACKENDS:
         raise unknown_name("video backend", backend, BACKENDS)
     if strategy not in STRATEGIES:
         raise unknown_name("sampling strategy", strategy, STRATEGIES)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise UserError(f"decoding threads must be an integer >= 0 (0: the decoder's own "
+                        f"choice), got {threads!r}")
     path = os.fspath(path)
     deadline = time.monotonic() + timeout_s
     _allow_frame_threads()  # before opening: FFmpeg's lines about a damaged file stay out of logs
@@ -121,7 +127,7 @@ def read_frames(
     except BaseException:
         container.close()
         raise
-    req = _Request(n, strategy, rng, allow_repeat, deadline, timeout_s)
+    req = _Request(n, strategy, rng, allow_repeat, deadline, timeout_s, threads)
     if backend == "auto":
         backend = "torchcodec" if torchcodec_problem() is None else "pyav"
     if backend == "pyav":  # decodes from the container the index came from (closes it)

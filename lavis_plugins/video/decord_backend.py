@@ -18,7 +18,7 @@ def _read_decord(index: VideoIndex, req: _Request) -> DecodedFrames:
 
     path = index.path
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0))
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=req.threads)
     except Exception as e:  # decord raises its own DECORDError / RuntimeError types
         # e.g. a file cut inside a packet: decord refuses the whole file, although the demuxer
         # indexed frames before the cut that decode

@@ -265,6 +265,8 @@ def _read_pyav(index: VideoIndex, opened, req: _Request) -> DecodedFrames:
     try:
         _allow_frame_threads()
         stream.thread_type = "AUTO"  # frame and slice threads
+        if req.threads:
+            stream.thread_count = req.threads
         decoder = _PyavDecoder(container, stream, path, req.deadline, req.timeout_s)
         available = index.num_frames
         if index.demux_error or (index.reported_frames

@@ -27,7 +27,7 @@ def torchcodec_problem() -> Optional[str]:
     return None
 
 
-def _read_torchcodec(index: VideoIndex, req: _Request, threads: int = 0) -> DecodedFrames:
+def _read_torchcodec(index: VideoIndex, req: _Request) -> DecodedFrames:
     """Decode the sampled frames with torchcodec; PyAV decodes a file torchcodec cannot open or
     whose frame count differs from the decodable count (its indices would not be trustworthy),
     and every damaged or over-reporting file (PyAV measures what decodes)."""
@@ -43,7 +43,7 @@ def _read_torchcodec(index: VideoIndex, req: _Request, threads: int = 0) -> Deco
     if index.demux_error or (index.reported_frames and index.reported_frames != index.num_frames):
         return _read_pyav(index, None, req)
     try:
-        decoder = VideoDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=threads)
+        decoder = VideoDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=req.threads)
         count = len(decoder)
     except Exception as e:  # torchcodec raises RuntimeError / ValueError from its C++ core
         logger.warning("%s: torchcodec cannot open it (%s); decoding it with PyAV", path,
