@@ -3,7 +3,7 @@
 Four evaluations of the VQA-fine-tuned model on :mod:`lavis_plugins.datasets.shapes_temporal`
 (every question about a shape visible in 3 of 24 frames): open-ended (generate, rank) and
 multiple choice (option log-likelihood), each with ``TEMPORAL_K`` uniformly sampled frames and
-with ``TEMPORAL_K`` frames chosen among all 24 by the stage-1 Q-Former's ITC similarity to the
+with ``TEMPORAL_K`` frames chosen among all 24 by the stage-1 Q-Former's ITM score against the
 question. The report shows each accuracy beside its chance level, and how often the frames the
 model read showed the asked-about shape.
 """
@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Tuple
 
 TEMPORAL_K = 2  # frames the model reads, in both rows
 CANDIDATES = 24  # frames selection chooses from (every frame of the 24-frame clips)
-SELECTOR = "itc"  # the stage-1 Q-Former's contrastive similarity
+SELECTOR = "itm"  # the stage-1 Q-Former's matching head (ITC found the shape half as often)
 # stage key -> (dataset name, selects frames)
 TEMPORAL_STAGES = {
     "temporal_uniform": ("lp_shapes_temporal_qa", False),
