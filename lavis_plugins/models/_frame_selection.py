@@ -139,13 +139,15 @@ def build_frame_selector(model: Any) -> "tuple[Any, bool]":
     from lavis_plugins.models.blip2_qformer import Blip2QformerConfig
     from lavis_plugins.models.blip2_video_qformer import LPBlip2VideoQformer
 
+    from lavis_plugins.common.safe_load import load_weights, state_dict_of
+
     cfg = model.cfg
     path = os.path.expanduser(str(cfg.selector_checkpoint))
     if not os.path.isfile(path):
         raise UserError(f"model.selector_checkpoint {path!r} is not a file; give a local stage-1 "
                         "checkpoint (.pth)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
+    what = "model.selector_checkpoint"
+    state = state_dict_of(load_weights(path, what), path, what)  # weights-only: runs no code
     if "vision_proj.weight" not in state or "query_tokens" not in state:
         raise UserError(f"model.selector_checkpoint {path!r} is not a stage-1 checkpoint (no "
                         "vision_proj / query_tokens): frame_selection itc/itm needs the stage-1 "
