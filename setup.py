@@ -48,6 +48,7 @@ setup(
         "pycocoevalcap",
         "matplotlib",
         "tqdm",
+        "webdataset",
     ],
     entry_points={"console_scripts": ["lavis-plugins=lavis_plugins_cli:main"]},
 )

@@ -70,3 +70,21 @@ def shapes_home(tmp_path_factory) -> Path:
 
     ensure_shapes_dataset()
     return home
+
+
+def run_forked(target, args_per_process, timeout: int = 300) -> None:
+    """Run ``target(*args)`` in one forked process per args tuple (LAVIS already imported in
+    them), wait for all, and fail the test if one hangs or exits non-zero."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=target, args=args) for args in args_per_process]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            pytest.fail(f"forked process did not finish in {timeout} s")
+        assert p.exitcode == 0, f"forked process exit code {p.exitcode}"

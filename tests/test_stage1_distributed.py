@@ -9,11 +9,11 @@ write them to disk for comparison.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 
-import pytest
 import torch
+
+from conftest import run_forked
 
 B = 3  # per-process batch
 CAPTIONS = ["a red circle", "a blue square on the left", "two green triangles",
@@ -63,18 +63,7 @@ def test_two_processes_equal_one_process_with_double_batch(lp, tmp_path, tiny_be
     model = lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir))
     model.eval()  # no dropout: both runs must see the same function
 
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "init"), model, str(tmp_path)))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-            pytest.fail("distributed worker did not finish in 300 s")
-        assert p.exitcode == 0, f"worker exit code {p.exitcode}"
+    run_forked(_worker, [(r, 2, str(tmp_path / "init"), model, str(tmp_path)) for r in range(2)])
 
     ref_loss, ref_grads = _itc_grads(model, _batch(0, 2 * B))
     got = torch.load(tmp_path / "dist.pt")

@@ -74,7 +74,10 @@ def load_config(cfg_path: str, options: List[str]):
         ds_type = (ds_cfg or {}).get("type", "default")
         if ds_type not in builder.DATASET_CONFIG_DICT:
             raise unknown_name(f"type of dataset {ds_name!r}", ds_type, builder.DATASET_CONFIG_DICT)
-        defaults = OmegaConf.load(builder.default_config_path(ds_type)).datasets.get(ds_name, {})
+        if hasattr(builder, "default_section"):  # a builder registered under several names
+            defaults = builder.default_section()
+        else:
+            defaults = OmegaConf.load(builder.default_config_path(ds_type)).datasets.get(ds_name, {})
         check_dataset(ds_name, ds_cfg, defaults)
     task = raw.run.get("task")
     training = not raw.run.get("evaluate", False) and raw.run.get("train_splits")

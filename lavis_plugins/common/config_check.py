@@ -79,6 +79,8 @@ RUN_KEYS: Dict[str, Key] = {
     "on_nonfinite": Key("str", choices=("stop", "skip")), "max_nonfinite_skips": POS_INT,
     "on_bad_sample": Key("str", choices=("fail", "skip")),
     "max_bad_fraction": Key("float", lo=0, hi=1),
+    # LAVIS 1.0.2's mixing ratios {dataset: ratio} (checked by lavis_plugins.runners.mixture)
+    "train_dataset_ratios": Key("any"),
     # LAVIS tasks' keys the plugin's task configs do not declare
     "k_test": POS_INT, "apply_lemmatizer": Key("bool"), "sample_id_key": Key("str"),
     # reporting (lavis_plugins/runners/reporting.py, lp_retrieval's top-k file)

@@ -56,6 +56,8 @@ class CheckpointingMixin:
             "nonfinite_skipped": self.nonfinite_skipped,
             "rng": rng_all,
             "world_size": dist_utils.get_world_size(),
+            # what a streamed train split's order depends on besides (epoch, next_iter)
+            "data": self.train_stream().state_dict() if self.train_stream() else None,
         }
         name = "checkpoint_best.pth" if is_best else (
             f"checkpoint_{cur_epoch}.pth" if done else f"checkpoint_step{self.global_step}.pth")
@@ -115,6 +117,8 @@ class CheckpointingMixin:
                                "and RNG streams differ from the original run",
                                ckpt.get("world_size"), dist_utils.get_world_size())
             unpack_rng(rng[min(dist_utils.get_rank(), len(rng) - 1)])
+        if self.train_stream() is not None:
+            self.train_stream().check_resume(ckpt.get("data"), url_or_filename)
         logger.info("resumed from %s at epoch %d, iteration %d (step %d)", url_or_filename,
                     self.start_epoch, self.start_iter, self.global_step)
 

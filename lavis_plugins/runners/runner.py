@@ -25,7 +25,9 @@ Fixed or added:
   ``nonfinite``), so no NaN reaches a checkpoint;
 - a training sample that cannot be read stops the run with its file named, or under
   ``run.on_bad_sample: skip`` is left out and counted, up to ``run.max_bad_fraction``;
-- evaluation shards samples across ranks without padding, so merged results have no duplicates.
+- evaluation shards samples across ranks without padding, so merged results have no duplicates;
+- train splits of webdataset tar shards, or of several datasets mixed by ``sample_ratio``, are
+  streamed (``mixture``, ``shard_loader``) with the same exact epochs and resume.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lavis_plugins.common import dist as dist_utils
 from lavis_plugins.common.errors import UserError, unknown_name
 from lavis_plugins.datasets.validation import BAD_SAMPLE_KEY, one_line
+from lavis_plugins.runners import mixture, shard_loader
 from lavis_plugins.runners.checkpoint_io import RunFolder
 from lavis_plugins.runners.checkpointing import CheckpointingMixin
 from lavis_plugins.runners.nonfinite import NonFiniteGuard, grad_norm
@@ -240,17 +243,23 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
     @property
     def dataloaders(self) -> dict:
         if self._dataloaders is None:
-            by_split = concat_datasets(reorg_datasets_by_split(self.datasets))
-            self.datasets = by_split
             run = self.config.run_cfg
-            loaders = {}
+            by_split = reorg_datasets_by_split(self.datasets)
+            # train splits with shard (webdataset) datasets or mixing ratios are streamed
+            # (LAVIS's concat_datasets refuses generic iterable datasets)
+            loaders = mixture.build_train_streams(
+                self.datasets, getattr(self.config, "datasets_cfg", None) or {}, by_split,
+                self.train_splits, seed=self.seed, run_cfg=run,
+                pin_memory=self.device.type == "cuda")
+            by_split = concat_datasets(by_split)
+            self.datasets = {**by_split, **{k: getattr(v, "dataset", v) for k, v in loaders.items()}}
             for split, dataset in by_split.items():
                 is_train = split in self.train_splits
                 if isinstance(dataset, (tuple, list)) or isinstance(dataset, IterableDataset):
                     raise UserError(
-                        f"split {split!r} holds an iterable (webdataset) dataset; lp_runner "
-                        "trains on map-style datasets (it needs their length for exact resume). "
-                        "Use LAVIS's runner_iter for webdataset pre-training.")
+                        f"split {split!r} holds an iterable dataset that lp_runner cannot "
+                        "partition exactly; use a map-style dataset or lp_webdataset_caption "
+                        "shards (train split only)")
                 if is_train:
                     dataset = self._seeded = SeededSamples(
                         dataset, self.seed, skip_bad=run.get("on_bad_sample", "fail") == "skip")
@@ -277,6 +286,12 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
             self._dataloaders = loaders
         return self._dataloaders
 
+    def train_stream(self) -> Optional[shard_loader.TrainStream]:
+        """The train split's loader when it is streamed (shards or a mixture), else None."""
+        split = self.train_splits[0] if self.train_splits else None
+        loader = self.dataloaders.get(split) if split else None
+        return loader if isinstance(loader, shard_loader.TrainStream) else None
+
     @property
     def iters_per_epoch(self) -> int:
         """Batches per epoch of one rank (full epoch, capped by ``run.iters_per_epoch``)."""
@@ -284,7 +299,11 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
         if split is None or split not in self.dataloaders:
             raise UserError(f"no training split: run.train_splits is {list(self.train_splits)}, "
                             f"datasets provide {sorted(self.dataloaders)}")
-        n = len(self._samplers[split]._indices()) // self.dataloaders[split].batch_size
+        loader = self.dataloaders[split]
+        if isinstance(loader, shard_loader.TrainStream):
+            n = len(loader)
+        else:
+            n = len(self._samplers[split]._indices()) // loader.batch_size
         if n == 0:
             raise UserError(f"the {split!r} split has fewer samples per process than "
                             f"run.batch_size_train; lower the batch size or add data")
@@ -397,10 +416,13 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
     def train_epoch(self, epoch: int) -> Dict[str, str]:
         self.model.train()
         loader = self.dataloaders[self.train_splits[0]]
-        sampler = self._samplers[self.train_splits[0]]
         start = self.start_iter if epoch == self.start_epoch else 0
         n_iters = self.iters_per_epoch
-        sampler.set_epoch(epoch, start * loader.batch_size)
+        if isinstance(loader, shard_loader.TrainStream):
+            data_iter = loader.epoch_batches(epoch, start)
+        else:
+            self._samplers[self.train_splits[0]].set_epoch(epoch, start * loader.batch_size)
+            data_iter = iter(loader)
         if self._seeded is not None:
             self._seeded.epoch = epoch
         accum = self.accum_grad_iters
@@ -412,7 +434,6 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
         bar = None
         if dist_utils.is_main_process():
             bar = progress(n_iters, f"train epoch {epoch}", initial=start)
-        data_iter = iter(loader)
         try:
             for i in range(start, n_iters):
                 try:
@@ -495,6 +516,8 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
             stats["nonfinite_skipped"] = str(self.nonfinite_skipped)
         if self.bad_samples:
             stats["bad_samples_skipped"] = str(self.bad_samples)
+        if isinstance(loader, shard_loader.TrainStream):
+            stats.update(loader.epoch_summary())  # this rank's data counts
         logger.info("epoch %d averaged stats: %s", epoch, stats)
         if not self.valid_splits:
             self._save_checkpoint(epoch, is_best=False, next_iter=None)

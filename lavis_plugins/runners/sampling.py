@@ -6,13 +6,12 @@ randomness, that the uninterrupted run would have seen.
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any, Iterator, List
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from lavis_plugins.common.seeding import sample_seed, seeded_global_rngs
 from lavis_plugins.datasets.validation import BAD_SAMPLE_KEY, BadSample
 
 logger = logging.getLogger(__name__)
@@ -44,12 +43,7 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, idx: int):
-        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, int(idx)]).generate_state(1)[0])
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            np.random.seed(sample_seed)
+        with seeded_global_rngs(sample_seed(self.seed, self.epoch, idx)):
             try:
                 return self.dataset[idx]
             except BadSample as e:
@@ -57,9 +51,6 @@ class SeededSamples(Dataset):
                     raise
                 logger.warning("skipping sample %d: %s", idx, e)
                 return None
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
 
     def collater(self, samples):
         """The dataset's batch of the readable samples; ``BAD_SAMPLE_KEY`` counts the others."""

@@ -11,6 +11,7 @@ from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
 
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.common.feature_cache import CachedFeatureDataset, check_feature_cache
+from lavis_plugins.datasets.webdataset_caption import ShardCaptionDataset
 
 
 @registry.register_task("lp_image_text_pretrain")
@@ -27,6 +28,10 @@ class PretrainTask(ImageTextPretrainTask):
                 continue
             if "train" not in datasets[name]:
                 raise UserError(f"dataset {name!r} has feature_cache but no train split")
+            if isinstance(datasets[name]["train"], ShardCaptionDataset):
+                raise UserError(f"dataset {name!r}: feature_cache serves map-style caption "
+                                "datasets, not shards (at web scale the cached encoder outputs "
+                                "would outgrow the images); remove feature_cache")
             datasets[name]["train"] = CachedFeatureDataset(datasets[name]["train"], cache,
                                                            encoder=None, image_size=0)
             self._caches.append(str(cache))

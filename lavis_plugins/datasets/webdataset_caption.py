@@ -1,0 +1,241 @@
+"""Image-caption pre-training data read from webdataset tar shards (img2dataset's layout).
+
+A sample is the files of one key in a tar shard::
+
+    KEY.jpg | KEY.jpeg | KEY.png | KEY.webp     the image
+    KEY.txt                                     a caption
+    KEY.json                                    metadata; "caption" (str) and/or "captions" (list)
+    KEY.captions.json                           several captions (a JSON list, e.g. CapFilt's best 2)
+
+Captions are taken from, in order: ``KEY.captions.json``, the json's ``captions`` list, the json's
+``caption`` field (``caption_key``), ``KEY.txt``. With several captions one is drawn per
+(seed, epoch, sample), so the draw is the same after a resume.
+
+Tar reading (``tar_file_expander`` + ``group_by_keys``) and image decoding
+(``autodecode.ImageHandler``) are webdataset's. :class:`ShardCaptionDataset` is an
+``IterableDataset`` that yields whole batches: the partition of the epoch over (rank, worker)
+and the bounded shuffle come from :mod:`lavis_plugins.datasets.shard_plan`, and each batch
+carries ``_data_stats`` (samples read, bad samples, and the first messages naming shard and key)
+for the runner to count, log and bound (``max_bad_fraction``).
+
+Batch: ``image`` (B', C, H, W), ``text_input`` (B' str), ``sample_key`` (B' "shard/key"), where
+B' <= B after bad samples are dropped.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from lavis_plugins.common.seeding import sample_seed, seeded_global_rngs
+from lavis_plugins.datasets.shard_plan import (
+    Segment,
+    ShardSet,
+    batches_per_rank,
+    plan_epoch,
+    window_permutation,
+    worker_role,
+)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+STATS_KEY = "_data_stats"
+MAX_MESSAGES = 5  # bad-sample messages carried per batch (the counts are always complete)
+
+
+@dataclass
+class RawSample:
+    """One sample's undecoded files (None: the shard ended or failed before this position)."""
+
+    shard: int  # index in the shard set
+    index: int  # position in the shard, in file order
+    files: Optional[Dict[str, Any]]
+    problem: str = ""  # why ``files`` is None
+
+
+class BadSample(Exception):
+    """A sample that cannot be used (message names shard and key)."""
+
+
+def read_segments(shards: ShardSet, segments: Sequence[Segment]) -> Iterator[RawSample]:
+    """The raw samples of ``segments`` in order, read with webdataset; positions a shard does not
+    deliver (truncated or damaged tar, missing file) come as ``RawSample(files=None)``."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    for seg in segments:
+        path = shards.paths[seg.shard]
+        got, problem = seg.start, ""
+        try:
+            with open(path, "rb") as fh:
+                samples = group_by_keys(tar_file_expander([{"url": path, "stream": fh}]))
+                for i, files in enumerate(samples):
+                    if i < seg.start:
+                        continue  # before this worker's part of the shard
+                    if i >= seg.stop:
+                        break
+                    yield RawSample(seg.shard, i, files)
+                    got = i + 1
+        except Exception as e:  # noqa: BLE001 - open/tarfile errors of a damaged shard
+            problem = f"{type(e).__name__}: {e}"
+        if got < seg.stop:
+            why = problem or "the shard ended early (truncated, or the index overcounts)"
+            for i in range(got, seg.stop):
+                yield RawSample(seg.shard, i, None, f"shard {path}: sample {i} unreadable: {why}")
+
+
+def sample_captions(files: Dict[str, Any], caption_key: str) -> List[str]:
+    """Every caption a sample offers (see the module doc for the order)."""
+    if "captions.json" in files:
+        caps = json.loads(files["captions.json"])
+        if isinstance(caps, list):
+            return [c for c in caps if isinstance(c, str) and c.strip()]
+    if "json" in files:
+        meta = json.loads(files["json"])
+        if isinstance(meta, dict):
+            if isinstance(meta.get("captions"), list):
+                caps = [c for c in meta["captions"] if isinstance(c, str) and c.strip()]
+                if caps:
+                    return caps
+            cap = meta.get(caption_key)
+            if isinstance(cap, str) and cap.strip():
+                return [cap]
+    if "txt" in files:
+        cap = files["txt"].decode("utf-8") if isinstance(files["txt"], bytes) else files["txt"]
+        if cap.strip():
+            return [cap]
+    return []
+
+
+class ShardCaptionDataset(IterableDataset):
+    """Image-caption batches from a shard set, partitioned over (rank, worker) per epoch.
+
+    Call :meth:`configure` (the runner does) before iterating, and :meth:`set_epoch` before each
+    epoch; ``len(dataset)`` is the number of samples in the plan.
+    """
+
+    def __init__(self, shards: ShardSet, vis_processor: Callable, text_processor: Optional[Callable],
+                 caption_key: str = "caption", shuffle_buffer: int = 1000,
+                 max_bad_fraction: float = 0.01, name: str = "shards") -> None:
+        self.shards = shards
+        self.vis_processor = vis_processor
+        self.text_processor = text_processor
+        self.caption_key = caption_key
+        self.shuffle_buffer = max(int(shuffle_buffer), 1)
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.name = name
+        self.seed, self.rank, self.world_size = 0, 0, 1
+        self.batch_size, self.num_workers = 1, 0
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return self.shards.total
+
+    def configure(self, *, seed: int, rank: int, world_size: int, batch_size: int,
+                  num_workers: int) -> None:
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch to read, skipping the rank's first ``start_batch`` batches (resume)."""
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def batches_per_epoch(self) -> int:
+        """Batches each rank gets per epoch (the same for every rank)."""
+        return batches_per_rank(self.shards.total, self.world_size, self.batch_size)
+
+    # ------------------------------------------------------------------ decoding
+    def _decode(self, raw: RawSample) -> Dict[str, Any]:
+        path = self.shards.paths[raw.shard]
+        if raw.files is None:
+            raise BadSample(raw.problem)
+        key = raw.files.get("__key__", f"#{raw.index}")
+        where = f"shard {os.path.basename(path)} key {key}"
+        try:
+            captions = sample_captions(raw.files, self.caption_key)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadSample(f"{where}: unreadable caption file ({e})") from None
+        if not captions:
+            raise BadSample(f"{where}: no caption (needs .txt, .json with "
+                            f"{self.caption_key!r} or .captions.json)")
+        ext = next((e for e in IMAGE_EXTENSIONS if e in raw.files), None)
+        if ext is None:
+            raise BadSample(f"{where}: no image (.{'/.'.join(IMAGE_EXTENSIONS)})")
+        from webdataset.autodecode import ImageHandler
+
+        try:
+            image = ImageHandler("pilrgb")(ext, raw.files[ext])
+        except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
+            raise BadSample(f"{where}: corrupt image ({type(e).__name__}: {e})") from None
+        # the caption draw and the augmentation depend on (seed, epoch, sample) only
+        seed = sample_seed(self.seed, self.epoch, raw.shard, raw.index)
+        with seeded_global_rngs(seed):
+            image = self.vis_processor(image)
+        # a second stream of the same seed, so the draw does not depend on the processor's
+        caption = captions[int(np.random.default_rng([seed, 1]).integers(len(captions)))
+                           if len(captions) > 1 else 0]
+        if self.text_processor is not None:
+            caption = self.text_processor(caption)
+        return {"image": image, "text_input": caption,
+                "sample_key": f"{os.path.basename(path)}/{key}"}
+
+    def collate(self, samples: List[Dict[str, Any]], stats: Dict[str, Any]) -> Dict[str, Any]:
+        batch: Dict[str, Any] = {STATS_KEY: stats}
+        if samples:
+            batch["image"] = torch.stack([s["image"] for s in samples])
+            batch["text_input"] = [s["text_input"] for s in samples]
+            batch["sample_key"] = [s["sample_key"] for s in samples]
+        return batch
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        info = get_worker_info()
+        worker_id = info.id if info is not None else 0
+        nw = max(self.num_workers, 1)
+        role, done = worker_role(worker_id, nw, self.start_batch)
+        plan = plan_epoch(self.shards.sizes, self.seed, self.epoch, self.rank, self.world_size,
+                          role, nw, self.batch_size)
+        bsz, window = self.batch_size, self.shuffle_buffer
+        length = plan.batches * bsz
+        out_pos = done * bsz  # first position of this run still to yield
+        if out_pos >= length:
+            return
+        first_window = out_pos // window
+        stream = read_segments(self.shards, _skip_segments(plan.segments, first_window * window))
+        pending: List[RawSample] = []
+        for w in range(first_window, (length + window - 1) // window):
+            n = min(window, length - w * window)
+            raws = [next(stream) for _ in range(n)]
+            perm = window_permutation(self.seed, self.epoch, self.rank, role, w, n)
+            for j in perm[max(out_pos - w * window, 0):]:
+                pending.append(raws[int(j)])
+                if len(pending) == bsz:
+                    yield self._batch(pending)
+                    pending = []
+
+    def _batch(self, raws: List[RawSample]) -> Dict[str, Any]:
+        samples, messages, bad = [], [], 0
+        for raw in raws:
+            try:
+                samples.append(self._decode(raw))
+            except BadSample as e:
+                bad += 1
+                if len(messages) < MAX_MESSAGES:
+                    messages.append(str(e))
+        return self.collate(samples, {"seen": len(raws), "bad": bad, "messages": messages})
+
+
+def _skip_segments(segments: Sequence[Segment], skip: int) -> List[Segment]:
+    """``segments`` without their first ``skip`` samples (whole segments are dropped unread)."""
+    out = []
+    for seg in segments:
+        n = seg.stop - seg.start
+        if skip >= n:
+            skip -= n
+            continue
+        out.append(Segment(seg.shard, seg.start + skip, seg.stop))
+        skip = 0
+    return out

@@ -1,0 +1,130 @@
+"""The runner's side of shard (webdataset) training data: epochs, resume, bad-data accounting.
+
+``lp_runner`` hands a train split that holds a :class:`ShardCaptionDataset` to
+:class:`ShardTrainLoader`, which
+
+- configures the dataset's partition for this process (rank, world size, batch size, workers),
+  so every rank runs ``len(loader)`` steps per epoch;
+- starts each epoch at a given batch (resume in the middle of an epoch): the dataset's workers
+  skip what was consumed without decoding it, so the batches after a resume are the
+  uninterrupted run's;
+- counts the bad samples each batch reports, logs the first messages (naming shard and key),
+  and stops the run with a ``UserError`` when an epoch's bad samples pass ``max_bad_fraction``
+  of its samples, or a whole batch is bad;
+- describes the data position's context for the checkpoint (world size, workers, batch size,
+  shard-set fingerprint) and warns when a resume changes it (the order would differ).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from lavis_plugins.common import dist as dist_utils
+from lavis_plugins.common.errors import UserError
+from lavis_plugins.datasets.webdataset_caption import STATS_KEY, ShardCaptionDataset
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGGED_PER_EPOCH = 20  # bad-sample warnings per epoch and rank (all are counted)
+
+
+class TrainStream:
+    """A train split's batches for one rank, epoch by epoch, resumable at any batch: what
+    ``lp_runner`` reads when the split is not one plain map-style dataset."""
+
+    batch_size: int
+
+    def __len__(self) -> int:  # batches per epoch of this rank (equal on every rank)
+        raise NotImplementedError
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Dict[str, Any]]:
+        raise NotImplementedError
+
+    def epoch_summary(self) -> Dict[str, str]:
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def check_resume(self, state: Optional[Dict[str, Any]], path: str) -> None:
+        """Warn when a resume changes what the data order depends on."""
+        if not state:
+            return
+        mine = self.state_dict()
+        changed = [k for k in mine if state.get(k) != mine[k]]
+        if changed:
+            logger.warning("resuming %s with a different %s (%s -> %s): the data order after "
+                           "the resume differs from the original run's", path,
+                           ", ".join(changed), [state.get(k) for k in changed],
+                           [mine[k] for k in changed])
+
+
+class ShardTrainLoader(TrainStream):
+    """Batches of a shard dataset for one rank, epoch by epoch."""
+
+    def __init__(self, dataset: ShardCaptionDataset, *, seed: int, batch_size: int,
+                 num_workers: int, pin_memory: bool = False) -> None:
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = pin_memory
+        self.seed = int(seed)
+        dataset.configure(seed=seed, rank=dist_utils.get_rank(),
+                          world_size=dist_utils.get_world_size(), batch_size=batch_size,
+                          num_workers=num_workers)
+        if len(self) == 0:
+            raise UserError(
+                f"dataset {dataset.name!r}: {dataset.shards.total} samples cannot fill one batch "
+                f"of {batch_size} on each of {dist_utils.get_world_size()} process(es); lower "
+                "run.batch_size_train or add shards")
+        self.seen = self.bad = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch of this rank (every rank has the same number)."""
+        return self.dataset.batches_per_epoch()
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Dict[str, Any]]:
+        """The rank's batches of ``epoch`` from batch ``start`` on."""
+        self.dataset.set_epoch(epoch, start)
+        self.seen = self.bad = 0
+        allowance = self.dataset.max_bad_fraction * len(self) * self.batch_size
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, persistent_workers=False,
+                            # its own generator: making an iterator must not draw from the global
+                            # RNG (that would shift dropout between a run and its resume)
+                            generator=torch.Generator().manual_seed(self.seed))
+        logged = 0
+        for i, batch in enumerate(loader, start):
+            stats = batch.pop(STATS_KEY)
+            self.seen += stats["seen"]
+            self.bad += stats["bad"]
+            for msg in stats["messages"]:
+                if logged < MAX_LOGGED_PER_EPOCH:
+                    logger.warning("%s: skipped a bad sample: %s", self.dataset.name, msg)
+                    logged += 1
+            if self.bad > allowance:
+                raise UserError(
+                    f"dataset {self.dataset.name!r}: {self.bad} bad samples in epoch {epoch} on "
+                    f"rank {dist_utils.get_rank()}, more than max_bad_fraction="
+                    f"{self.dataset.max_bad_fraction} of its {len(self) * self.batch_size} "
+                    f"(last: {(stats['messages'] or ['?'])[-1]}); fix or drop the shards, or "
+                    "raise max_bad_fraction")
+            if "image" not in batch:
+                raise UserError(
+                    f"dataset {self.dataset.name!r}: every sample of batch {i} of epoch {epoch} "
+                    f"is bad ({stats['messages'][0]}); the shards are badly damaged there")
+            yield batch
+
+    def epoch_summary(self) -> Dict[str, str]:
+        """Counts of the epoch so far, for the log (this rank)."""
+        return {"data_samples": str(self.seen), "data_bad": str(self.bad),
+                "data_bad_shards_at_build": str(self.dataset.shards.bad)}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What the data order of a checkpoint depends on, besides (epoch, batch)."""
+        return {"kind": "shards", "world_size": dist_utils.get_world_size(),
+                "num_workers": self.num_workers, "batch_size": self.batch_size,
+                "shard_set": self.dataset.shards.fingerprint()}
