@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lavis_plugins.common.seeding import sample_seed, seeded_global_rngs
+from lavis_plugins.datasets.validation import BadSample  # message names shard and key
 from lavis_plugins.datasets.shard_plan import (
     Segment,
     ShardSet,
@@ -55,10 +56,6 @@ class RawSample:
     index: int  # position in the shard, in file order
     files: Optional[Dict[str, Any]]
     problem: str = ""  # why ``files`` is None
-
-
-class BadSample(Exception):
-    """A sample that cannot be used (message names shard and key)."""
 
 
 def read_segments(shards: ShardSet, segments: Sequence[Segment]) -> Iterator[RawSample]:
