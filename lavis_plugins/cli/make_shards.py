@@ -98,9 +98,9 @@ def make_shards(ann: str | Path, images: str | Path, out: str | Path, shard_size
     written: List[str] = []
     it = samples
     if progress:
-        from tqdm.auto import tqdm
+        from lavis_plugins.common.progress import track
 
-        it = tqdm(samples, desc=f"writing shards to {out}", unit="sample")
+        it = track(samples, len(samples), f"writing shards to {out}", unit="sample")
     try:
         with wds.ShardWriter(str(tmp / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0,
                              mtime=0, post=written.append) as sink:

@@ -176,9 +176,9 @@ def load_shard_set(paths: Sequence[str], what: str, progress: bool = True) -> Sh
     if to_count:
         it = to_count
         if progress and len(to_count) > 1:
-            from tqdm.auto import tqdm
+            from lavis_plugins.common.progress import track
 
-            it = tqdm(to_count, desc=f"counting samples of {len(to_count)} shards", unit="shard")
+            it = track(to_count, len(to_count), "counting shard samples", unit="shard")
         counted = {}
         for p, entry in it:
             n, err = count_shard_samples(p)
