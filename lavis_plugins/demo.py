@@ -10,6 +10,8 @@ Every stage is a shipped ``projects/demo/*.yaml`` run through the same entry poi
                      webdataset tar shards that ``lavis-plugins make-shards`` writes from the
                      dataset's caption file (the web-scale path, at toy size);
 3. ``retrieval``     image-text retrieval with the stage-1 model (ITC top-k, ITM re-rank): R@1;
+   ``zeroshot_cls``  zero-shot colour+shape classification of the one-shape test images with the
+                     stage-1 model (CLIP's prompt ensembling on ITC, ITM re-rank): top-1;
 4. ``stage2``        BLIP-2 stage 2: Q-Former (from stage 1) -> projection -> the frozen LLM, LM loss
                      on captions;
 5. ``caption``       captioning with the stage-2 model: CIDEr;
@@ -89,6 +91,8 @@ STAGES: Tuple[Stage, ...] = (
           "stage1.yaml", False),
     Stage("retrieval", "evaluate image-text retrieval (stage-1 model)",
           "retrieval_eval.yaml", True),
+    Stage("zeroshot_cls", "evaluate zero-shot colour+shape classification (stage-1 model)",
+          "zeroshot_cls_eval.yaml", True),
     Stage("stage2", "BLIP-2 stage 2: generative learning with the frozen LLM",
           "stage2.yaml", False),
     Stage("caption", "evaluate captioning (stage-2 model)", "caption_eval.yaml", True),
@@ -410,6 +414,10 @@ def stage_options(key: str, ctx: DemoContext) -> List[str]:
     if key == "retrieval":
         return common + [f"model.bert_path={ctx.bert_dir}", f"model.finetuned={ctx.ckpt('stage1')}",
                          "model.load_finetuned=True"]
+    if key == "zeroshot_cls":
+        return common + [f"model.bert_path={ctx.bert_dir}", f"model.finetuned={ctx.ckpt('stage1')}",
+                         "model.load_finetuned=True",
+                         f"datasets.lp_imagefolder.build_info.splits.test={zeroshot_folder(ctx)}"]
     # every stage-2 model starts from the stage-1 checkpoint (Q-Former, and the image encoder
     # stage 1 trained), then loads its own weights on top
     llm = [f"model.bert_path={ctx.bert_dir}", f"model.opt_model={ctx.llm_dir}",
@@ -474,6 +482,10 @@ def metric_rows(ctx: DemoContext) -> Tuple[List[MetricRow], List[str]]:
         rows.append(MetricRow("retrieval image->text R@1 (%)", float(m["txt_r1"]),
                               chance["txt_r1"], "random ranking: an image's captions / all "
                                                 "test captions"))
+    if "zeroshot_cls" in res:
+        row, note = zeroshot_row(ctx)
+        rows.append(row)
+        notes.append(note)
     if "caption" in res:
         chance = caption_chance(_load_json(ann / "caption_train.json"),
                                 _load_json(ann / "caption_test.json"))
@@ -504,6 +516,39 @@ def metric_rows(ctx: DemoContext) -> Tuple[List[MetricRow], List[str]]:
 
     more_rows, more_notes = temporal_rows(res, MetricRow, qa_chance)
     return rows + more_rows, notes + more_notes
+
+
+def zeroshot_folder(ctx: DemoContext) -> Path:
+    """The zero-shot classification test folder (one-shape test images by colour_shape)."""
+    return ctx.out / "zeroshot_data" / "test"
+
+
+def prepare_zeroshot(ctx: DemoContext) -> None:
+    """Sort the one-shape test images into class folders for the zero-shot stage."""
+    from lavis_plugins.demo_zeroshot import make_zeroshot_folder
+
+    make_zeroshot_folder(zeroshot_folder(ctx).parent, "test", ("color", "shape"), ctx.data_root)
+
+
+def zeroshot_row(ctx: DemoContext) -> Tuple[MetricRow, str]:
+    """The zero-shot classification row (top-1 beside the best constant guess) and a note with
+    the colour and shape accuracies of its predictions."""
+    from lavis_plugins.demo_zeroshot import attribute_accuracies, class_counts, majority_chance
+
+    folder = zeroshot_folder(ctx)
+    counts = class_counts(folder)
+    res = ctx.results["zeroshot_cls"]
+    row = MetricRow("zero-shot colour+shape classification top-1 (%)",
+                    float(res.metrics["top1"]), majority_chance(folder),
+                    f"majority class: the largest of {len(counts)} classes among "
+                    f"{sum(counts.values())} one-shape test images (uniform guessing: "
+                    f"{100 / len(counts):.1f}%)")
+    files = sorted((res.job_dir / "result").glob("test_zeroshot_*.jsonl"))
+    acc = attribute_accuracies(files[0]) if files else {}
+    note = (f"zero-shot classification: colour right in {acc.get('word 1', float('nan')):.1f}% "
+            f"(chance 1/6), shape right in {acc.get('word 2', float('nan')):.1f}% (chance 1/3) "
+            "of the test images; confusion matrix in the stage's result folder")
+    return row, note
 
 
 def video_example_records(ctx: DemoContext, k: int = N_VIDEO_EXAMPLES) -> List[Dict[str, Any]]:
@@ -566,6 +611,8 @@ def _run_demo(out: Path, force: bool, options: Optional[Mapping[str, Sequence[st
     todo = [s for s in STAGES if s.key in stages]
     for i, stage in enumerate(todo, 1):
         _header(i, len(todo), stage, t0)
+        if stage.key == "zeroshot_cls":
+            prepare_zeroshot(ctx)
         ctx.results[stage.key] = run_stage(stage, ctx, options.get(stage.key, ()))
         if stage.key == "text_lm":
             export_llm(ctx)

@@ -12,7 +12,7 @@ from lavis_plugins.common.errors import UserError
 
 DEMO_YAMLS = ["text_lm.yaml", "stage1.yaml", "stage2.yaml", "vqa_ft.yaml", "retrieval_eval.yaml",
               "caption_eval.yaml", "video_qa_zeroshot.yaml", "video_temporal.yaml",
-              "video_temporal_mc.yaml"]
+              "video_temporal_mc.yaml", "zeroshot_cls_eval.yaml"]
 
 
 # ------------------------------------------------------------------------------- YAMLs
@@ -31,7 +31,7 @@ def test_every_stage_yaml_is_shipped_and_opens_with_its_launch_command(lp):
 @pytest.mark.parametrize("stage_key", ["text_lm", "stage1", "stage2", "caption", "vqa_ft", "vqa",
                                        "retrieval", "video_qa", "temporal_uniform",
                                        "temporal_select", "temporal_mc_uniform",
-                                       "temporal_mc_select"])
+                                       "temporal_mc_select", "zeroshot_cls"])
 def test_stage_yaml_passes_the_cli_config_checks(lp, stage_key, tmp_path):
     """Every name the YAML uses is registered and every option the demo adds is accepted."""
     from lavis_plugins import cli, demo
@@ -332,7 +332,8 @@ def test_demo_reaches_3x_chance_on_every_metric(lp, tmp_path):
 
     report, rows = demo.run_demo(tmp_path / "demo")
     names = " ".join(r.name for r in rows)
-    for what in ("retrieval", "captioning CIDEr", "image VQA", "video QA"):
+    for what in ("retrieval", "zero-shot colour+shape", "captioning CIDEr", "image VQA",
+                 "video QA"):
         assert what in names
     for r in rows:
         if r.comparison:  # the temporal split's uniform vs selected rows: measured, shown

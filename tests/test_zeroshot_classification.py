@@ -1,0 +1,220 @@
+"""lp_zeroshot_classification through the CLI on a tiny ImageFolder: the prompt-ensembled ITC
+classifier equals scoring each class prompt one by one, ITM re-ranking equals ITC + the mean ITM
+logit of each prompt, the metrics and files are written, and bad input is one clear line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lavis_plugins import cli
+from lavis_plugins.common.errors import UserError
+
+CLASSES = ["red_circle", "blue_square", "green_triangle"]
+TEMPLATES = ["a {}", "a photo of a {}.", "there is a {} on the left"]
+
+
+def _png(path: Path, seed: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imagefolder") / "test"
+    for c, name in enumerate(CLASSES):
+        for j in range(2):
+            _png(root / name / f"{j}.png", 10 * c + j)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_and_ckpt(lp, tiny_bert_dir, tmp_path_factory):
+    torch.manual_seed(0)
+    model, vis, _ = lp.load_model_and_preprocess("lp_blip2_qformer", "tiny", is_eval=True,
+                                                 bert_path=str(tiny_bert_dir))
+    with torch.no_grad():  # away from init, so images and prompts score differently
+        for name, p in model.named_parameters():
+            if name != "temp":
+                p.add_(torch.randn_like(p) * 0.2)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return model, vis["eval"], path
+
+
+def _yaml(tmp_path: Path, bert: Path, ckpt: Path, split_dir: Path, **run) -> Path:
+    run = {"templates": TEMPLATES, "itm_rerank_k": 0, **run}
+    text = f"""# lavis-plugins evaluate --cfg-path {tmp_path}/zs.yaml
+model:
+  arch: lp_blip2_qformer
+  model_type: tiny
+  bert_path: {bert}
+  load_finetuned: True
+  finetuned: {ckpt}
+datasets:
+  lp_imagefolder:
+    build_info:
+      splits:
+        test: {split_dir}
+    vis_processor:
+      eval:
+        name: blip_image_eval
+        image_size: 32
+run:
+  task: lp_zeroshot_classification
+  runner: lp_runner
+  batch_size_train: 4
+  batch_size_eval: 4
+  num_workers: 0
+  device: cpu
+  output_dir: {tmp_path}/out
+  evaluate: True
+  test_splits: ["test"]
+""" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in run.items())
+    path = tmp_path / "zs.yaml"
+    path.write_text(text)
+    return path
+
+
+def _evaluate(tmp_path, yaml: Path, job: str = "zs"):
+    runner, result = cli.run(str(yaml), [], evaluate_only=True, job_id=job)
+    result_dir = Path(runner.output_dir) / "result"
+    recs = [json.loads(line) for line in
+            (result_dir / "test_zeroshot_best.jsonl").read_text().splitlines()]
+    return result["test"], recs, result_dir
+
+
+def _one_by_one(model, image, classnames, templates, itm: bool):
+    """Reference: each prompt encoded alone through extract_features, ITM per prompt."""
+    img = model.extract_features({"image": image[None]}, mode="image").image_embeds_proj[0]
+    scores = []
+    for c in classnames:
+        feats = [model.extract_features({"text_input": [t.format(c)]}, mode="text")
+                 .text_embeds_proj[0, 0] for t in templates]
+        w = torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1)
+        score = (img @ w).max()
+        if itm:
+            embeds = model.encode_image(image[None])
+            s = []
+            for t in templates:
+                tok = model.tokenize([t.format(c)])
+                s.append(model.compute_itm(embeds, tok.input_ids, tok.attention_mask)[0])
+            score = score + torch.stack(s).mean()
+        scores.append(float(score))
+    return scores
+
+
+@pytest.mark.parametrize("rerank_k", [0, 2])
+def test_classifier_equals_scoring_each_class_prompt_one_by_one(model_and_ckpt, folder, tmp_path,
+                                                                tiny_bert_dir, rerank_k):
+    from PIL import Image
+
+    model, vis, ckpt = model_and_ckpt
+    metrics, recs, result_dir = _evaluate(
+        tmp_path, _yaml(tmp_path, tiny_bert_dir, ckpt, folder, itm_rerank_k=rerank_k))
+    names = [c.replace("_", " ") for c in sorted(CLASSES)]
+    assert len(recs) == 6
+    with torch.no_grad():
+        for rec in recs:
+            ref = _one_by_one(model, vis(Image.open(rec["image"]).convert("RGB")), names,
+                              TEMPLATES, itm=False)
+            if rerank_k:  # the top-k by ITC get ITC + mean ITM; the rest stay below them
+                top = np.argsort(ref)[::-1][:rerank_k]
+                full = _one_by_one(model, vis(Image.open(rec["image"]).convert("RGB")), names,
+                                   TEMPLATES, itm=True)
+                ref = [full[c] if c in top else ref[c] - 1e4 for c in range(len(names))]
+            order = list(np.argsort(ref)[::-1])
+            assert rec["top5"] == [names[c] for c in order]
+            np.testing.assert_allclose(rec["scores"], [ref[c] for c in order], atol=2e-4)
+            assert rec["label"] == Path(rec["image"]).parent.name.replace("_", " ")
+    # metrics equal the results file's
+    top1 = 100 * np.mean([r["correct"] for r in recs])
+    assert metrics["top1"] == pytest.approx(top1) and metrics["agg_metrics"] == metrics["top1"]
+    assert metrics["top5"] == 100.0  # 3 classes: always among the best 5
+    assert set(metrics["per_class"]) == set(names)
+    assert (result_dir / "test_zeroshot_best_confusion.png").is_file()
+    assert json.loads((result_dir / "test_zeroshot_best_metrics.json").read_text())["top1"] \
+        == pytest.approx(top1)
+
+
+def test_metrics_and_confusion_matrix():
+    from lavis_plugins.tasks.zeroshot_classification import (
+        classification_metrics,
+        confusion_matrix,
+    )
+
+    labels = np.array([0, 0, 1, 2])
+    topk = np.array([[0, 1], [1, 0], [1, 2], [0, 2]])
+    m = classification_metrics(labels, topk, ["a", "b", "c"])
+    assert m["top1"] == 50.0 and m["top5"] == 100.0
+    assert m["per_class"] == {"a": 50.0, "b": 100.0, "c": 0.0}
+    assert m["mean_per_class"] == pytest.approx(50.0)
+    assert confusion_matrix(labels, topk[:, 0], 3).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+
+
+def test_template_sets_and_annotation_file(tmp_path, folder, lp):
+    from lavis_plugins.datasets.imagefolder import read_annotation_file, readable_names
+    from lavis_plugins.tasks.zeroshot_templates import TEMPLATE_SETS, resolve_templates
+
+    assert len(TEMPLATE_SETS["imagenet80"]) == len(set(TEMPLATE_SETS["imagenet80"])) == 80
+    assert resolve_templates("short") == list(TEMPLATE_SETS["short"])
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps([{"image": str(folder / "red_circle" / "0.png"), "label": "b"},
+                               {"image": str(folder / "blue_square" / "0.png"), "label": "a"}]))
+    classes, samples = read_annotation_file(ann, None, "x")
+    assert classes == ["a", "b"] and samples[0][1] == 1
+    assert readable_names(["n01", "n02"], {"n01": "tench", "n02": "goldfish"}, "x") == \
+        ["tench", "goldfish"]
+
+
+def _bad_cases(tmp_path: Path, folder: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_images = tmp_path / "no_images"
+    (no_images / "cat").mkdir(parents=True)
+    (no_images / "cat" / "notes.txt").write_text("x")
+    other = tmp_path / "other"
+    _png(other / "dog" / "0.png", 0)
+    return [
+        ({}, {"test": empty}, "has no class sub-folders"),
+        ({}, {"test": no_images}, "holds no images"),
+        ({}, {"test": tmp_path / "missing"}, "is not a folder"),
+        ({}, {"test": folder, "train": other}, "splits must hold the same classes"),
+        ({}, {"dev": folder}, "unknown split"),
+        ({"templates": "imagenet81"}, {"test": folder}, "Did you mean: imagenet80"),
+        ({"templates": ["a photo"]}, {"test": folder}, "exactly one {}"),
+        ({"templates": []}, {"test": folder}, "non-empty list"),
+        ({"itm_rerank_k": -1}, {"test": folder}, "run.itm_rerank_k must be a whole number"),
+        ({"confusion_max_classes": "many"}, {"test": folder}, "run.confusion_max_classes"),
+        ({"class_names": {"red_circle": "red circle"}}, {"test": folder}, "no name for class"),
+    ]
+
+
+def test_bad_input_is_one_clear_line(tmp_path, folder, tiny_bert_dir, model_and_ckpt, capsys):
+    _, _, ckpt = model_and_ckpt
+    for i, (run, splits, expect) in enumerate(_bad_cases(tmp_path, folder)):
+        class_names = run.pop("class_names", None)
+        yaml = _yaml(tmp_path, tiny_bert_dir, ckpt, folder, **run)
+        text = yaml.read_text().replace(f"        test: {folder}\n", "".join(
+            f"        {k}: {v}\n" for k, v in splits.items()))
+        if class_names:
+            text = text.replace("      splits:", f"      class_names: {json.dumps(class_names)}\n"
+                                                  "      splits:")
+        yaml.write_text(text)
+        rc = cli.main(["evaluate", "--cfg-path", str(yaml), "--job-id", f"bad{i}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, (expect, err)
+        assert len(err) == 1 and expect in err[0], (expect, err)
+
+
+def test_empty_classnames_are_refused(model_and_ckpt):
+    from lavis_plugins.tasks.zeroshot_classification import class_weights
+
+    with pytest.raises(UserError, match="at least one class"):
+        class_weights(model_and_ckpt[0], [], TEMPLATES)
