@@ -11,7 +11,7 @@ Every stage is a shipped ``projects/demo/*.yaml`` run through the same entry poi
                      dataset's caption file (the web-scale path, at toy size);
 3. ``retrieval``     image-text retrieval with the stage-1 model (ITC top-k, ITM re-rank): R@1;
    ``zeroshot_cls``  zero-shot colour+shape classification of the one-shape test images with the
-                     stage-1 model (CLIP's prompt ensembling on ITC, ITM re-rank): top-1;
+                     stage-1 model (CLIP's prompt ensembling on ITC): top-1;
 4. ``stage2``        BLIP-2 stage 2: Q-Former (from stage 1) -> projection -> the frozen LLM, LM loss
                      on captions;
 5. ``caption``       captioning with the stage-2 model: CIDEr;
