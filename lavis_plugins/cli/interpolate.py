@@ -86,8 +86,19 @@ def read_weights(path: str | Path, what: str):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {str(path)!r} is not a file")
+    import numpy as np
+
+    # runner checkpoints hold numpy RNG state: numpy arrays rebuild plain data, nothing else is
+    # allowed beyond torch's weights-only set
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        multiarray = np._core.multiarray  # numpy 2
+    except AttributeError:
+        multiarray = np.core.multiarray
+    allowed = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("u4")),
+               type(np.dtype("f8")), type(np.dtype("i8"))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
         raise UserError(f"cannot read {what} {path} as weights only: "
                         f"{str(e).splitlines()[0]}") from e

@@ -174,8 +174,10 @@ def load_pth(url_or_path: str) -> Dict[str, torch.Tensor]:
     return state_dict_of(load_weights(url_or_path, "checkpoint"), url_or_path, "checkpoint")
 
 
-# stage-1 keys that no stage-2 model has a module for: the LM head and the ITC/ITM heads
-_STAGE1_HEADS = re.compile(r"^(Qformer\.cls\.|vision_proj\.|text_proj\.|itm_head\.|temp$)")
+# stage-1 keys that no stage-2 model has a module for: the LM head, the ITC/ITM heads and the
+# momentum (EMA) model of the momentum_distill option
+_STAGE1_HEADS = re.compile(
+    r"^(Qformer\.cls\.|vision_proj\.|text_proj\.|itm_head\.|temp$|momentum_model\.)")
 # the Q-Former's text branch, which stage 2 keeps only with qformer_text_input
 _QFORMER_TEXT_BRANCH = re.compile(
     r"^Qformer\.bert\.(embeddings\.(word_embeddings|position_embeddings)\.|"

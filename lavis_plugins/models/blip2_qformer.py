@@ -39,7 +39,9 @@ from lavis_plugins.common.local_files import check_checkpoint_source, local_chec
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
 from lavis_plugins.models.arch_check import describe_mismatch, mismatch_message
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig, resolve_bert_path
+from lavis_plugins.models.momentum import ramped_alpha
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
+from lavis_plugins.models.stage1_losses import cyclip_losses, distill_cross_entropy
 from lavis_plugins.paths import config_path
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,13 @@ class Blip2QformerConfig:
     pretrained: str = ""  # local LAVIS-format .pth ({"model": state_dict} or a state dict)
     load_finetuned: bool = False  # after building, load `finetuned` (instead of `pretrained`)
     finetuned: str = ""  # local LAVIS-format .pth
+    # options from the survey (README "Stage-1 options"), off by default; paper defaults
+    cyclip: bool = False  # add CyCLIP's cyclic consistency terms to the loss
+    cyclip_inmodal_weight: float = 0.25  # CyCLIP's lambda_1: image-image vs text-text
+    cyclip_crossmodal_weight: float = 0.25  # CyCLIP's lambda_2: image-text vs text-image
+    momentum_distill: bool = False  # ALBEF: ITC and ITG targets mixed with an EMA model's
+    momentum: float = 0.995  # EMA factor of the momentum model (ALBEF's)
+    distill_alpha: float = 0.4  # weight of the momentum targets, ramped up over the 1st epoch
 
     # keys of a LAVIS model config that are bookkeeping, not settings
     LAVIS_KEYS = ("arch", "model_type")
@@ -89,6 +98,22 @@ class Blip2QformerConfig:
             values["tiny_vit"] = TinyVitConfig.from_any(values["tiny_vit"])
         return cls(**values)
 
+    def check_options(self) -> None:
+        """The survey options' values; a bad one is a ``UserError`` naming the key."""
+        for key in ("cyclip", "momentum_distill"):
+            if not isinstance(getattr(self, key), bool):
+                raise UserError(f"lp_blip2_qformer: {key} must be true or false, got "
+                                f"{getattr(self, key)!r}")
+        ranges = {"cyclip_inmodal_weight": (0.0, None), "cyclip_crossmodal_weight": (0.0, None),
+                  "momentum": (0.0, 1.0), "distill_alpha": (0.0, 1.0)}
+        for key, (lo, hi) in ranges.items():
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (
+                    hi is not None and v > hi) or (key == "momentum" and v >= 1.0):
+                raise UserError(f"lp_blip2_qformer: {key} = {v!r} is out of range: it must be a "
+                                f"number >= {lo}" + (f" and {'<' if key == 'momentum' else '<='}"
+                                                     f" {hi}" if hi is not None else ""))
+
 
 @dataclass
 class Blip2Stage1Output(ModelOutput):
@@ -98,6 +123,9 @@ class Blip2Stage1Output(ModelOutput):
     loss_itc: Optional[Tensor] = None  # image-text contrastive
     loss_itm: Optional[Tensor] = None  # image-text matching (1 positive, 2 hard negatives per pair)
     loss_itg: Optional[Tensor] = None  # image-grounded text generation (LAVIS's loss_lm)
+    # option cyclip: CyCLIP's terms (unweighted; the loss adds them times their weights)
+    loss_cyclip_inmodal: Optional[Tensor] = None
+    loss_cyclip_crossmodal: Optional[Tensor] = None
     acc_itc: Optional[Tensor] = None  # image->text top-1 over the (global) batch
     acc_itm: Optional[Tensor] = None  # matched / not matched, over the 3B ITM pairs
 
@@ -112,6 +140,19 @@ class ItcResult(NamedTuple):
     sim_i2t: Tensor  # (B, W*B) local images vs all texts, divided by the temperature
     sim_t2i: Tensor  # (B, W*B) local texts vs all images
     acc: Tensor
+    cos_i2t: Tensor  # (B, W*B) sim_i2t before the temperature (cosine, max over queries)
+    cos_t2i: Tensor  # (B, W*B)
+    image_feats_all: Tensor  # (W*B, Nq, E) every rank's normalised query features
+    text_feat_all: Tensor  # (W*B, E) every rank's normalised text features
+
+
+class Teacher(NamedTuple):
+    """The momentum model's soft targets (option momentum_distill); no gradients."""
+
+    alpha: Tensor  # 0-dim distillation weight (ramped)
+    i2t: Tensor  # (B, W*B) softmax of its image-to-text similarities
+    t2i: Tensor  # (B, W*B) softmax of its text-to-image similarities
+    itg: Tensor  # (M, V) softmax of its next-token logits at the M labelled positions
 
 
 def _gather_with_grad(x: Tensor) -> Tensor:
@@ -189,6 +230,16 @@ class LPBlip2Qformer(LPBlip2Base):
         self.itm_head = nn.Linear(d, 2)
         self.temp = nn.Parameter(0.07 * torch.ones([]))
         self.max_txt_len = cfg.max_txt_len
+        cfg.check_options()
+        if cfg.momentum_distill:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            from lavis_plugins.models.momentum import MomentumModel
+
+            self.momentum_model = MomentumModel(self, cfg.momentum)
+            # each rank updates its EMA copy identically: DDP need not broadcast it every step
+            DDP._set_params_and_buffers_to_ignore_for_model(
+                self, self.momentum_model.buffer_names("momentum_model"))
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "LPBlip2Qformer":
@@ -271,28 +322,73 @@ class LPBlip2Qformer(LPBlip2Base):
         image_feats = F.normalize(self.vision_proj(query_hidden), dim=-1)  # (B, Nq, E)
         text_feat = F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)  # (B, E) from [CLS]
 
-        itc = self._itc_loss(image_feats, text_feat)
+        teacher = None
+        if self.cfg.momentum_distill and self.training:
+            teacher = self._momentum_targets(image_embeds, text, samples)
+        itc = self._itc_loss(image_feats, text_feat, teacher)
         loss_itm, acc_itm = self._itm_loss(image_embeds, image_kv, text, itc.sim_i2t, itc.sim_t2i)
-        loss_itg = self._itg_loss(text, query_kv)
-        return Blip2Stage1Output(loss=itc.loss + loss_itm + loss_itg, loss_itc=itc.loss,
-                                 loss_itm=loss_itm, loss_itg=loss_itg, acc_itc=itc.acc,
-                                 acc_itm=acc_itm)
+        loss_itg = self._itg_loss(text, query_kv, teacher)
+        loss, cyclic = itc.loss + loss_itm + loss_itg, {}
+        if self.cfg.cyclip:
+            inmodal, cross = cyclip_losses(itc.cos_i2t, itc.cos_t2i, image_feats,
+                                           itc.image_feats_all, text_feat, itc.text_feat_all)
+            loss = (loss + self.cfg.cyclip_inmodal_weight * inmodal
+                    + self.cfg.cyclip_crossmodal_weight * cross)
+            cyclic = {"loss_cyclip_inmodal": inmodal, "loss_cyclip_crossmodal": cross}
+        # every field at construction: a ModelOutput drops fields set later from its items()
+        return Blip2Stage1Output(loss=loss, loss_itc=itc.loss, loss_itm=loss_itm,
+                                 loss_itg=loss_itg, acc_itc=itc.acc, acc_itm=acc_itm, **cyclic)
 
-    def _itc_loss(self, image_feats: Tensor, text_feat: Tensor) -> ItcResult:
+    def _itc_loss(self, image_feats: Tensor, text_feat: Tensor,
+                  teacher: Optional[Teacher] = None) -> ItcResult:
         """Contrastive loss between the queries (B, Nq, E) and text [CLS] (B, E) of this rank and
-        those of all ranks; image-text similarity is the max over the queries."""
+        those of all ranks; image-text similarity is the max over the queries. With a
+        ``teacher``, the targets are mixed with its soft similarities (ALBEF)."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)  # as LAVIS's BLIP models; 0.07 at init
         rank, b = dist_utils.get_rank(), text_feat.shape[0]
         image_feats_all = _gather_with_grad(image_feats)  # (W*B, Nq, E)
         text_feat_all = _gather_with_grad(text_feat)  # (W*B, E)
-        sim_i2t = (image_feats @ text_feat_all.t()).max(dim=1).values / self.temp  # (B, W*B)
-        sim_t2i = (image_feats_all @ text_feat.t()).max(dim=1).values.t() / self.temp  # (B, W*B)
+        cos_i2t = (image_feats @ text_feat_all.t()).max(dim=1).values  # (B, W*B)
+        cos_t2i = (image_feats_all @ text_feat.t()).max(dim=1).values.t()  # (B, W*B)
+        sim_i2t, sim_t2i = cos_i2t / self.temp, cos_t2i / self.temp
         targets = torch.arange(rank * b, rank * b + b, device=text_feat.device)
-        loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1)
-                + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+        if teacher is None:
+            loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1)
+                    + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+        else:
+            loss = (distill_cross_entropy(sim_i2t, targets, teacher.i2t, teacher.alpha, 0.1)
+                    + distill_cross_entropy(sim_t2i, targets, teacher.t2i, teacher.alpha, 0.1)
+                    ) / 2
         acc = (sim_i2t.detach().argmax(1) == targets).float().mean()
-        return ItcResult(loss, sim_i2t, sim_t2i, acc)
+        return ItcResult(loss, sim_i2t, sim_t2i, acc, cos_i2t, cos_t2i, image_feats_all,
+                         text_feat_all)
+
+    @torch.no_grad()
+    def _momentum_targets(self, image_embeds: Tensor, text, samples: Mapping[str, Any]
+                          ) -> Teacher:
+        """Update the momentum model, then its ITC similarities and ITG next-token
+        distributions on this batch (ALBEF's soft targets); its features are gathered from all
+        ranks as the model's are."""
+        self.momentum_model.update(self)
+
+        def features(model: "LPBlip2Qformer"):  # runs with the EMA weights swapped in
+            query_hidden, query_kv = model.query_kv_pass(image_embeds)
+            text_hidden, _ = model.Qformer.bert(
+                input_ids=text.input_ids, attention_mask=padding_mask(text.attention_mask),
+                last_rows=1)
+            return (F.normalize(model.vision_proj(query_hidden), dim=-1),
+                    F.normalize(model.text_proj(text_hidden[:, 0]), dim=-1),
+                    model._itg_logits(text, query_kv)[0])
+
+        image_m, text_m, itg_logits = self.momentum_model.run(self, features)
+        image_m_all, text_m_all = (concat_all_gather(image_m), concat_all_gather(text_m)) \
+            if dist_utils.get_world_size() > 1 else (image_m, text_m)
+        i2t = (image_m @ text_m_all.t()).max(dim=1).values / self.temp  # (B, W*B)
+        t2i = (image_m_all @ text_m.t()).max(dim=1).values.t() / self.temp
+        alpha = ramped_alpha(self.cfg.distill_alpha, samples, image_embeds.device)
+        return Teacher(alpha, F.softmax(i2t, dim=1), F.softmax(t2i, dim=1),
+                       F.softmax(itg_logits.float(), dim=-1))
 
     def _itm_loss(self, image_embeds: Tensor, image_kv: ImageKV, text, sim_i2t: Tensor,
                   sim_t2i: Tensor) -> Tuple[Tensor, Tensor]:
@@ -344,18 +440,25 @@ class LPBlip2Qformer(LPBlip2Base):
         acc = (logits.detach().argmax(1) == labels).float().mean()
         return F.cross_entropy(logits, labels), acc
 
-    def _itg_loss(self, text, query_kv: List[KV]) -> Tensor:
-        """Caption loss: [DEC] + caption, each token sees all queries (their cached keys/values)
-        and the tokens before it; next-token cross-entropy with label smoothing 0.1."""
+    def _itg_logits(self, text, query_kv: List[KV]) -> Tuple[Tensor, Tensor]:
+        """[DEC] + caption, each token seeing all queries (their cached keys/values) and the
+        tokens before it: next-token logits (M, V) at the M labelled positions, and labels (M,)."""
         ids = text.input_ids.clone()
         ids[:, 0] = self.tokenizer.bos_token_id  # [CLS] -> [DEC]
         hidden, _ = self.Qformer.bert(
             input_ids=ids, attention_mask=causal_text_mask(text.attention_mask, self.num_query),
             past_key_values=query_kv)
-        target = ids[:, 1:]
         keep = text.attention_mask[:, 1:].bool()  # padding has no label
-        logits = self.Qformer.cls(hidden[:, :-1][keep])  # LM head on labelled positions only
-        return F.cross_entropy(logits, target[keep], label_smoothing=0.1)
+        # LM head on labelled positions only
+        return self.Qformer.cls(hidden[:, :-1][keep]), ids[:, 1:][keep]
+
+    def _itg_loss(self, text, query_kv: List[KV], teacher: Optional[Teacher] = None) -> Tensor:
+        """Caption loss: next-token cross-entropy with label smoothing 0.1 (with a ``teacher``,
+        mixed with its next-token distributions: ALBEF's language-model distillation)."""
+        logits, target = self._itg_logits(text, query_kv)
+        if teacher is None:
+            return F.cross_entropy(logits, target, label_smoothing=0.1)
+        return distill_cross_entropy(logits, target, teacher.itg, teacher.alpha, 0.1)
 
     # ------------------------------------------------------------------ inference
     def forward_image(self, image: Tensor) -> Tuple[Tensor, Tensor]:
