@@ -218,3 +218,57 @@ def test_empty_classnames_are_refused(model_and_ckpt):
 
     with pytest.raises(UserError, match="at least one class"):
         class_weights(model_and_ckpt[0], [], TEMPLATES)
+
+
+def _dist_worker(rank: int, init_file: str, model, folder: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, Subset
+
+    from lavis_plugins.tasks.zeroshot_classification import ZeroShotClassificationTask
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dataset = _dataset(model, folder)
+    shard = Subset(dataset, list(range(rank, len(dataset), 2)))  # the runner's eval sharding
+    shard.classnames, shard.samples = dataset.classnames, dataset.samples
+    task = ZeroShotClassificationTask(_settings())
+    result = task.evaluation(model, DataLoader(shard, batch_size=2))
+    assert (result is None) == (rank != 0)
+    if rank == 0:
+        (Path(out_dir) / "dist.json").write_text(json.dumps(result["records"]))
+
+
+def _dataset(model, folder):
+    from lavis_plugins.datasets.imagefolder import ImageClassificationDataset, scan_image_folder
+
+    from lavis.processors.blip_processors import BlipImageEvalProcessor
+
+    classes, samples = scan_image_folder(folder, "test")
+    return ImageClassificationDataset(BlipImageEvalProcessor(image_size=32), samples,
+                                      [c.replace("_", " ") for c in classes], classes)
+
+
+def _settings():
+    from lavis_plugins.tasks.zeroshot_classification import ZeroShotSettings
+
+    return ZeroShotSettings.from_run_cfg({"templates": TEMPLATES, "itm_rerank_k": 2})
+
+
+def test_two_processes_merge_to_the_single_process_records(model_and_ckpt, folder, tmp_path):
+    """Each of 2 gloo processes scores every other image; the main process's merged records
+    equal one process scoring all of them."""
+    from conftest import run_forked
+    from torch.utils.data import DataLoader
+
+    from lavis_plugins.tasks.zeroshot_classification import ZeroShotClassificationTask
+
+    model = model_and_ckpt[0]
+    run_forked(_dist_worker, lambda r: (r, str(tmp_path / "init"), model, str(folder),
+                                        str(tmp_path)))
+    got = json.loads((tmp_path / "dist.json").read_text())
+    ref = ZeroShotClassificationTask(_settings()).evaluation(
+        model, DataLoader(_dataset(model, folder), batch_size=4))["records"]
+    assert [r["index"] for r in got] == list(range(6))
+    for a, b in zip(got, ref):
+        assert a["topk"] == b["topk"] and a["image"] == b["image"] and a["label"] == b["label"]
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)
