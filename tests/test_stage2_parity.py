@@ -237,13 +237,18 @@ def test_projection_width_mismatch_names_both_widths(opt_pair, tiny_bert_dir, ll
                    opt_model=str(llm_dirs["opt"]))
 
 
-def test_stage1_checkpoint_initialises_qformer(lp, tiny_bert_dir, llm_dirs, tmp_path):
+@pytest.mark.parametrize("momentum_distill", [False, True])
+def test_stage1_checkpoint_initialises_qformer(lp, tiny_bert_dir, llm_dirs, tmp_path,
+                                               momentum_distill):
+    """... also from a run with momentum distillation, whose EMA weights stage 2 drops."""
     from lavis_plugins.models.blip2_qformer import Blip2QformerConfig, LPBlip2Qformer
 
     torch.manual_seed(3)
     stage1 = LPBlip2Qformer(Blip2QformerConfig(bert_path=str(tiny_bert_dir), vit_model="tiny",
                                                vit_precision="fp32", image_size=32,
-                                               num_query_token=4))
+                                               num_query_token=4,
+                                               momentum_distill=momentum_distill))
+    assert any(k.startswith("momentum_model.") for k in stage1.state_dict()) == momentum_distill
     path = tmp_path / "stage1.pth"
     torch.save({"model": stage1.state_dict()}, path)
     ours = _ours("lp_blip2_opt", tiny_bert_dir, llm_dirs["opt"], stage1_checkpoint=str(path))
