@@ -39,7 +39,7 @@ from lavis_plugins.common.local_files import check_checkpoint_source, local_chec
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
 from lavis_plugins.models.arch_check import describe_mismatch, mismatch_message
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig, resolve_bert_path
-from lavis_plugins.models.momentum import ramped_alpha
+from lavis_plugins.models.momentum import Teacher, momentum_targets
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
 from lavis_plugins.models.stage1_losses import cyclip_losses, distill_cross_entropy
 from lavis_plugins.paths import config_path
@@ -144,15 +144,6 @@ class ItcResult(NamedTuple):
     cos_t2i: Tensor  # (B, W*B)
     image_feats_all: Tensor  # (W*B, Nq, E) every rank's normalised query features
     text_feat_all: Tensor  # (W*B, E) every rank's normalised text features
-
-
-class Teacher(NamedTuple):
-    """The momentum model's soft targets (option momentum_distill); no gradients."""
-
-    alpha: Tensor  # 0-dim distillation weight (ramped)
-    i2t: Tensor  # (B, W*B) softmax of its image-to-text similarities
-    t2i: Tensor  # (B, W*B) softmax of its text-to-image similarities
-    itg: Tensor  # (M, V) softmax of its next-token logits at the M labelled positions
 
 
 def _gather_with_grad(x: Tensor) -> Tensor:
@@ -324,7 +315,7 @@ class LPBlip2Qformer(LPBlip2Base):
 
         teacher = None
         if self.cfg.momentum_distill and self.training:
-            teacher = self._momentum_targets(image_embeds, text, samples)
+            teacher = momentum_targets(self, image_embeds, text, samples)
         itc = self._itc_loss(image_feats, text_feat, teacher)
         loss_itm, acc_itm = self._itm_loss(image_embeds, image_kv, text, itc.sim_i2t, itc.sim_t2i)
         loss_itg = self._itg_loss(text, query_kv, teacher)
@@ -363,32 +354,6 @@ class LPBlip2Qformer(LPBlip2Base):
         acc = (sim_i2t.detach().argmax(1) == targets).float().mean()
         return ItcResult(loss, sim_i2t, sim_t2i, acc, cos_i2t, cos_t2i, image_feats_all,
                          text_feat_all)
-
-    @torch.no_grad()
-    def _momentum_targets(self, image_embeds: Tensor, text, samples: Mapping[str, Any]
-                          ) -> Teacher:
-        """Update the momentum model, then its ITC similarities and ITG next-token
-        distributions on this batch (ALBEF's soft targets); its features are gathered from all
-        ranks as the model's are."""
-        self.momentum_model.update(self)
-
-        def features(model: "LPBlip2Qformer"):  # runs with the EMA weights swapped in
-            query_hidden, query_kv = model.query_kv_pass(image_embeds)
-            text_hidden, _ = model.Qformer.bert(
-                input_ids=text.input_ids, attention_mask=padding_mask(text.attention_mask),
-                last_rows=1)
-            return (F.normalize(model.vision_proj(query_hidden), dim=-1),
-                    F.normalize(model.text_proj(text_hidden[:, 0]), dim=-1),
-                    model._itg_logits(text, query_kv)[0])
-
-        image_m, text_m, itg_logits = self.momentum_model.run(self, features)
-        image_m_all, text_m_all = (concat_all_gather(image_m), concat_all_gather(text_m)) \
-            if dist_utils.get_world_size() > 1 else (image_m, text_m)
-        i2t = (image_m @ text_m_all.t()).max(dim=1).values / self.temp  # (B, W*B)
-        t2i = (image_m_all @ text_m.t()).max(dim=1).values.t() / self.temp
-        alpha = ramped_alpha(self.cfg.distill_alpha, samples, image_embeds.device)
-        return Teacher(alpha, F.softmax(i2t, dim=1), F.softmax(t2i, dim=1),
-                       F.softmax(itg_logits.float(), dim=-1))
 
     def _itm_loss(self, image_embeds: Tensor, image_kv: ImageKV, text, sim_i2t: Tensor,
                   sim_t2i: Tensor) -> Tuple[Tensor, Tensor]:
