@@ -130,3 +130,18 @@ def test_eval_cfgs_evaluate_every_alpha_into_a_table_and_plot(lp, tmp_path, tiny
                      "0", "--out", str(tmp_path / "o2"), "--eval-cfg", str(yaml),
                      "--metric", "bleu"]) == 2
     assert "reported no 'bleu'" in capsys.readouterr().err
+
+
+def test_eval_labels_must_match_the_eval_cfgs(tmp_path, capsys):
+    zero, fine = _states()
+    zp, fp = _save(tmp_path / "zero.pth", zero), _save(tmp_path / "fine.pth", fine)
+    base = ["interpolate", "--zero-shot", str(zp), "--finetuned", str(fp), "--out",
+            str(tmp_path / "out")]
+    for extra, expect in ((["--eval-cfg", "a.yaml", "--label", "x", "--label", "y"],
+                           "--label given 2 times for 1 --eval-cfg"),
+                          (["--eval-cfg", "a.yaml", "--eval-cfg", "b/a.yaml"],
+                           "evaluation labels repeat")):
+        assert cli.main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expect in err[0], err
+    assert not (tmp_path / "out").exists()  # nothing written before the checks

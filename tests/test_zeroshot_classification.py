@@ -181,13 +181,23 @@ def _bad_cases(tmp_path: Path, folder: Path):
     (no_images / "cat" / "notes.txt").write_text("x")
     other = tmp_path / "other"
     _png(other / "dog" / "0.png", 0)
+    no_label = tmp_path / "no_label.json"
+    no_label.write_text(json.dumps([{"image": "x.png"}]))
+    not_list = tmp_path / "not_list.json"
+    not_list.write_text(json.dumps({"image": "x.png", "label": "a"}))
     return [
+        ({}, {}, "splits is empty"),
+        ({}, {"test": no_label}, "needs 'image' and 'label' keys"),
+        ({}, {"test": not_list}, "must be a non-empty JSON list"),
+        ({"caption_templates": "shrt"}, {"train": folder}, "unknown template set 'shrt'. Did you "
+                                                           "mean short?"),
         ({}, {"test": empty}, "has no class sub-folders"),
         ({}, {"test": no_images}, "holds no images"),
         ({}, {"test": tmp_path / "missing"}, "is not a folder"),
         ({}, {"test": folder, "train": other}, "splits must hold the same classes"),
         ({}, {"dev": folder}, "unknown split"),
-        ({"templates": "imagenet81"}, {"test": folder}, "Did you mean: imagenet80"),
+        ({"templates": "imagenet81"}, {"test": folder},
+         "unknown template set 'imagenet81'. Did you mean imagenet80?"),
         ({"templates": ["a photo"]}, {"test": folder}, "exactly one {}"),
         ({"templates": []}, {"test": folder}, "non-empty list"),
         ({"itm_rerank_k": -1}, {"test": folder}, "run.itm_rerank_k must be a whole number"),
@@ -199,13 +209,12 @@ def _bad_cases(tmp_path: Path, folder: Path):
 def test_bad_input_is_one_clear_line(tmp_path, folder, tiny_bert_dir, model_and_ckpt, capsys):
     _, _, ckpt = model_and_ckpt
     for i, (run, splits, expect) in enumerate(_bad_cases(tmp_path, folder)):
-        class_names = run.pop("class_names", None)
+        info = {k: run.pop(k) for k in ("class_names", "caption_templates") if k in run}
         yaml = _yaml(tmp_path, tiny_bert_dir, ckpt, folder, **run)
         text = yaml.read_text().replace(f"        test: {folder}\n", "".join(
-            f"        {k}: {v}\n" for k, v in splits.items()))
-        if class_names:
-            text = text.replace("      splits:", f"      class_names: {json.dumps(class_names)}\n"
-                                                  "      splits:")
+            f"        {k}: {v}\n" for k, v in splits.items()) or "        {}\n")
+        for k, v in info.items():
+            text = text.replace("      splits:", f"      {k}: {json.dumps(v)}\n      splits:")
         yaml.write_text(text)
         rc = cli.main(["evaluate", "--cfg-path", str(yaml), "--job-id", f"bad{i}"])
         err = capsys.readouterr().err.strip().splitlines()

@@ -6,9 +6,10 @@ the names below or a list of strings, each holding exactly one ``{}`` for the cl
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, List, Sequence
 
-from lavis_plugins.common.errors import UserError, unknown_name
+from lavis_plugins.common.errors import UserError
 
 # the 80 templates CLIP used for ImageNet (its "Prompt_Engineering_for_ImageNet" notebook)
 IMAGENET_TEMPLATES = (
@@ -59,8 +60,11 @@ def resolve_templates(value: Any, key: str = "run.templates") -> List[str]:
     """
     if isinstance(value, str):
         if value not in TEMPLATE_SETS:
-            raise unknown_name(f"template set ({key})", value, TEMPLATE_SETS,
-                               "Or give a list of templates, each with one {} for the class name.")
+            close = difflib.get_close_matches(value, TEMPLATE_SETS, n=1)
+            raise UserError(f"{key}: unknown template set {value!r}."
+                            + (f" Did you mean {close[0]}?" if close else "")
+                            + f" Template sets: {', '.join(TEMPLATE_SETS)}; or give a list of "
+                              "templates, each with one {} for the class name")
         return list(TEMPLATE_SETS[value])
     if not isinstance(value, Sequence) or not value:
         raise UserError(f"{key} must be a template-set name ({', '.join(TEMPLATE_SETS)}) or a "
