@@ -208,14 +208,16 @@ def test_training_with_both_options_resumes_exactly(lp, tmp_path, tiny_bert_dir)
     for a, b in zip(got, ref):
         for k in ("loss", "loss_itc", "loss_itg", "loss_cyclip_inmodal", "loss_cyclip_crossmodal"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), k
-    end_full = torch.load(Path(full.output_dir) / "checkpoint_1.pth", weights_only=False)["model"]
-    end_res = torch.load(Path(resumed.output_dir) / "checkpoint_1.pth", weights_only=False)["model"]
+    from lavis_plugins.cli.interpolate import read_weights  # weights-only reader
+
+    end_full = read_weights(Path(full.output_dir) / "checkpoint_1.pth", "full")
+    end_res = read_weights(Path(resumed.output_dir) / "checkpoint_1.pth", "resumed")
     ema_keys = [k for k in end_full if k.startswith("momentum_model.")]
     assert len(ema_keys) > 10
     for k in ema_keys:
         assert torch.equal(end_full[k], end_res[k]), k
     # the EMA moved away from its starting copy, and lags the trained weights
-    start = torch.load(Path(full.output_dir) / "checkpoint_0.pth", weights_only=False)["model"]
+    start = read_weights(Path(full.output_dir) / "checkpoint_0.pth", "epoch 0")
     k = "momentum_model.weights.vision_proj.weight"
     assert not torch.equal(start[k], end_full[k])
     assert not torch.equal(end_full[k], end_full["vision_proj.weight"])
