@@ -2,12 +2,12 @@
 in one process and in two (each with half the images), and LAVIS's recall metrics."""
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_forked
 from torch.utils.data import DataLoader, Dataset
 
 CAPTIONS = ["a red circle", "a big red circle", "a blue square", "a small blue square",
@@ -110,7 +110,17 @@ def _worker(rank: int, init_file: str, model, out_dir: str) -> None:
 def test_two_processes_with_image_shards_give_the_same_scores(model, tmp_path):
     from lavis_plugins.tasks.retrieval import compute_retrieval_scores
 
-    run_forked(_worker, lambda r: (r, str(tmp_path / "init"), model, str(tmp_path)))
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_worker, args=(r, str(tmp_path / "init"), model, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        if p.is_alive():
+            p.terminate()
+            pytest.fail("distributed worker did not finish in 300 s")
+        assert p.exitcode == 0
     i2t, t2i = compute_retrieval_scores(model, loader(), 3)
     for r in range(2):  # every process ends with the whole matrices
         np.testing.assert_allclose(np.load(tmp_path / f"i2t_{r}.npy"), i2t, atol=1e-5)

@@ -256,7 +256,7 @@ def test_two_ddp_processes_equal_one_process_with_double_batch(lp, tmp_path, tin
     """Distilled ITC + CyCLIP terms under DDP (gloo, forked): the mean loss, the averaged
     gradients of the projections and the momentum weights equal one process with batch 2B."""
     model = _model(lp, tiny_bert_dir, momentum_distill=True, cyclip=True)
-    run_forked(_worker, lambda r: (r, str(tmp_path / "init"), model, str(tmp_path)))
+    run_forked(_worker, [(r, str(tmp_path / "init"), model, str(tmp_path)) for r in range(2)])
     out = model(_samples(0, 2 * B))
     ref = _losses(out)
     ref.backward()

@@ -272,8 +272,8 @@ def test_two_processes_merge_to_the_single_process_records(model_and_ckpt, folde
     from lavis_plugins.tasks.zeroshot_classification import ZeroShotClassificationTask
 
     model = model_and_ckpt[0]
-    run_forked(_dist_worker, lambda r: (r, str(tmp_path / "init"), model, str(folder),
-                                        str(tmp_path)))
+    run_forked(_dist_worker, [(r, str(tmp_path / "init"), model, str(folder), str(tmp_path))
+                              for r in range(2)])
     got = json.loads((tmp_path / "dist.json").read_text())
     ref = ZeroShotClassificationTask(_settings()).evaluation(
         model, DataLoader(_dataset(model, folder), batch_size=4))["records"]
