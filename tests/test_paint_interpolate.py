@@ -71,7 +71,7 @@ def test_bad_input_is_one_clear_line(case, tmp_path, capsys):
     zero, fine = _states()
     expect = {"missing": "only in", "extra": "only in", "shape": "shape or dtype",
               "dtype": "shape or dtype", "int": "only floating-point",
-              "not_weights": "as weights only", "no_file": "is not a file",
+              "not_weights": "refusing to load", "no_file": "file not found",
               "alpha": "outside [0, 1]"}[case]
     alpha = "0,0.5,1"
     if case == "missing":

@@ -79,35 +79,11 @@ def parse_alphas(text: str) -> List[float]:
 
 
 def read_weights(path: str | Path, what: str):
-    """The state dict of a checkpoint (``{"model": state}`` or a state dict), read with
-    ``weights_only=True``: a file that holds anything but tensors and plain data is refused."""
-    import torch
+    """The state dict of a checkpoint (``{"model": state}`` or a state dict), read weights-only
+    (:func:`lavis_plugins.common.safe_load.load_weights`): a file that would run code is refused."""
+    from lavis_plugins.common.safe_load import load_weights, state_dict_of
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {str(path)!r} is not a file")
-    import numpy as np
-
-    # runner checkpoints hold numpy RNG state: numpy arrays rebuild plain data, nothing else is
-    # allowed beyond torch's weights-only set
-    try:
-        multiarray = np._core.multiarray  # numpy 2
-    except AttributeError:
-        multiarray = np.core.multiarray
-    allowed = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("u4")),
-               type(np.dtype("f8")), type(np.dtype("i8"))]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise UserError(f"cannot read {what} {path} as weights only: "
-                        f"{str(e).splitlines()[0]}") from e
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not state or \
-            not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"{what} {path} holds no state dict (a dict of tensors, or one under "
-                        "'model')")
-    return state
+    return state_dict_of(load_weights(path, what), str(path), what)
 
 
 def check_matching(zero: Dict, fine: Dict, zero_path: str, fine_path: str) -> None:

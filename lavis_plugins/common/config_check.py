@@ -109,9 +109,10 @@ def _task_keys() -> Dict[str, Key]:
     from lavis_plugins.tasks.captioning import CaptionTaskConfig
     from lavis_plugins.tasks.video_qa import VideoQATaskConfig
     from lavis_plugins.tasks.vqa import VQATaskConfig
+    from lavis_plugins.tasks.zeroshot_classification import ZeroShotSettings
 
     kinds: Dict[str, set] = {}
-    for cls in (CaptionTaskConfig, VideoQATaskConfig, VQATaskConfig):
+    for cls in (CaptionTaskConfig, VideoQATaskConfig, VQATaskConfig, ZeroShotSettings):
         for f in dataclasses.fields(cls):
             d = f.default
             kinds.setdefault(f.name, set()).add(
