@@ -281,3 +281,15 @@ def test_two_processes_merge_to_the_single_process_records(model_and_ckpt, folde
     for a, b in zip(got, ref):
         assert a["topk"] == b["topk"] and a["image"] == b["image"] and a["label"] == b["label"]
         np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)
+
+
+def test_an_unreadable_image_is_a_bad_sample(tmp_path, lp):
+    from lavis_plugins.datasets.validation import BadSample
+
+    root = tmp_path / "test"
+    _png(root / "cat" / "0.png", 0)
+    (root / "cat" / "1.png").write_bytes(b"not an image")
+    ds = _dataset(None, root)
+    assert ds[0]["label"] == 0
+    with pytest.raises(BadSample, match="cannot be decoded"):
+        ds[1]

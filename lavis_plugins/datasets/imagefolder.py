@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lavis_plugins.common.errors import UserError
+from lavis_plugins.datasets.validation import check_image_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 
@@ -116,10 +117,8 @@ class ImageClassificationDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         path, label = self.samples[index]
-        try:
-            image = Image.open(path).convert("RGB")
-        except OSError as e:
-            raise UserError(f"cannot read image {path} (sample {index}): {e}") from e
+        check_image_file(path)  # missing, empty, truncated: BadSample (run.on_bad_sample)
+        image = Image.open(path).convert("RGB")
         out = {"image": self.vis_processor(image), "label": label, "index": index}
         if self.caption_templates:
             # Python's RNG: the runner seeds it per sample, so captions repeat on resume
