@@ -543,7 +543,7 @@ def zeroshot_row(ctx: DemoContext) -> Tuple[MetricRow, str]:
                     f"majority class: the largest of {len(counts)} classes among "
                     f"{sum(counts.values())} one-shape test images (uniform guessing: "
                     f"{100 / len(counts):.1f}%)")
-    files = sorted((res.job_dir / "result").glob("test_zeroshot_*.jsonl"))
+    files = sorted((res.job_dir / "result").glob("test_zeroshot*.jsonl"))
     acc = attribute_accuracies(files[0]) if files else {}
     note = (f"zero-shot classification: colour right in {acc.get('word 1', float('nan')):.1f}% "
             f"(chance 1/6), shape right in {acc.get('word 2', float('nan')):.1f}% (chance 1/3) "

@@ -85,8 +85,8 @@ run:
 def _evaluate(tmp_path, yaml: Path, job: str = "zs"):
     runner, result = cli.run(str(yaml), [], evaluate_only=True, job_id=job)
     result_dir = Path(runner.output_dir) / "result"
-    recs = [json.loads(line) for line in
-            (result_dir / "test_zeroshot_best.jsonl").read_text().splitlines()]
+    [results] = result_dir.glob("test_zeroshot*.jsonl")  # named by the epoch, if any
+    recs = [json.loads(line) for line in results.read_text().splitlines()]
     return result["test"], recs, result_dir
 
 
@@ -138,8 +138,9 @@ def test_classifier_equals_scoring_each_class_prompt_one_by_one(model_and_ckpt, 
     assert metrics["top1"] == pytest.approx(top1) and metrics["agg_metrics"] == metrics["top1"]
     assert metrics["top5"] == 100.0  # 3 classes: always among the best 5
     assert set(metrics["per_class"]) == set(names)
-    assert (result_dir / "test_zeroshot_best_confusion.png").is_file()
-    assert json.loads((result_dir / "test_zeroshot_best_metrics.json").read_text())["top1"] \
+    stem = next(result_dir.glob("test_zeroshot*.jsonl")).stem
+    assert (result_dir / f"{stem}_confusion.png").is_file()
+    assert json.loads((result_dir / f"{stem}_metrics.json").read_text())["top1"] \
         == pytest.approx(top1)
 
 

@@ -13,7 +13,7 @@ above this many classes; default 100). Data: any dataset whose samples carry ``i
 and ``index`` and which has ``classnames`` (``lp_imagefolder``).
 
 Reports top-1 and top-5 accuracy (%; top-k with k = min(5, classes)), the mean per-class
-accuracy and each class's accuracy; writes ``<split>_zeroshot_<epoch>.jsonl`` (one line per
+accuracy and each class's accuracy; writes ``<split>_zeroshot[_<epoch>].jsonl`` (one line per
 image: path, label, top-5 classes and scores), ``..._confusion.png`` and ``..._metrics.json``
 into the run's result folder. Distributed: each process scores its shard of the images; the
 main process merges and reports.
@@ -227,7 +227,7 @@ class ZeroShotClassificationTask(BaseTask):
         metrics = classification_metrics(labels, topk, classnames)
         metrics["agg_metrics"] = metrics["top1"]
         result_dir = Path(registry.get_path("result_dir"))
-        stem = f"{split_name}_zeroshot_{epoch}"
+        stem = f"{split_name}_zeroshot" + (f"_{epoch}" if epoch is not None else "")
         with open(result_dir / f"{stem}.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps({"image": r.get("image", r["index"]),
