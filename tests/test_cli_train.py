@@ -64,13 +64,26 @@ def test_train_single_cpu_process(lp, tmp_path, tiny_bert_dir, shapes_home, caps
     from lavis_plugins.cli import main
 
     caplog.set_level("INFO")
-    assert main(["train", "--cfg-path", str(_yaml(tmp_path, tiny_bert_dir))]) == 0
+    assert main(["train", "--cfg-path", str(_yaml(tmp_path, tiny_bert_dir)),
+                 "--options", "run.tensorboard=true"]) == 0
     captured = capsys.readouterr()
     assert "output in" in captured.out
     # not a terminal: the progress bar is whole lines, the last one the finished epoch
     assert "\r" not in captured.err and "train epoch 0: 3/3 it (100%)" in captured.err
     assert "No validation splits found" not in caplog.text  # LAVIS logged it 3 times a run
-    _check_run(tmp_path / "out", 3)
+    log = _check_run(tmp_path / "out", 3)
+    # run.tensorboard: the event file, read back with tensorboard's own reader, holds every
+    # logged step's losses and lr, equal to train_log.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (job,) = list((tmp_path / "out").iterdir())
+    events = EventAccumulator(str(job / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "loss_itc", "loss_itm", "loss_itg", "lr"):
+        got = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+        want = [(r["step"], r[key]) for r in log]
+        assert [s for s, _ in got] == [s for s, _ in want], key
+        assert all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for (_, a), (_, b) in zip(got, want)), key
 
 
 def _free_port() -> int:

@@ -141,7 +141,7 @@ def plot_run_curves(output_dir: Path) -> Optional[Path]:
 # ----------------------------------------------------------------------------- tensorboard
 class TensorboardLogger:
     """``run.tensorboard: true``: scalars to ``<output_dir>/tensorboard`` with torch's
-    ``SummaryWriter`` (needs the ``tensorboard`` package, which the lock does not install)."""
+    ``SummaryWriter`` (needs the ``tensorboard`` package; the lock installs it)."""
 
     def __init__(self, output_dir: Path) -> None:
         try:
