@@ -352,12 +352,21 @@ def test_video_retrieval_task_leaves_skipped_videos_out(lp, qformers, tmp_path, 
     monkeypatch.setitem(registry.mapping["paths"], "output_dir", str(tmp_path))
     _, video = qformers
     ds = _retrieval_set(lp, tmp_path, policy="skip")
-    task = VideoRetrievalTask(cfg=OmegaConf.create({"k_test": 4}))
+    task = VideoRetrievalTask(cfg=OmegaConf.create({"k_test": 4, "topk_save": 3}))
     m = task.evaluation(video, DataLoader(ds, batch_size=3, collate_fn=ds.collater))
     assert m["num_videos"] == 4 and m["num_texts"] == 8
     assert m["num_skipped_videos"] == 1 and m["num_skipped_texts"] == 1
     assert m["skipped_by_kind"] == {"missing": 1} and m["t2v_r1"] == m["img_r1"]
     assert 0 <= m["t2v_r1"] <= m["t2v_r5"] <= 100
+    # per-query top-k over the readable videos, named by their files (issue 17)
+    monkeypatch.setitem(registry.mapping["paths"], "result_dir", str(tmp_path))
+    task.after_evaluation(m, split_name="test", epoch=None)
+    topk = json.loads((tmp_path / "test_retrieval_topk.json").read_text())
+    assert len(topk["video_to_text"]) == 4 and len(topk["text_to_video"]) == 8
+    readable = [v for v in ds.image if v != "missing.mp4"]  # the dataset's one missing video
+    assert [r["query"] for r in topk["video_to_text"]] == readable
+    assert all(len(r["top_k"]) == 3 and {"text", "score", "correct"} <= set(r["top_k"][0])
+               for r in topk["video_to_text"])
     i2t, t2i, t2v, v2t = drop_videos(*(torch.arange(20.).reshape(4, 5).numpy(),
                                        torch.arange(20.).reshape(5, 4).numpy()),
                                      {0: 0, 1: 1, 2: 1, 3: 2, 4: 3},

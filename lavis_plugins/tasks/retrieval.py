@@ -135,6 +135,27 @@ def compute_retrieval_scores(model, data_loader, k_test: int = DEFAULT_K_TEST
     return i2t.cpu().numpy(), t2i.cpu().numpy()
 
 
+def write_retrieval_topk(cfg, split_name: str, epoch, score_i2t, score_t2i, items: List[str],
+                         texts: List[str], img2txt, txt2img, item: str = "image") -> str:
+    """Write ``<split>[_epoch<e>]_retrieval_topk.json`` into the run's result folder: for each
+    image (video) its ``run.topk_save`` (10) best captions, for each caption its best images, with
+    scores and whether each is a ground-truth pair. ``score_i2t`` (Ni, Nt), ``score_t2i``
+    (Nt, Ni); ``items``/``texts`` name the rows and columns. Returns the file's path."""
+    from lavis_plugins.runners.reporting import result_file_name, topk_rows
+
+    k = int((cfg or {}).get("topk_save", 10))
+    out = {f"{item}_to_text": topk_rows(score_i2t, k, items, img2txt, f"{item}_index",
+                                         "text_index", target_text=texts),
+           f"text_to_{item}": topk_rows(score_t2i, k, texts, txt2img, "text_index",
+                                         f"{item}_index")}
+    path = os.path.join(registry.get_path("result_dir"),
+                        result_file_name(split_name, epoch, "retrieval_topk.json"))
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    logger.info("retrieval top-%d per query written to %s", k, path)
+    return path
+
+
 @registry.register_task("lp_retrieval")
 class LPRetrievalTask(RetrievalTask):
     """Image-text retrieval evaluation (R@1/5/10 both ways): ITC top-k re-ranked by ITM."""
@@ -162,6 +183,12 @@ class LPRetrievalTask(RetrievalTask):
         last, self._last = getattr(self, "_last", None), None
         if val_result is None or last is None or not dist.is_main_process():
             return val_result
+        score_i2t, score_t2i, dataset = last
+        images = [str(getattr(dataset, "image", [None] * len(score_i2t))[i])
+                  for i in range(len(score_i2t))]
+        write_retrieval_topk(self.cfg, split_name, epoch, score_i2t, score_t2i, images,
+                             list(dataset.text), dataset.img2txt, dataset.txt2img)
+        return val_result
         from lavis_plugins.runners.reporting import result_file_name, topk_rows
 
         score_i2t, score_t2i, dataset = last

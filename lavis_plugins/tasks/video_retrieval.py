@@ -26,6 +26,7 @@ from lavis.tasks.retrieval import RetrievalTask
 
 from lavis_plugins.common import dist
 from lavis_plugins.common.errors import UserError
+from lavis_plugins.tasks.retrieval import write_retrieval_topk
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +85,21 @@ class VideoRetrievalTask(RetrievalTask):
                            "their %d captions (%s): %s", len(dropped),
                            metrics["num_skipped_texts"], metrics["skipped_by_kind"],
                            [s["video"] for s in skipped][:5])
+        # after_evaluation writes the top-k file over the readable videos (renumbered, in order)
+        gone = set(dropped)
+        kept_v = [v for v in range(score_i2t.shape[0]) if v not in gone]
+        kept_t = [t for t in range(score_i2t.shape[1]) if int(dataset.txt2img[t]) not in gone]
+        self._last = (i2t, t2i, [str(dataset.image[v]) for v in kept_v],
+                      [dataset.text[t] for t in kept_t], img2txt, txt2img)
         return metrics
 
     def after_evaluation(self, val_result, split_name=None, epoch=None, **kwargs):
+        last, self._last = getattr(self, "_last", None), None
         if val_result is not None and dist.is_main_process():
             with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as f:
                 f.write(json.dumps({split_name: val_result}) + "\n")
+            if last is not None:
+                i2t, t2i, videos, texts, img2txt, txt2img = last
+                write_retrieval_topk(self.cfg, split_name, epoch, i2t, t2i, videos, texts,
+                                     img2txt, txt2img, item="video")
         return val_result
