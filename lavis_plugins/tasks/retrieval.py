@@ -189,20 +189,3 @@ class LPRetrievalTask(RetrievalTask):
         write_retrieval_topk(self.cfg, split_name, epoch, score_i2t, score_t2i, images,
                              list(dataset.text), dataset.img2txt, dataset.txt2img)
         return val_result
-        from lavis_plugins.runners.reporting import result_file_name, topk_rows
-
-        score_i2t, score_t2i, dataset = last
-        k = int((self.cfg or {}).get("topk_save", 10))
-        texts = list(dataset.text)
-        images = [str(getattr(dataset, "image", [None] * len(score_i2t))[i])
-                  for i in range(len(score_i2t))]
-        out = {"image_to_text": topk_rows(score_i2t, k, images, dataset.img2txt, "image_index",
-                                          "text_index", target_text=texts),
-               "text_to_image": topk_rows(score_t2i, k, texts, dataset.txt2img, "text_index",
-                                          "image_index")}
-        path = os.path.join(registry.get_path("result_dir"),
-                            result_file_name(split_name, epoch, "retrieval_topk.json"))
-        with open(path, "w") as f:
-            json.dump(out, f, indent=1)
-        logger.info("retrieval top-%d per query written to %s", k, path)
-        return val_result
