@@ -133,3 +133,55 @@ def test_bad_video_raises_named_error(lp, tmp_path):
     assert e.value.kind == "missing" and "missing.mp4" in str(e.value)
     with pytest.raises(UserError, match=r"\(T, H, W, 3\) uint8"):
         proc(torch.zeros(2, 8, 8, 3))
+
+
+def test_frame_cache_decodes_each_video_once_per_n_frms(lp, clips, tmp_path, monkeypatch):
+    """frame_cache: the second read of a video comes from the cache (no decoding) with the same
+    frames; another n_frms, or a changed file, is a new entry; an unreadable entry is decoded
+    again; the processor's tensor is the same with and without the cache."""
+    import os
+    import shutil
+
+    from lavis_plugins.processors import video_processors
+
+    calls = []
+    real = video_processors.read_frames
+
+    def counting(*a, **k):
+        calls.append(a[:2])
+        return real(*a, **k)
+
+    monkeypatch.setattr(video_processors, "read_frames", counting)
+    video = tmp_path / "clip.mp4"
+    shutil.copy(clips["clip"], video)
+    cache = tmp_path / "frames"
+    plain = build("lp_video_eval", n_frms=4, image_size=32)
+    cached = build("lp_video_eval", n_frms=4, image_size=32, frame_cache=str(cache))
+    want_frames, want_idx = plain.load(str(video))
+    for _ in range(3):
+        frames, idx = cached.load(str(video))
+        assert torch.equal(frames, want_frames) and idx == want_idx
+    assert len(calls) == 2  # plain once, cached once
+    assert torch.equal(cached(str(video)), plain(str(video)))
+    assert len(calls) == 3  # only the plain processor decoded again
+    build("lp_video_eval", n_frms=2, image_size=32, frame_cache=str(cache)).load(str(video))
+    assert len(calls) == 4 and len(list(cache.glob("*.npz"))) == 2  # one entry per n_frms
+    (entry,) = [p for p in cache.glob("*.npz")
+                if p == cached._frame_cache.entry(str(video))]
+    entry.write_bytes(b"not an npz")  # e.g. a kill mid-write by another tool
+    frames, _ = cached.load(str(video))
+    assert torch.equal(frames, want_frames) and len(calls) == 5
+    os.utime(video, ns=(1, 1))  # the file changed: a new entry, decoded
+    cached.load(str(video))
+    assert len(calls) == 6
+    assert not list(cache.glob(".tmp-*"))
+
+
+def test_frame_cache_bad_settings_are_refused(lp, tmp_path):
+    with pytest.raises(UserError, match="frame_cache needs deterministic sampling"):
+        build("lp_video_train", frame_cache=str(tmp_path))  # random sampling
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="frame_cache .* is a file, not a folder"):
+        build("lp_video_eval", frame_cache=str(tmp_path / "f"))
+    with pytest.raises(UserError, match="frame_cache=3 must be a folder path"):
+        build("lp_video_eval", frame_cache=3)

@@ -30,6 +30,7 @@ from torchvision.transforms import functional as TF
 from torchvision.transforms.functional import InterpolationMode
 
 from lavis_plugins.common.errors import UserError, unknown_name
+from lavis_plugins.video.frame_cache import FrameCache, check_frame_cache
 from lavis_plugins.video.decode import (
     BACKENDS,
     DEFAULT_BACKEND,
@@ -67,6 +68,9 @@ class VideoEvalConfig:
     allow_repeat: bool = True
     # decoder threads per video; 0 = the decoder's own choice (FFmpeg: one per core)
     threads: int = 0
+    # folder of decoded frames, stored once per video and n_frms for repeated evaluation
+    # (deterministic sampling only; lavis_plugins.video.frame_cache); None = decode every time
+    frame_cache: Optional[str] = None
 
 
 @dataclass
@@ -117,6 +121,9 @@ def _validate(cfg: VideoEvalConfig, processor: str) -> None:
         raise bad("threads", "must be an integer >= 0 (0: the decoder's own choice)")
     if not cfg.timeout_s > 0:
         raise bad("timeout_s", "must be > 0 seconds")
+    if cfg.frame_cache is not None and not isinstance(cfg.frame_cache, str):
+        raise bad("frame_cache", "must be a folder path")
+    check_frame_cache(cfg.frame_cache, cfg.sampling, processor)
     if isinstance(cfg, VideoTrainConfig) and not 0 < cfg.min_scale <= cfg.max_scale <= 1:
         raise UserError(f"processor {processor}: need 0 < min_scale <= max_scale <= 1, got "
                         f"min_scale={cfg.min_scale!r}, max_scale={cfg.max_scale!r}")
@@ -138,6 +145,8 @@ class VideoEvalProcessor(BaseProcessor):
         self.cfg = cfg if cfg is not None else self.config_class()
         _validate(self.cfg, self.registry_name)
         self._build_transform()
+        self._frame_cache = (None if self.cfg.frame_cache is None else FrameCache(
+            self.cfg.frame_cache, self.cfg.n_frms, self.cfg.sampling, self.cfg.allow_repeat))
 
     def _build_transform(self) -> None:
         self.image_transform = BlipImageEvalProcessor(
@@ -153,15 +162,12 @@ class VideoEvalProcessor(BaseProcessor):
 
         Raises ``VideoDecodeError`` (a ``UserError``) naming the file and the reason.
         """
-        out = read_frames(
-            path,
-            self.cfg.n_frms,
-            self.cfg.sampling,
-            backend=self.cfg.backend,
-            timeout_s=self.cfg.timeout_s,
-            allow_repeat=self.cfg.allow_repeat,
-            threads=self.cfg.threads,
-        )
+        def decode():
+            return read_frames(path, self.cfg.n_frms, self.cfg.sampling,
+                               backend=self.cfg.backend, timeout_s=self.cfg.timeout_s,
+                               allow_repeat=self.cfg.allow_repeat, threads=self.cfg.threads)
+
+        out = decode() if self._frame_cache is None else self._frame_cache.get(path, decode)
         return out.frames, out.indices
 
     def __call__(self, item: VideoItem) -> torch.Tensor:
