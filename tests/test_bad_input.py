@@ -395,7 +395,8 @@ def test_no_load_path_runs_pickled_code(env, monkeypatch, tiny_bert_dir, tmp_pat
     Python API's ``checkpoint``) refuse a pickle that runs code, naming the conversion command."""
     from lavis_plugins.api import load_model
     from lavis_plugins.common.errors import UserError
-    from lavis_plugins.models._blip2_llm import load_pth, read_hf_state_dict
+    from lavis_plugins.models._blip2_llm import load_pth
+    from lavis_plugins.models.hf_format import read_hf_state_dict
     from lavis_plugins.models.text_lm import export_checkpoint
 
     monkeypatch.chdir(tmp_path)

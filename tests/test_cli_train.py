@@ -10,7 +10,6 @@ import sys
 
 import torch
 
-from conftest import REPO
 
 SMOKE = """# lavis-plugins train --cfg-path smoke.yaml
 model:

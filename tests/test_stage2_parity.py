@@ -177,7 +177,7 @@ def test_opt_batched_prompts_left_padded_equal_one_by_one(opt_pair):
 # whole-model parity (pixels in, sizes from config.json): tests/test_hf_folders.py
 def test_hf_key_converter_inverts_transformers_conversion():
     """vision qkv bias split, attention renames, embeddings LayerNorm, projection, LLM."""
-    from lavis_plugins.models._blip2_llm import hf_to_lavis_state_dict
+    from lavis_plugins.models.hf_format import hf_to_lavis_state_dict
 
     q, v = torch.randn(4), torch.randn(4)
     hf = {

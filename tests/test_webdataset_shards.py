@@ -442,7 +442,6 @@ def test_mixed_json_and_shard_datasets_train_and_resume_exactly(lp, shards, tmp_
     """A map-style dataset (ratio 3) and a shard dataset (ratio 1) in one run; resumed in the
     middle of epoch 1, the losses equal the uninterrupted run's."""
     from lavis.tasks.base_task import BaseTask
-    from omegaconf import OmegaConf
 
     from lavis_plugins.runners.runner import PluginRunner
 

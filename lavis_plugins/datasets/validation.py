@@ -13,7 +13,7 @@ traceback at the first batch (or a silent wrong run).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from lavis_plugins.common.errors import UserError
 

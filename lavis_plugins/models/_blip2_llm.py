@@ -45,7 +45,7 @@ from lavis_plugins.common.safe_load import load_weights, state_dict_of
 from lavis_plugins.models.arch_check import describe_mismatch, mismatch_message
 from lavis_plugins.models.blip2_base import VIT_MODELS, LPBlip2Base, TinyVitConfig
 from lavis_plugins.models.blip2_qformer import init_vision_and_qformer
-from lavis_plugins.models.hf_format import (  # noqa: F401 - hf_to_lavis_state_dict: old home
+from lavis_plugins.models.hf_format import (
     apply_folder_sizes,
     folder_model_type,
     folder_tokenizer,

@@ -39,7 +39,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from lavis.common.registry import registry
