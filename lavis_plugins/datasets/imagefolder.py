@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from lavis_plugins.common.errors import UserError
-from lavis_plugins.datasets.validation import check_image_file
+from lavis_plugins.datasets.validation import load_checked_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 
@@ -117,8 +116,7 @@ class ImageClassificationDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         path, label = self.samples[index]
-        check_image_file(path)  # missing, empty, truncated: BadSample (run.on_bad_sample)
-        image = Image.open(path).convert("RGB")
+        image = load_checked_image(path)  # missing, empty, truncated: BadSample (on_bad_sample)
         out = {"image": self.vis_processor(image), "label": label, "index": index}
         if self.caption_templates:
             # Python's RNG: the runner seeds it per sample, so captions repeat on resume

@@ -32,10 +32,13 @@ from lavis.datasets.datasets.base_dataset import BaseDataset
 from lavis.datasets.datasets.caption_datasets import CaptionDataset, CaptionEvalDataset
 from lavis.datasets.datasets.retrieval_datasets import RetrievalDataset, RetrievalEvalDataset
 from lavis.datasets.datasets.vqa_datasets import VQADataset
-from PIL import Image
 
 from lavis_plugins.common.errors import UserError
-from lavis_plugins.datasets.validation import check_image_file, check_text_fields
+from lavis_plugins.datasets.validation import (
+    check_image_file,
+    check_text_fields,
+    load_checked_image,
+)
 
 
 def resolve_inside(root: str | Path, rel: str | Path, what: str) -> Path:
@@ -184,8 +187,8 @@ class ShapesVQADataset(_ShapesAnnotations, VQADataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ann = self.annotation[index]
-        check_image_file(os.path.join(self.vis_root, ann["image"]))
-        image = Image.open(os.path.join(self.vis_root, ann["image"])).convert("RGB")
+        # missing, empty, truncated or non-image: BadSample
+        image = load_checked_image(os.path.join(self.vis_root, ann["image"]))
         answers, weights = answer_weights(ann["answer"])
         return {
             "image": self.vis_processor(image),

@@ -46,6 +46,12 @@ def check_text_fields(records: Sequence[Mapping[str, Any]], fields: Mapping[str,
 
 def check_image_file(path: str) -> None:
     """Raise :class:`BadSample` unless ``path`` is an image that decodes completely."""
+    load_checked_image(path)
+
+
+def load_checked_image(path: str):
+    """``path`` as an RGB PIL image, decoded once with the checks of :func:`check_image_file`
+    (a dataset that reads the image itself uses this instead of checking, then decoding again)."""
     from PIL import Image, ImageFile
 
     if not os.path.isfile(path):
@@ -59,6 +65,7 @@ def check_image_file(path: str) -> None:
     try:
         with Image.open(path) as im:
             im.load()
+            return im.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
         raise BadSample(f"image {path} cannot be decoded ({reason}): "
