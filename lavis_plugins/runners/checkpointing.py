@@ -57,14 +57,19 @@ class CheckpointingMixin:
             "rng": rng_all,
             "world_size": dist_utils.get_world_size(),
             # what a streamed train split's order depends on besides (epoch, next_iter)
-            "data": self.train_stream().state_dict() if self.train_stream() else None,
+            "data": stream.state_dict() if (stream := self.train_stream()) else None,
         }
         name = "checkpoint_best.pth" if is_best else (
             f"checkpoint_{cur_epoch}.pth" if done else f"checkpoint_step{self.global_step}.pth")
         path = self.output_dir / name
         # the step loop never applies a non-finite update; this guards any other way in (one
         # sync per checkpoint, not per step)
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        floats = [(k, v) for k, v in state.items() if v.is_floating_point()]
+        finite = []
+        if floats:  # flags gathered on one device, read with one .tolist()
+            dev = floats[0][1].device
+            finite = torch.stack([torch.isfinite(v).all().to(dev) for _, v in floats]).tolist()
+        bad = [k for (k, _), ok in zip(floats, finite) if not ok]
         if bad:
             raise TrainingDiverged(f"not writing {path}: weights {bad[:3]} are not finite; the "
                                    f"last good checkpoint is {self._last_ckpt}")
@@ -117,8 +122,8 @@ class CheckpointingMixin:
                                "and RNG streams differ from the original run",
                                ckpt.get("world_size"), dist_utils.get_world_size())
             unpack_rng(rng[min(dist_utils.get_rank(), len(rng) - 1)])
-        if self.train_stream() is not None:
-            self.train_stream().check_resume(ckpt.get("data"), url_or_filename)
+        if (stream := self.train_stream()) is not None:
+            stream.check_resume(ckpt.get("data"), url_or_filename)
         logger.info("resumed from %s at epoch %d, iteration %d (step %d)", url_or_filename,
                     self.start_epoch, self.start_iter, self.global_step)
 
