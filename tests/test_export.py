@@ -152,6 +152,9 @@ def test_export_bad_input(lp, itr, tmp_path, capsys, tiny_bert_dir, llm_dirs):
     assert "no such file or folder" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(folder), "--out", str(folder)]) == 2
     assert "--out is the --checkpoint folder" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(folder), "--out", str(tmp_path / "o"),
+                 "--options", "vit_path"]) == 2
+    assert "--options takes key=value pairs; got 'vit_path'" in capsys.readouterr().err
     # transformers' Blip2VisionModel has EVA's blocks: another encoder (CLIP ViT-L) is refused
     from lavis.models.clip_vit import VisionTransformer
 

@@ -10,17 +10,28 @@ import os
 import random
 from datetime import datetime
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from lavis_plugins.cli.run_options import run_options_help
 from lavis_plugins.common.errors import UserError, unknown_name
 
 
-def _check_options(options: List[str]) -> None:
+def _check_options(options: List[str],
+                   example: str = "run.max_epoch=1 model.max_txt_len=32") -> None:
     for opt in options:
         if "=" not in opt or opt.startswith("="):
             raise UserError(f"--options takes key=value pairs; got {opt!r} "
-                            "(e.g. --options run.max_epoch=1 model.max_txt_len=32)")
+                            f"(e.g. --options {example})")
+
+
+def model_options(options: Optional[List[str]],
+                  example: str = "vit_path=/weights/eva_vit_g.pth max_txt_len=32") -> Dict[str, Any]:
+    """``--options key=value ...`` of the model commands (predict, export) as a config dict
+    (dotted keys nest; values read as YAML scalars), each checked as ``train``'s are."""
+    from omegaconf import OmegaConf
+
+    _check_options(list(options or []), example)
+    return OmegaConf.to_container(OmegaConf.from_dotlist(list(options or [])), resolve=True)
 
 
 def load_config(cfg_path: str, options: List[str]):

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from lavis_plugins.cli.experiment import model_options
 from lavis_plugins.common.errors import UserError
 
 LAVIS_FILE = "lavis_checkpoint.pth"
@@ -44,19 +45,6 @@ def folder_model(folder: str) -> Tuple[str, str]:
     if text_type in _FOLDER_MODELS:
         return _FOLDER_MODELS[text_type]
     return "lp_blip2_causal", "tiny"  # any other decoder-only LLM
-
-
-def parse_options(options: Optional[List[str]]) -> Dict[str, object]:
-    """``key=value`` pairs (values read as YAML: numbers, booleans, null)."""
-    import yaml
-
-    out: Dict[str, object] = {}
-    for item in options or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--options {item!r}: write key=value")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def export(checkpoint: str, out: str, model: Optional[str] = None,
@@ -92,7 +80,7 @@ def export(checkpoint: str, out: str, model: Optional[str] = None,
 
 def _run(args: argparse.Namespace) -> int:
     for path in export(args.checkpoint, args.out, args.model, args.model_type, args.format,
-                       parse_options(args.options)):
+                       model_options(args.options)):
         print(f"wrote {path}")
     return 0
 

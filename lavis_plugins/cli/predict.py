@@ -20,8 +20,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List
 
+from lavis_plugins.cli.experiment import model_options
 from lavis_plugins.common.errors import UserError
 
 TASKS = ("caption", "vqa", "retrieve")
@@ -99,15 +100,6 @@ def _files(args, wants_video: bool) -> List[Path]:
     return files
 
 
-def _overrides(options: Sequence[str]) -> Dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    for opt in options:
-        if "=" not in opt or opt.startswith("="):
-            raise UserError(f"--options takes key=value model config overrides; got {opt!r}")
-    return OmegaConf.to_container(OmegaConf.from_dotlist(list(options)), resolve=True)
-
-
 def predict(args) -> Iterator[Dict[str, Any]]:
     """One result record per input file (see the module docstring)."""
     import torch
@@ -122,7 +114,7 @@ def predict(args) -> Iterator[Dict[str, Any]]:
     device = choose_device(args.device)
     model, vis, _ = lavis_plugins.load_model_and_preprocess(
         args.model, args.model_type, is_eval=True, device=device, checkpoint=args.checkpoint,
-        **_overrides(args.options))
+        **model_options(args.options))
     vis_eval = vis.get("eval")
     if vis_eval is None:
         raise UserError(f"{args.model}/{args.model_type} names no eval image processor in its "
