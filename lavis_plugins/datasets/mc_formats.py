@@ -9,9 +9,9 @@ Formats (``ann_format`` of the builders):
 
 - ``nextqa``: NExT-QA's CSV (``train.csv`` / ``val.csv`` / ``test.csv``) with the header
   ``video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4``; ``answer`` is the
-  option index. ``type`` is kept as ``question_type`` (CW, CH, TN, TC, TP, DC, DL, DO) and
-  grouped by :func:`nextqa_group` into causal / temporal / descriptive. Video ids map to paths
-  through ``map_vid_vidorID.json`` when the builder gives ``video_map``.
+  option index. ``type`` is kept as ``question_type`` (CW, CH, TN, TC, TP, DC, DL, DO); the
+  ``lp_video_mcqa`` task groups it into causal / temporal / descriptive (``NEXTQA_TYPES``).
+  Video ids map to paths through ``map_vid_vidorID.json`` when the builder gives ``video_map``.
 - ``star``: STAR's JSON (``STAR_val.json``): a list of ``{question_id, question, video_id, start,
   end, answer, choices: [{choice_id, choice}, ...]}``; the answer is the choice whose text equals
   ``answer``; ``question_type`` is the ``question_id`` prefix (Interaction, Sequence,
@@ -32,17 +32,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 from lavis_plugins.common.errors import UserError, unknown_name
 
-NEXTQA_GROUPS = {"C": "causal", "T": "temporal", "D": "descriptive"}
 NEXTQA_COLUMNS = ("video", "question", "answer", "qid", "type", "a0", "a1", "a2", "a3", "a4")
 HOW2QA_COLUMNS = 7
 MAX_OPTIONS = 10
 Record = Dict[str, Any]
-
-
-def nextqa_group(qtype: Optional[str]) -> Optional[str]:
-    """NExT-QA's question group of a type code: CW/CH causal, TN/TC/TP temporal, DC/DL/DO
-    descriptive (None for other codes)."""
-    return NEXTQA_GROUPS.get(str(qtype)[:1]) if qtype else None
 
 
 def _open_text(path: str, kind: str):

@@ -191,23 +191,21 @@ _HF_TOP = {
 
 
 def hf_to_lavis_state_dict(hf_state: Dict[str, torch.Tensor], proj_name: str = "llm_proj",
-                           llm_name: str = "llm", include_vision: bool = True
-                           ) -> Dict[str, torch.Tensor]:
+                           llm_name: str = "llm") -> Dict[str, torch.Tensor]:
     """Rename a transformers BLIP-2 state dict to LAVIS's names.
 
     ``qformer.*`` -> ``Qformer.bert.*`` (``qformer.layernorm`` -> ``embeddings.LayerNorm``,
     ``*.attention.attention.*`` -> ``*.attention.self.*``), ``language_projection`` ->
     ``proj_name``, ``language_model`` -> ``llm_name``, ``query_tokens`` as is, the retrieval
     heads (``vision_projection``, ``text_projection``, ``itm_head``) and text embeddings to
-    LAVIS's stage-1 names, and (with ``include_vision``) ``vision_model`` ->
+    LAVIS's stage-1 names, and ``vision_model`` ->
     ``visual_encoder``/``ln_vision`` in EVA's layout (the fused qkv bias split back into
     ``q_bias``/``v_bias``; transformers keeps a zero key bias there).
     """
     out: Dict[str, torch.Tensor] = {}
     for key, value in hf_state.items():
         if key.startswith("vision_model."):
-            if include_vision:
-                out.update(_hf_vision_key(key, value))
+            out.update(_hf_vision_key(key, value))
             continue
         if key.startswith("qformer."):
             new = "Qformer.bert." + key[len("qformer."):]
