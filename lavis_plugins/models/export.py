@@ -24,6 +24,12 @@ import torch
 from torch import nn
 
 from lavis_plugins.common.errors import UserError
+from lavis_plugins.models.hf_format import (
+    _HF_TOP,
+    _HF_VIT_LAYER_NAMES,
+    _HF_VIT_TOP,
+    BERT_CONFIG_KEYS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +71,7 @@ def _vision_config(model: nn.Module) -> Dict[str, Any]:
 
 def _qformer_config(model: nn.Module, text_input: bool) -> Dict[str, Any]:
     c = model.Qformer.config
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "intermediate_size", "hidden_act", "hidden_dropout_prob",
-            "attention_probs_dropout_prob", "max_position_embeddings", "initializer_range",
-            "layer_norm_eps", "pad_token_id")
-    out = {k: getattr(c, k) for k in keys}
+    out = {k: getattr(c, k) for k in BERT_CONFIG_KEYS}
     if model.Qformer.bert.embeddings.word_embeddings is not None:  # resized for [DEC]
         out["vocab_size"] = model.Qformer.bert.embeddings.word_embeddings.num_embeddings
     out.update(cross_attention_frequency=c.cross_attention_freq,
@@ -78,24 +80,11 @@ def _qformer_config(model: nn.Module, text_input: bool) -> Dict[str, Any]:
 
 
 _VIT_BLOCK = re.compile(r"^visual_encoder\.blocks\.(\d+)\.(.*)$")
-_VIT_NAMES = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
-              "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-_VIT_TOP = {
-    "visual_encoder.cls_token": "vision_model.embeddings.class_embedding",
-    "visual_encoder.pos_embed": "vision_model.embeddings.position_embedding",
-    "visual_encoder.patch_embed.proj.weight": "vision_model.embeddings.patch_embedding.weight",
-    "visual_encoder.patch_embed.proj.bias": "vision_model.embeddings.patch_embedding.bias",
-    "ln_vision.weight": "vision_model.post_layernorm.weight",
-    "ln_vision.bias": "vision_model.post_layernorm.bias",
-}
+# the import tables of hf_format, inverted: export and import cannot drift apart
+_VIT_NAMES = {ours: theirs for theirs, ours in _HF_VIT_LAYER_NAMES.items()}
+_VIT_TOP = {ours: theirs for theirs, ours in _HF_VIT_TOP.items()}
 # stage-1 parts with a place in Blip2ForImageTextRetrieval (besides the Q-Former's query side)
-_STAGE1_TOP = {
-    "Qformer.bert.embeddings.word_embeddings.": "embeddings.word_embeddings.",
-    "Qformer.bert.embeddings.position_embeddings.": "embeddings.position_embeddings.",
-    "vision_proj.": "vision_projection.",
-    "text_proj.": "text_projection.",
-    "itm_head.": "itm_head.",
-}
+_STAGE1_TOP = {ours: theirs for theirs, ours in _HF_TOP.items()}
 
 
 def lavis_to_hf_state_dict(state: Dict[str, torch.Tensor], proj_name: str = "llm_proj",

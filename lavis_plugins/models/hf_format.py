@@ -114,14 +114,18 @@ def vit_sizes(vision: Dict[str, Any], folder: str) -> TinyVitConfig:
                          layer_norm_eps=eps, ln_vision_eps=eps)
 
 
+# the BERT fields a transformers Q-Former config shares with our Q-Former's BertConfig (read on
+# import, written on export)
+BERT_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "hidden_act", "hidden_dropout_prob",
+                    "attention_probs_dropout_prob", "max_position_embeddings",
+                    "initializer_range", "layer_norm_eps", "pad_token_id")
+
+
 def qformer_bert_config(qformer: Dict[str, Any]) -> BertConfig:
     """The ``BertConfig`` our Q-Former is built from, for a transformers Q-Former config dict
     (``qformer.qformer_config`` adds the query/cross-attention fields)."""
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "intermediate_size", "hidden_act", "hidden_dropout_prob",
-            "attention_probs_dropout_prob", "max_position_embeddings", "initializer_range",
-            "layer_norm_eps", "pad_token_id")
-    return BertConfig(**{k: qformer[k] for k in keys if k in qformer})
+    return BertConfig(**{k: qformer[k] for k in BERT_CONFIG_KEYS if k in qformer})
 
 
 def apply_folder_sizes(cfg: Any, folder: str) -> Any:
