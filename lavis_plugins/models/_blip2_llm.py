@@ -489,10 +489,7 @@ class Blip2LLMBase(LPBlip2Base):
         mcfg = self.CONFIG_CLASS.from_cfg(cfg, self.arch_name())
         path = mcfg.finetuned if mcfg.load_finetuned else mcfg.pretrained
         if path:
-            if folder_model_type(path) in self.HF_MODEL_TYPES:
-                self.load_hf_blip2(path)
-            else:
-                self.load_lavis(path)
+            self.load_checkpoint(path)
 
     def load_checkpoint(self, url_or_filename: str) -> None:
         """What LAVIS's ``lavis.models.load_model(..., checkpoint=X)`` calls: the same checked
