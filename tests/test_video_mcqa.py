@@ -87,6 +87,34 @@ def test_star_json_and_how2qa_csv_and_plain_json(lp, mc_root, tmp_path):
     assert ds[0]["question_id"] == "q1" and ds[1]["question_id"] == 1
 
 
+def test_video_map_looks_up_each_record_s_own_video_id(lp, mc_root, tmp_path):
+    """The map is keyed by the record's video id, never parsed out of its question_id (which in a
+    plain JSON file may be an integer, or a string without the video in it)."""
+    vmap = write_json(tmp_path / "map.json", {"4010069381": "1000/4010069381.mp4"})
+    mcq = write_json(tmp_path / "mc.json", [
+        {"video": "4010069381", "question": "what colour", "options": ["red", "blue"],
+         "answer": 0, "question_id": 7},
+        {"video": "4010069381", "question": "what shape", "options": ["circle", "square"],
+         "answer": 1, "question_id": "q_two"}])
+    ds = builder_cfg("lp_video_mcqa", mc_root, {"test": mcq},
+                     build_info={"video_map": {"storage": str(vmap)}}).build_datasets()["test"]
+    assert [ds[0]["question_id"], ds[1]["question_id"]] == [7, "q_two"]
+    assert ds[0]["video"].shape == ds[1]["video"].shape == (3, 2, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("name", ["lp_star", "lp_video_mcqa", "lp_msrvtt_qa"])
+def test_json_annotation_files_are_read_by_one_loader(lp, mc_root, tmp_path, name):
+    """STAR, plain multiple-choice JSON and open-ended video QA files share one reader: the same
+    message for a file that is not a list, and for a record that lacks a field."""
+    split = "test" if name == "lp_video_mcqa" else "val"
+    not_a_list = write_json(tmp_path / f"{name}.json", {"question": "q"})
+    with pytest.raises(UserError, match=r"must be a JSON list of records \(.*\), got a dict"):
+        builder_cfg(name, mc_root, {split: not_a_list}).build_datasets()
+    lacking = write_json(tmp_path / f"{name}_lacking.json", [{"unrelated": 1}])
+    with pytest.raises(UserError, match=r"record 0 lacks \[.*'question'.*\] \(a .* record needs"):
+        builder_cfg(name, mc_root, {split: lacking}).build_datasets()
+
+
 def test_bad_multiple_choice_annotations_name_the_row_and_fix(lp, mc_root, tmp_path):
     def build(name, path, **extra):
         return builder_cfg(name, mc_root, {"val": path} if name != "lp_video_mcqa"

@@ -1,8 +1,9 @@
 """Readers of the published multiple-choice video QA annotation formats.
 
-Each reader turns one annotation file into records ``{video, question, options, answer,
-question_id, question_type}`` (``answer``: the index of the correct option; ``video``: the file
-name relative to the videos folder, from ``video_template``). Bad files give one ``UserError``
+Each reader turns one annotation file into records ``{video, video_id, question, options, answer,
+question_id, question_type}`` (``answer``: the index of the correct option; ``video_id``: the
+file's own video id; ``video``: the file name relative to the videos folder, from
+``video_template``). Bad files give one ``UserError``
 naming the file, the row and the fix.
 
 Formats (``ann_format`` of the builders):
@@ -25,12 +26,12 @@ Formats (``ann_format`` of the builders):
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 from typing import Any, Callable, Dict, List, Optional
 
 from lavis_plugins.common.errors import UserError, unknown_name
+from lavis_plugins.datasets.video_datasets import load_annotation_list
 
 NEXTQA_COLUMNS = ("video", "question", "answer", "qid", "type", "a0", "a1", "a2", "a3", "a4")
 HOW2QA_COLUMNS = 7
@@ -79,34 +80,31 @@ def read_nextqa(path: str, video_template: str) -> List[Record]:
     out = []
     for i, row in enumerate(rows):
         where = f"{path}: row {i + 2}"
+        vid = row["video"].strip()
         out.append(_check({
-            "video": video_template.format(video=row["video"].strip()),
+            "video": video_template.format(video=vid), "video_id": vid,
             "question": row["question"].strip(),
             "options": [row[f"a{j}"].strip() for j in range(5)],
             "answer": _int(row["answer"], where, "answer"),
-            "question_id": f"{row['video'].strip()}_{row['qid'].strip()}",
+            "question_id": f"{vid}_{row['qid'].strip()}",
             "question_type": row["type"].strip() or None,
         }, where))
     return out
 
 
 def read_star(path: str, video_template: str) -> List[Record]:
-    data = _load_json_list(path, "STAR")
+    data = load_annotation_list(path, ("question_id", "question", "video_id", "answer", "choices"),
+                                "STAR")
     out = []
     for i, rec in enumerate(data):
         where = f"{path}: record {i}"
-        missing = [k for k in ("question_id", "question", "video_id", "answer", "choices")
-                   if k not in rec]
-        if missing:
-            raise UserError(f"{where} lacks {missing} (a STAR record has question_id, question, "
-                            "video_id, start, end, answer, choices)")
         choices = sorted(rec["choices"], key=lambda c: c.get("choice_id", 0))
         options = [str(c.get("choice", "")).strip() for c in choices]
         answer = str(rec["answer"]).strip()
         if answer not in options:
             raise UserError(f"{where}: answer {answer!r} is none of the choices {options}")
         out.append(_check({
-            "video": video_template.format(video=rec["video_id"]),
+            "video": video_template.format(video=rec["video_id"]), "video_id": rec["video_id"],
             "question": str(rec["question"]).strip(), "options": options,
             "answer": options.index(answer), "question_id": rec["question_id"],
             "question_type": str(rec["question_id"]).split("_")[0],
@@ -132,7 +130,7 @@ def read_how2qa(path: str, video_template: str, shuffle_seed: Optional[int] = No
         if shuffle_seed is not None:
             random.Random(f"{shuffle_seed}:{i}").shuffle(order)
         out.append(_check({
-            "video": video_template.format(video=vid), "question": question,
+            "video": video_template.format(video=vid), "video_id": vid, "question": question,
             "options": [options[j] for j in order], "answer": order.index(0),
             "question_id": f"{vid}_{i}", "question_type": None, "timestamps": ts,
         }, where))
@@ -140,7 +138,7 @@ def read_how2qa(path: str, video_template: str, shuffle_seed: Optional[int] = No
 
 
 def read_json(path: str, video_template: str) -> List[Record]:
-    data = _load_json_list(path, "multiple-choice")
+    data = load_annotation_list(path, ("video", "question", "answer"), "multiple-choice")
     out = []
     for i, rec in enumerate(data):
         where = f"{path}: record {i}"
@@ -148,28 +146,16 @@ def read_json(path: str, video_template: str) -> List[Record]:
             options = rec["options"]
         else:
             options = [rec[f"a{j}"] for j in range(MAX_OPTIONS) if f"a{j}" in rec]
-        missing = [k for k in ("video", "question", "answer") if k not in rec]
-        if missing or not isinstance(options, list):
-            raise UserError(f"{where} lacks {missing or ['options']} (a record needs video, "
-                            "question, options (or a0..a4) and answer: the correct index)")
+        if not isinstance(options, list):
+            raise UserError(f"{where}: options must be a list (or give a0..a4), got "
+                            f"{type(options).__name__}")
         out.append(_check({
-            "video": video_template.format(video=rec["video"]),
+            "video": video_template.format(video=rec["video"]), "video_id": rec["video"],
             "question": rec["question"], "options": [str(o).strip() for o in options],
             "answer": rec["answer"], "question_id": rec.get("question_id", rec.get("qid", i)),
             "question_type": rec.get("question_type", rec.get("type")),
         }, where))
     return out
-
-
-def _load_json_list(path: str, kind: str) -> List[Dict[str, Any]]:
-    with _open_text(path, kind) as f:
-        try:
-            data = json.load(f)
-        except ValueError as e:
-            raise UserError(f"cannot read {kind} annotation file {path}: {e}") from e
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise UserError(f"{path}: a {kind} annotation file must be a JSON list of objects")
-    return data
 
 
 READERS: Dict[str, Callable[..., List[Record]]] = {
@@ -193,9 +179,10 @@ def read_mc_annotations(path: str, ann_format: str, video_template: str = "{vide
 
 def apply_video_map(records: List[Record], video_map: Dict[str, str], template: str,
                     path: str) -> None:
-    """NExT-QA's ``map_vid_vidorID.json``: each record's video id -> its path (in place)."""
+    """NExT-QA's ``map_vid_vidorID.json``: each record's video id (``video_id``, as the file
+    gives it; the map's keys are strings) -> its path (in place)."""
     for rec in records:
-        vid = rec["question_id"].rsplit("_", 1)[0]
+        vid = str(rec["video_id"])
         if vid not in video_map:
             raise UserError(f"video {vid!r} is not in the video map {path}")
         rec["video"] = template.format(video=video_map[vid])
