@@ -118,6 +118,21 @@ def test_a_selector_with_the_same_encoder_shares_it_and_encodes_frames_once(lp, 
     assert model.last_frame_selection.tolist() == [[1, 3]]
 
 
+def test_the_selector_checkpoint_is_read_once(lp, selector_ckpt, monkeypatch):
+    reads = []
+    load = torch.load
+
+    def counting_load(f, *a, **k):
+        reads.append(str(f))
+        return load(f, *a, **k)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    model = _video_model(lp, frame_selection="itc", selection_k=1,
+                         selector_checkpoint=str(selector_ckpt))
+    model.frame_selector()
+    assert reads.count(str(selector_ckpt)) == 1
+
+
 @pytest.mark.parametrize("arch", ["lp_blip2_video_opt", "lp_blip2_video_t5"])
 def test_llm_scorer_encodes_each_frame_once_and_is_batch_independent(lp, arch):
     model = _video_model(lp, arch, frame_selection="llm", selection_k=2)

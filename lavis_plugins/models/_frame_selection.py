@@ -159,7 +159,7 @@ def build_frame_selector(model: Any) -> "tuple[Any, bool]":
         cross_attention_freq=cfg.cross_attention_freq,
         embed_dim=int(state["vision_proj.weight"].shape[0]))
     selector = LPBlip2VideoQformer(sel_cfg)
-    selector.load_checkpoint(path)
+    selector.load_checked_state(state, path)  # the state read above: the file is read once
     selector.eval().requires_grad_(False)
     mine, theirs = model.visual_encoder.state_dict(), selector.visual_encoder.state_dict()
     shares = mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k].to(mine[k]))

@@ -600,6 +600,11 @@ class LPBlip2Qformer(LPBlip2Base):
         path = local_checkpoint(url_or_filename, "pretrained")
         # weights-only: a downloaded file must not run code (lavis_plugins.common.safe_load)
         state = state_dict_of(load_weights(path, "checkpoint"), path, "checkpoint")
+        return self.load_checked_state(state, path)
+
+    def load_checked_state(self, state: Mapping[str, Tensor], path: str):
+        """``load_checkpoint``'s checks and load, of a state dict already read from ``path``
+        (named in the messages)."""
         own = self.state_dict()
         wrong_shape = [f"{k} {tuple(state[k].shape)} (model: {tuple(own[k].shape)})"
                        for k in state if k in own and state[k].shape != own[k].shape]
