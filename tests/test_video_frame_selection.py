@@ -100,21 +100,50 @@ def test_selection_picks_the_frames_that_match_the_question(lp, selector_ckpt, m
     assert model.last_frame_selection.tolist() == chosen
 
 
-def test_a_selector_with_the_same_encoder_shares_it_and_encodes_frames_once(lp, selector_ckpt):
-    """When the selector's image encoder equals the answering model's (BLIP-2's frozen ViT), each
-    frame goes through the encoder once for both scoring and answering."""
-    model = _video_model(lp, frame_selection="itm", selection_k=2,
+def _count_passes(model):
+    """Records the input shape of every image-encoder pass (``calls``) and the number of images
+    the answering model's Q-Former reads per pass (``qformer``)."""
+    calls, qformer = [], []
+    # the patch embedding: every pass starts there, at any side (the encoder's own forward
+    # runs only at its built side)
+    model.visual_encoder.patch_embed.proj.register_forward_hook(
+        lambda m, i, o: calls.append(tuple(i[0].shape)))
+    own = model.prompt_from_features
+
+    def counted(embeds, *a, **k):
+        qformer.append(embeds.shape[0])
+        return own(embeds, *a, **k)
+
+    model.prompt_from_features = counted
+    return calls, qformer
+
+
+# selection_grid -> the encoder passes of one video of 4 candidates keeping 2 (the tiny model:
+# 32 px, 8 px patches, a 4 x 4 grid). Full resolution (0, or the default 8: not below the
+# model's own grid) encodes each frame once; 2 scores all 4 at 16 px, then encodes the 2 kept
+FULL_GRID = 0
+SHARED_PASSES = {FULL_GRID: [(4, 3, SIZE, SIZE)], 8: [(4, 3, SIZE, SIZE)],
+                 2: [(4, 3, SIZE // 2, SIZE // 2), (2, 3, SIZE, SIZE)]}
+
+
+@pytest.mark.parametrize("grid", sorted(SHARED_PASSES))
+def test_a_selector_with_the_same_encoder_shares_it_and_encodes_frames_once(lp, selector_ckpt,
+                                                                            grid):
+    """When the selector's image encoder equals the answering model's (BLIP-2's frozen ViT), no
+    frame goes through the encoder twice at one resolution, and the answering model's Q-Former
+    reads only the kept frames (itc/itm score with the selector's own Q-Former)."""
+    model = _video_model(lp, frame_selection="itm", selection_k=2, selection_grid=grid,
                          selector_checkpoint=str(selector_ckpt))
     state = torch.load(selector_ckpt, weights_only=False)["model"]
     model.visual_encoder.load_state_dict({k[len("visual_encoder."):]: v for k, v in state.items()
                                           if k.startswith("visual_encoder.")})
-    calls = []
-    model.visual_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    calls, qformer = _count_passes(model)
     video = torch.stack([_clip(["blue", "red", "blue", "red"])])
     model.predict_answers({"video": video, "text_input": ["is there a red square"]},
                           max_len=2, num_beams=1)
     assert model.frame_selector().visual_encoder is model.visual_encoder
-    assert calls == [4]  # one pass over the 4 candidate frames
+    assert calls == SHARED_PASSES[grid]
+    assert qformer == [2]  # the 2 kept frames, not the 4 candidates
     assert model.last_frame_selection.tolist() == [[1, 3]]
 
 
@@ -133,15 +162,20 @@ def test_the_selector_checkpoint_is_read_once(lp, selector_ckpt, monkeypatch):
     assert reads.count(str(selector_ckpt)) == 1
 
 
+# selection_grid -> encoder passes of 2 videos of 5 candidates keeping 2 with the LLM scorer
+LLM_PASSES = {FULL_GRID: [(10, 3, SIZE, SIZE)],  # once: scoring and answering share the tokens
+              2: [(10, 3, SIZE // 2, SIZE // 2), (4, 3, SIZE, SIZE)]}
+
+
+@pytest.mark.parametrize("grid", sorted(LLM_PASSES))
 @pytest.mark.parametrize("arch", ["lp_blip2_video_opt", "lp_blip2_video_t5"])
-def test_llm_scorer_encodes_each_frame_once_and_is_batch_independent(lp, arch):
-    model = _video_model(lp, arch, frame_selection="llm", selection_k=2)
-    calls = []
-    model.visual_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+def test_llm_scorer_encodes_each_frame_once_and_is_batch_independent(lp, arch, grid):
+    model = _video_model(lp, arch, frame_selection="llm", selection_k=2, selection_grid=grid)
+    calls, _ = _count_passes(model)
     g = torch.Generator().manual_seed(0)
     video = torch.randn(2, 3, 5, SIZE, SIZE, generator=g)
     scores = model.score_candidates({"video": video, "text_input": QUESTIONS}, ANSWERS)
-    assert calls == [10]  # 2 videos x 5 candidate frames, once: scoring and answering share them
+    assert calls == LLM_PASSES[grid]
     both = model.last_frame_selection.tolist()
     assert all(len(row) == 2 and row == sorted(row) for row in both)
     for i in range(2):  # each video alone selects and scores the same
@@ -163,6 +197,7 @@ def test_keeping_all_frames_equals_no_selection(lp, selector_ckpt, fusion, metho
     kw = dict(max_len=3, num_beams=2)
     assert chosen.predict_answers(samples, **kw) == plain.predict_answers(samples, **kw)
     assert chosen.last_frame_selection.tolist() == [[0, 1, 2, 3]] * 2
+    assert "_frame_selector" not in chosen.__dict__  # nothing was scored
     if fusion != "vote":
         assert torch.equal(chosen.score_candidates(samples, ANSWERS),
                            plain.score_candidates(samples, ANSWERS))
@@ -175,19 +210,25 @@ def test_selection_settings_are_checked(lp, tmp_path):
         lp.load_model("lp_blip2_video_opt", "tiny", frame_selection="llm", selection_k=0)
     with pytest.raises(UserError, match="selector_checkpoint"):
         lp.load_model("lp_blip2_video_t5", "tiny", frame_selection="itm")
+    for grid in (-1, 2.5, "8", True):
+        with pytest.raises(UserError, match="selection_grid"):
+            lp.load_model("lp_blip2_video_opt", "tiny", frame_selection="llm",
+                          selection_grid=grid)
     with pytest.raises(UserError, match="selection_prompt"):
         lp.load_model("lp_blip2_video_opt", "tiny", frame_selection="llm",
                       selection_prompt="Is {q} answered?")
     video = {"video": torch.zeros(1, 3, 2, SIZE, SIZE), "text_input": ["what"]}
-    missing = _video_model(lp, frame_selection="itc", selector_checkpoint=str(tmp_path / "no.pth"))
+    missing = _video_model(lp, frame_selection="itc", selection_k=1,
+                           selector_checkpoint=str(tmp_path / "no.pth"))
     with pytest.raises(UserError, match="not a file"):
         missing.predict_answers(video, max_len=2, num_beams=1)
     stage2 = tmp_path / "stage2.pth"
     torch.save({"model": missing.state_dict()}, stage2)
-    wrong = _video_model(lp, frame_selection="itc", selector_checkpoint=str(stage2))
+    wrong = _video_model(lp, frame_selection="itc", selection_k=1,
+                         selector_checkpoint=str(stage2))
     with pytest.raises(UserError, match="not a stage-1 checkpoint"):
         wrong.predict_answers(video, max_len=2, num_beams=1)
-    llm = _video_model(lp, frame_selection="llm")
+    llm = _video_model(lp, frame_selection="llm", selection_k=1)
     with pytest.raises(UserError, match="question text"):
         llm.predict_answers({"video": video["video"], "text_input": [""]}, max_len=2,
                             num_beams=1)

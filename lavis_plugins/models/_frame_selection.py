@@ -14,6 +14,15 @@ and the ``selection_k`` best are kept **in time order** before the frames are fu
 
 With several texts per video (the question with each option), a frame's score is its best score
 over them: a frame that supports any option is informative. Ties keep the earlier frame.
+
+Cost: the candidates are scored from the image encoder run on frames downscaled to
+``selection_grid`` patches per side (fewer patches; position embeddings interpolated,
+``_vit_resolution.py``), and only the ``selection_k`` kept frames go through the encoder at full
+resolution and the answering model's Q-Former. Where the model's own grid is not larger than
+``selection_grid`` (or it is 0) the candidates are scored at full resolution: each frame is then
+encoded once, its features (or, for ``llm``, its tokens) reused for answering. ``itc`` / ``itm``
+never run the answering model's Q-Former on frames they drop. With ``selection_k`` >= the number
+of candidates nothing is scored: every frame is kept, exactly as without selection.
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lavis_plugins.common.errors import UserError, unknown_name
@@ -45,6 +55,10 @@ class FrameSelectionFields:
     # "itc" / "itm" scorers: a stage-1 checkpoint (lp_blip2_qformer / LAVIS blip2 .pth) whose
     # Q-Former scores the frames; it must match this model's image encoder and Q-Former sizes
     selector_checkpoint: Optional[str] = None
+    # patches per side of the frames candidates are scored from: the frames are downscaled to
+    # selection_grid x patch pixels (8: a quarter of the patches of a 224 px ViT/14). A model
+    # whose own grid is not larger, or 0, scores at full resolution (each frame encoded once)
+    selection_grid: int = 8
 
     def validate_selection(self, arch: str) -> None:
         if self.frame_selection not in SCORERS:
@@ -54,6 +68,11 @@ class FrameSelectionFields:
         if not isinstance(self.selection_k, int) or self.selection_k < 1:
             raise UserError(f"model.selection_k of {arch} is {self.selection_k!r}; give the "
                             "number of frames to keep (an integer >= 1)")
+        grid = self.selection_grid
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 0:
+            raise UserError(f"model.selection_grid of {arch} is {grid!r}; give the patches per "
+                            "side at which candidate frames are scored (an integer >= 1), or 0 "
+                            "to score them at full resolution")
         if self.frame_selection in ("itc", "itm") and not self.selector_checkpoint:
             raise UserError(f"model.frame_selection {self.frame_selection!r} of {arch} scores "
                             "frames with a stage-1 Q-Former: set model.selector_checkpoint to a "
@@ -65,6 +84,21 @@ class FrameSelectionFields:
             except (KeyError, IndexError, ValueError) as e:
                 raise UserError(f"model.selection_prompt {self.selection_prompt!r} of {arch}: "
                                 "only '{question}' may be substituted") from e
+
+
+def scoring_side(side: int, grid: int, patch: int) -> int:
+    """Side (pixels) of the frames candidates are scored from: ``grid`` patches of ``patch``
+    pixels, or the frames' own ``side`` when that is not larger (or ``grid`` is 0)."""
+    return side if grid == 0 or grid * patch >= side else grid * patch
+
+
+def downscale_frames(frames: Tensor, side: int) -> Tensor:
+    """Frames (F, C, S, S) -> (F, C, side, side), bilinear with antialiasing (a plain bilinear
+    halving skips pixels: thin shapes could vanish); the frames themselves when ``side`` = S."""
+    if frames.shape[-1] == side and frames.shape[-2] == side:
+        return frames
+    return F.interpolate(frames, size=(side, side), mode="bilinear", antialias=True,
+                         align_corners=False)
 
 
 def top_k_in_time_order(scores: Tensor, k: int) -> Tensor:

@@ -30,6 +30,7 @@ from transformers import BertConfig, BertTokenizer
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.common.local_files import local_hf_folder
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
+from lavis_plugins.models._vit_resolution import forward_at_side
 from lavis_plugins.models.qformer import KV, ImageKV, QFormer, padding_mask, qformer_config
 
 logger = logging.getLogger(__name__)
@@ -392,7 +393,7 @@ class LPBlip2Base(BaseModel):
         return self.ln_vision(feats.to(self.ln_vision.weight.dtype))
 
     def vit_features(self, image: Tensor) -> Tensor:
-        """(B, 3, H, W) -> the image encoder's raw output (B, N, vision_width), before
+        """(B, 3, S, S) -> the image encoder's raw output (B, N, vision_width), before
         ``ln_vision`` (models that share one frozen encoder, e.g. a frame selector, each apply
         their own ``ln_vision`` to it).
 
@@ -410,7 +411,9 @@ class LPBlip2Base(BaseModel):
             raise UserError(f"the image encoder holds {weight_dtype} weights, which need a GPU; "
                             "set model.vit_precision: fp32 to run on the CPU")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self._vit_frozen), cast:
-            return self.visual_encoder(image.to(weight_dtype))
+            # another side than the built one (frame selection's cheap scoring): position
+            # embeddings interpolated; the built side runs the encoder's own forward
+            return forward_at_side(self.visual_encoder, image.to(weight_dtype))
 
     def encode_samples(self, samples: Mapping[str, Any]) -> Tensor:
         """Image features (B, N, Dv) of a batch: from ``samples["image_embeds"]`` — the frozen

@@ -169,22 +169,37 @@ class VideoFusionMixin:
             raise UserError("fusion 'vote' answers each frame separately and has no single "
                             "visual prompt for a video (training / logits need fusion concat or "
                             "mean)")
-        tokens, raw = self.frame_tokens(image, texts)  # every frame encoded once
-        if self.cfg.frame_selection != "none":
-            index = self.choose_frames(image, tokens, raw, texts)
-            tokens = gather_frames(tokens, index)  # (B, k, Nq, H)
-        return self.fuse(tokens)
+        if self.cfg.frame_selection == "none":
+            return self.fuse(self.frame_tokens(image, texts))
+        return self.fuse(self.selected_tokens(image, texts))
 
-    def frame_tokens(self, video: torch.Tensor, texts: Optional[Sequence[str]] = None
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Every frame's soft prompt (B, T, Nq, H_llm) and the image encoder's raw output
-        (B * T, N, Dv) (kept for a frame selector that shares the encoder)."""
+    def frame_tokens(self, video: torch.Tensor, texts: Optional[Sequence[str]] = None,
+                     raw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Every frame's soft prompt (B, T, Nq, H_llm). ``raw``: the frames' image-encoder output
+        (B * T, N, Dv) when already computed (else the encoder runs on ``video``)."""
         b, _, t = video.shape[:3]
         if texts is not None and not isinstance(texts, str):
             texts = [x for x in texts for _ in range(t)]  # video-major, as the frames
-        raw = self.vit_features(flatten_frames(video))  # (B*T, N, Dv)
+        if raw is None:
+            raw = self.vit_features(flatten_frames(video))  # (B*T, N, Dv)
         tokens, _ = self.prompt_from_features(self.norm_vit_features(raw), texts)
-        return tokens.reshape(b, t, *tokens.shape[1:]), raw
+        return tokens.reshape(b, t, *tokens.shape[1:])
+
+    def selected_tokens(self, video: torch.Tensor, texts: Optional[Sequence[str]] = None
+                        ) -> torch.Tensor:
+        """The kept frames' soft prompts (B, k, Nq, H_llm), in time order: scored by
+        ``choose_frames``, then only the kept frames go through what scoring did not already
+        compute at full resolution (encoder, Q-Former)."""
+        index, tokens, raw = self.choose_frames(video, texts)
+        if tokens is not None:  # llm at full resolution: every frame's tokens are made
+            return gather_frames(tokens, index)
+        b, t = video.shape[0], video.shape[2]
+        if raw is None and index.shape[1] == t:  # every frame kept (k >= T): nothing to gather
+            return self.frame_tokens(video, texts)
+        kept = gather_frames(video.transpose(1, 2), index).transpose(1, 2)  # (B, C, k, H, W)
+        if raw is not None:  # full-resolution features of every frame: reuse the kept ones
+            raw = gather_frames(raw.reshape(b, t, *raw.shape[1:]), index).flatten(0, 1)
+        return self.frame_tokens(kept, texts, raw)
 
     def fuse(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Frames' tokens (B, T, Nq, H) -> the soft prompt of ``fusion`` and its mask."""
@@ -216,31 +231,49 @@ class VideoFusionMixin:
         finally:
             self.__dict__["_selection_texts"] = None
 
-    def choose_frames(self, video: torch.Tensor, tokens: torch.Tensor, raw: torch.Tensor,
-                      texts: Optional[Sequence[str]] = None) -> torch.Tensor:
-        """Indices (B, k) of the frames to keep, in time order, by ``frame_selection``.
-
-        video (B, C, T, H, W); tokens (B, T, Nq, H_llm) and raw encoder output (B*T, N, Dv)
-        from ``frame_tokens``. The scored texts are the batch's questions (or
+    def choose_frames(self, video: torch.Tensor, texts: Optional[Sequence[str]] = None
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Indices (B, k) of the frames of ``video`` (B, C, T, H, W) to keep, in time order, by
+        ``frame_selection``, scored at ``selection_grid`` patches per side; and what scoring
+        computed at full resolution that answering can reuse: every frame's tokens
+        (B, T, Nq, H_llm) (``llm``) or image-encoder output (B * T, N, Dv) (``itc`` / ``itm``
+        with a shared encoder), else None. The scored texts are the batch's questions (or
         ``selection_text``), else ``texts``. The choice is kept in ``last_frame_selection``."""
-        b, t = tokens.shape[:2]
+        from lavis_plugins.models._frame_selection import downscale_frames, scoring_side
+        from lavis_plugins.models._vit_resolution import patch_size
+
+        b, _, t, side = video.shape[:4]
+        if self.cfg.selection_k >= t:  # every frame kept: nothing to score
+            index = torch.arange(t, device=video.device).expand(b, t)
+            self.last_frame_selection = index
+            return index, None, None
         batch_texts = self.__dict__.get("_selection_texts")
         if batch_texts is None:
             batch_texts = selection_texts({"prompt": texts}, b)
+        grid = self.cfg.selection_grid
+        small = side if grid == 0 else scoring_side(side, grid, patch_size(self.visual_encoder))
+        frames = downscale_frames(flatten_frames(video), small)  # (B*T, C, s, s)
+        full = small == side
         method = self.cfg.frame_selection
         if method == "llm":
+            tokens = self.frame_tokens(video, texts, self.vit_features(frames))
             scores = self.llm_frame_scores(tokens, batch_texts)
-        else:
+            reuse: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (
+                tokens if full else None, None)
+        else:  # the stage-1 selector's Q-Former; the answering model's Q-Former is not run
             selector = self.frame_selector()
             if self.__dict__["_selector_shares_vit"]:
+                raw = self.vit_features(frames)
                 embeds = selector.norm_vit_features(raw)
+                reuse = (None, raw if full else None)
             else:
-                embeds = selector.encode_image(flatten_frames(video))
+                embeds = selector.encode_image(frames)
+                reuse = (None, None)
             scores = selector.frame_text_scores(embeds.reshape(b, t, *embeds.shape[1:]),
                                                 batch_texts, method)
         index = top_k_in_time_order(scores, self.cfg.selection_k)
         self.last_frame_selection = index  # (B, k): for inspection; no host sync here
-        return index
+        return (index, *reuse)
 
     def llm_frame_scores(self, tokens: torch.Tensor, texts: Sequence[Sequence[str]]
                          ) -> torch.Tensor:
@@ -285,10 +318,8 @@ class VideoFusionMixin:
         are encoded again when answered, frame by frame)."""
         if self.cfg.frame_selection == "none":
             return video
-        tokens, raw = self.frame_tokens(video, samples.get("text_input"))
-        index = self.choose_frames(video, tokens, raw)
-        idx = index[:, None, :, None, None].expand(-1, video.shape[1], -1, *video.shape[3:])
-        return video.gather(2, idx)
+        index = self.choose_frames(video, samples.get("text_input"))[0]
+        return gather_frames(video.transpose(1, 2), index).transpose(1, 2)
 
     def frame_cue(self, index: int, device: torch.device) -> torch.Tensor:
         """LLM input embeddings (L, H) of ``frame_prompt`` for frame ``index`` (0-based)."""
