@@ -25,10 +25,13 @@ lengths) and greedy decoding is forced to ``--new-tokens`` tokens so both do the
 Decoding runs in the main process, one video after another, as a DataLoader with
 ``num_workers=0`` does; with workers it overlaps the model.
 
-``--selection N K``: instead, ours only, question-aware frame selection (``frame_selection: llm``,
-the answering LLM's yes-probability per frame) keeping K of N candidates, beside uniform K and
-uniform N frames; the three run alternating, and the table gives videos/s, process CPU seconds
-per video and the time per video relative to uniform K (the issue's goal: selection below 2x).
+``--selection N K``: instead, ours only, question-aware frame selection keeping K of N
+candidates with each ``--scorer`` (``llm``: the answering LLM's yes-probability per frame;
+``itc`` / ``itm``: a stage-1 Q-Former sharing the answering model's image encoder) at each
+``--selection-grid`` (patches per side the candidates are scored at; 0: full resolution), beside uniform K and uniform N frames, all alternating; the table gives
+videos/s, process CPU seconds per video, CPU and wall time relative to uniform K (the issue's
+goal: selection below 2x) and the CPU time per stage: decode, ViT (every image-encoder pass),
+Q-Former (stage 2's, + projection), scoring (the scorer's own work beyond the ViT), answer (LLM).
 
 Each (frames, implementation) pair runs ``--rounds`` times, alternating, after one warm-up batch;
 figures are medians. Per stage (seconds per video): decode (file -> normalised (C, T, H, W)),
@@ -73,6 +76,12 @@ def parse_args(argv=None):
     p.add_argument("--opt-hidden", type=int, default=256, help="small config: OPT width")
     p.add_argument("--selection", type=int, nargs=2, metavar=("N", "K"),
                    help="compare selecting K of N frames with uniform K and uniform N")
+    p.add_argument("--scorer", nargs="+", default=["itm", "llm"], choices=["itc", "itm", "llm"],
+                   help="--selection: the frame scorers compared (itc/itm: a stage-1 selector "
+                        "sharing the answering model's image encoder)")
+    p.add_argument("--selection-grid", type=int, nargs="+",
+                   help="--selection: model.selection_grid values compared (0: full resolution; "
+                        "default: the model's default)")
     p.add_argument("--cache-dir", type=Path,
                    default=Path(tempfile.gettempdir()) / "lavis_plugins_bench_video")
     return p.parse_args(argv)
@@ -275,9 +284,91 @@ def main(argv=None) -> None:
     report(args, rows)
 
 
-def selection_main(args, paths: List[str], cuda: bool) -> None:
-    """Uniform K, uniform N and LLM-selected K of N, ours only, alternating rounds."""
+class ExclusiveClock:
+    """Process CPU seconds and wall seconds per stage, each interval charged to the innermost
+    stage running (a stage called inside another is not counted twice): the selection
+    breakdown."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.cpu: Dict[str, float] = defaultdict(float)
+        self.wall: Dict[str, float] = defaultdict(float)
+        self._stack: List[str] = []
+        self._mark = (0.0, 0.0)
+
+    def _charge(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        now = (time.process_time(), time.perf_counter())
+        if self._stack:
+            self.cpu[self._stack[-1]] += now[0] - self._mark[0]
+            self.wall[self._stack[-1]] += now[1] - self._mark[1]
+        self._mark = now
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self._charge()
+        self._stack.append(name)
+        try:
+            yield
+        finally:
+            self._charge()
+            self._stack.pop()
+
+    def wrap(self, fn: Callable, name: str) -> Callable:
+        def timed(*a, **k):
+            with self.stage(name):
+                return fn(*a, **k)
+        return timed
+
+    def sync(self):  # measure()'s interface (StageClock)
+        pass
+
+
+# selection breakdown stages: the methods charged to each (on the answering model and on the
+# stage-1 selector; a method a model version lacks is skipped)
+SELECTION_STAGES = {"vit": ("vit_features",), "qformer": ("prompt_from_features",),
+                    "scoring": ("choose_frames",)}
+# the table's columns; "model" is what predict_answers spends outside the stages above: the LLM
+BREAKDOWN = {"decode": "decode", "vit": "ViT", "qformer": "Q-Former", "scoring": "scoring",
+             "model": "answer"}
+
+
+def instrument_selection(models, clock: ExclusiveClock) -> None:
+    for model in models:
+        for stage, names in SELECTION_STAGES.items():
+            for name in names:
+                method = getattr(type(model), name, None)
+                if method is not None:
+                    setattr(model, name, clock.wrap(method.__get__(model), stage))
+
+
+def stage1_selector(args, root: Path, base) -> Path:
+    """A stage-1 checkpoint (random Q-Former, ``base``'s image encoder) for the itc/itm
+    scorers: the selector then shares the answering model's encoder, as with BLIP-2's frozen
+    ViT."""
     import torch
+
+    from lavis_plugins.models.blip2_qformer import Blip2QformerConfig
+    from lavis_plugins.models.blip2_video_qformer import LPBlip2VideoQformer
+
+    stage1 = LPBlip2VideoQformer(Blip2QformerConfig(
+        bert_path=str(root / "bert-base-uncased"), num_query_token=32,
+        **bench_stage2.vit_settings(args)))
+    stage1.visual_encoder.load_state_dict(base.visual_encoder.state_dict())
+    path = root / "stage1.pth"
+    torch.save({"model": stage1.state_dict()}, path)
+    return path
+
+
+def selection_main(args, paths: List[str], cuda: bool) -> None:
+    """Uniform K, uniform N and each scorer's K of N, ours only, alternating rounds; the
+    breakdown per stage in process CPU seconds per video."""
+    import torch
+
+    from lavis_plugins.common.errors import UserError
 
     n, k = args.selection
     with tempfile.TemporaryDirectory() as tmp:
@@ -287,13 +378,17 @@ def selection_main(args, paths: List[str], cuda: bool) -> None:
         base, _ = build_ours(args, root, k)
         runs = {f"uniform {k}": (base, build_ours(args, root, k)[1]),
                 f"uniform {n}": (base, build_ours(args, root, n)[1])}
-        sel, sel_proc = build_ours(args, root, n, frame_selection="llm", selection_k=k)
-        sel.load_state_dict(base.state_dict())
-        runs[f"select {k} of {n} (llm)"] = (sel, sel_proc)
-        wall, cpu = defaultdict(list), defaultdict(list)
-        from lavis_plugins.common.errors import UserError
-
-        for name, (model, proc) in list(runs.items()):  # warm-up
+        ckpt = stage1_selector(args, root, base)
+        for scorer in args.scorer:
+            for grid in args.selection_grid or [None]:
+                extra = {} if grid is None else {"selection_grid": grid}
+                sel, sel_proc = build_ours(args, root, n, frame_selection=scorer, selection_k=k,
+                                           selector_checkpoint=str(ckpt), **extra)
+                sel.load_state_dict(base.state_dict())
+                at = "" if grid is None else f", grid {grid or 'full'}"
+                runs[f"select {k} of {n} ({scorer}{at})"] = (sel, sel_proc)
+        cpu, wall, parts = defaultdict(list), defaultdict(list), defaultdict(list)
+        for name, (model, proc) in list(runs.items()):  # warm-up (builds the selectors)
             try:
                 measure("ours", model, proc, paths[:args.batch], args, StageClock(cuda))
             except UserError as e:  # e.g. N x 32 query tokens beyond OPT's 512 positions
@@ -301,18 +396,31 @@ def selection_main(args, paths: List[str], cuda: bool) -> None:
                 del runs[name]
         for r in range(args.rounds):
             for name, (model, proc) in runs.items():
-                c0 = time.process_time()
-                _, total = measure("ours", model, proc, paths, args, StageClock(cuda))
-                wall[name].append(total)
+                clock = ExclusiveClock(cuda)
+                selector = model.__dict__.get("_frame_selector")
+                instrument_selection([model] + ([selector] if selector is not None else []),
+                                     clock)
+                c0, w0 = time.process_time(), time.perf_counter()
+                measure("ours", model, proc, paths, args, clock)
                 cpu[name].append(time.process_time() - c0)
-                print(f"  round {r}, {name}: {args.videos / total:.2f} videos/s", flush=True)
-    base_t = statistics.median(wall[f"uniform {k}"])  # uniform K always fits
-    print("\n| frames | videos/s | CPU s / video | time / uniform " + str(k) + " |")
-    print("|---|---|---|---|")
+                wall[name].append(time.perf_counter() - w0)
+                parts[name].append(dict(clock.cpu))
+                print(f"  round {r}, {name}: {args.videos / wall[name][-1]:.2f} videos/s, "
+                      f"{cpu[name][-1] / args.videos:.3f} CPU s / video", flush=True)
+    base_cpu = statistics.median(cpu[f"uniform {k}"])  # uniform K always fits
+    base_wall = statistics.median(wall[f"uniform {k}"])
+    print(f"\n| frames | videos/s | CPU s / video | CPU / uniform {k} | wall / uniform {k} | "
+          + " | ".join(BREAKDOWN.values()) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(BREAKDOWN))
     for name in runs:
-        t = statistics.median(wall[name])
-        print(f"| {name} | {args.videos / t:.2f} | {statistics.median(cpu[name]) / args.videos:.3f}"
-              f" | {t / base_t:.2f} |")
+        c, w = statistics.median(cpu[name]), statistics.median(wall[name])
+        per = [1e3 * statistics.median(p.get(s, 0.0) for p in parts[name]) / args.videos
+               for s in BREAKDOWN]
+        print(f"| {name} | {args.videos / w:.2f} | {c / args.videos:.3f} | {c / base_cpu:.2f} | "
+              f"{w / base_wall:.2f} | " + " | ".join(f"{x:.0f}" for x in per) + " |")
+    print("\n# breakdown columns: median process CPU milliseconds per video, each charged to the "
+          "innermost stage (ViT: every image-encoder pass, selector's included; scoring: the "
+          "scorer's own work; answer: the LLM and the rest of predict_answers)")
 
 
 def report(args, rows) -> None:
