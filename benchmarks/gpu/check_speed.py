@@ -6,7 +6,8 @@ the next one is built (peak memory is measured above what is allocated when its 
 c. Stage-1 training step at real size (EVA ViT-g frozen, fp16; Q-Former 12 x 768, 32 queries;
    fp16 autocast + GradScaler as LAVIS's runner, bench_stage1's real-size setting), batch
    ``S1_BATCH``: images/s, peak memory, LAVIS/ours; then ours fed cached encoder features
-   (``image_embeds``, as the feature cache serves them) against ours running the encoder.
+   (``image_embeds``, as the feature cache serves them) against ours running the encoder, and a
+   torch.profiler table of ours' step (the log holds it; the JSON its top operators).
 d. Stage-2 training step (ViT-g + OPT-2.7B shapes, fp16), batch ``S2_BATCH``, and batched greedy
    generation (batch 16, 20 new tokens): images/s, tokens/s, peak memory, ratios.
 e. Zero-shot video QA end to end, 8 frames, real-size shapes: videos/s of ours against the
@@ -29,18 +30,20 @@ from _gpu_common import building_on, device, free, keep_cwd, stage1_args, stage2
 
 S1_BATCH = 64
 S2_BATCH = 16
-ROUNDS = 2  # alternating rounds of each implementation on the GPU (1 in a dry run)
+# alternating rounds of each implementation on the GPU (1 in a dry run); stage 2 loads OPT-2.7B
+# for every round, which one round of each already takes most of its budget
+ROUNDS = {"c": 2, "d": 1, "e": 2}
 
 
-def _rounds(dry_run: bool) -> int:
-    return 1 if dry_run else ROUNDS
+def _rounds(dry_run: bool, check: str) -> int:
+    return 1 if dry_run else ROUNDS[check]
 
 
-def _alternate(rec, key: str, dry_run: bool, run: Callable[[str], Dict[str, Any]],
+def _alternate(rec, key: str, rounds: int, run: Callable[[str], Dict[str, Any]],
                summarise: Callable[[Dict[str, List[dict]]], Dict[str, Any]]) -> Dict[str, Any]:
     """Run ``run(impl)`` for ours and LAVIS in turns, recording the summary after each run."""
     runs: Dict[str, List[dict]] = {"ours": [], "lavis": []}
-    for _ in range(_rounds(dry_run)):
+    for _ in range(rounds):
         for impl in runs:
             runs[impl].append(run(impl))
             free()
@@ -86,7 +89,7 @@ def check_c(rec, dry_run: bool) -> None:
             with keep_cwd(), building_on(dev):
                 return bench_stage1.run_impl(ns)
 
-        _alternate(rec, "stage1", dry_run, run, summarise)
+        _alternate(rec, "stage1", _rounds(dry_run, "c"), run, summarise)
         feature_cache(rec, ns, dev)
 
 
@@ -106,6 +109,26 @@ def _time_steps(step: Callable[[], Any], warmup: int, steps: int, cuda: bool) ->
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def profile(step: Callable[[], Any], cuda: bool, steps: int = 2, top: int = 15
+            ) -> List[Dict[str, Any]]:
+    """torch.profiler over ``steps`` calls of ``step``: the full table of the operators with
+    the most self time goes to the log, the ``top`` of them into the JSON."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=40), flush=True)
+    return [{"op": e.key, "self_ms_per_step": round(getattr(e, key, 0) / 1e3 / steps, 3),
+             "calls_per_step": e.count // steps} for e in events[:top]]
 
 
 def feature_cache(rec, ns: argparse.Namespace, dev: str) -> None:
@@ -131,6 +154,8 @@ def feature_cache(rec, ns: argparse.Namespace, dev: str) -> None:
         step = train_step(model, samples, amp=cuda and ns.real_size)
         t = _time_steps(step, ns.warmup, ns.steps, cuda)
         out[name] = {"step_ms": round(t * 1e3, 2), "images_per_s": round(ns.batch / t, 2)}
+        if name == "inline_encoder":  # where the step's time goes, for a missed goal
+            rec.put("stage1_profile_ours", profile(step, cuda, steps=2 if cuda else 1))
         del step
         rec.put("stage1_feature_cache", out)
     out["speedup_cached_over_inline"] = _ratio(out["inline_encoder"]["step_ms"],
@@ -179,7 +204,7 @@ def check_d(rec, dry_run: bool) -> None:
             with keep_cwd(), building_on(dev):
                 return bench_stage2.run_impl(ns)
 
-        _alternate(rec, "stage2", dry_run, run, summarise)
+        _alternate(rec, "stage2", _rounds(dry_run, "d"), run, summarise)
 
 
 def write_clips(folder: Path, n: int, size: tuple, frames: int) -> List[str]:
@@ -238,7 +263,7 @@ def check_e(rec, dry_run: bool) -> None:
         runs = {"ours": (ours, our_proc), "LAVIS": (ref, ref_proc)}
         totals: Dict[str, List[float]] = {k: [] for k in runs}
         parts: Dict[str, List[Dict[str, float]]] = {k: [] for k in runs}
-        for r in range(_rounds(dry_run) + 1):  # round 0 is a one-batch warm-up
+        for r in range(_rounds(dry_run, "e") + 1):  # round 0 is a one-batch warm-up
             for impl, (model, proc) in runs.items():
                 clock = vqa.StageClock(cuda)
                 if impl == "ours":
