@@ -27,6 +27,8 @@ class Record:
     def put(self, key: str, value: Any) -> Any:
         self.data[key] = value
         self.flush()
+        # the check's log shows progress, and what was measured even if the JSON is lost
+        print(f"[record] {key}: {json.dumps(value, default=str)[:2000]}", flush=True)
         return value
 
     def fail(self, reason: str) -> None:
