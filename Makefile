@@ -10,7 +10,7 @@ STAMP     := $(VENV)/.lavis_plugins_stamp
 LOCK      := $(shell $(PY) -c 'import sys; print("env/requirements-py310.lock" if sys.version_info < (3, 11) else "env/requirements.lock")')
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo lock bench clean-venv
+.PHONY: setup test test-all demo lock bench gpu-wheels clean-venv
 
 # Creates or updates the project-local environment; does nothing when it is current.
 setup: $(STAMP)
@@ -45,6 +45,11 @@ demo: setup
 
 bench: setup
 	$(VPY) benchmarks/run_all.py
+
+# The wheels benchmarks/gpu/run.sh installs on the GPU machine (Python 3.12): into .whl/, carried
+# with the working tree (see README, "GPU check").
+gpu-wheels:
+	$(PY) benchmarks/gpu/wheels.py
 
 clean-venv:
 	rm -rf $(VENV)

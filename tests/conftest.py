@@ -18,11 +18,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_addoption(parser):
+    # benchmarks/gpu/ runs the fp32 parity cases on CUDA with --device cuda; the default suite
+    # never needs a GPU
+    parser.addoption("--device", default="cpu",
+                     help="device of the parity tests' fp32 cases (default cpu)")
+
+
 def pytest_configure(config):
     # tiny models are overhead-bound: one intra-op thread is faster than two fighting for cores
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    """``--device`` (cpu unless given). On CUDA, LAVIS's ``maybe_autocast`` turns on fp16
+    autocast for any model on the GPU, fp32 weights included; the fp32 parity cases compare
+    fp32 with fp32, so it is switched off there (the half-precision paths are benchmarks/gpu's
+    check a)."""
+    dev = request.config.getoption("--device")
+    if dev != "cpu":
+        import contextlib
+
+        from lavis.models.blip2_models.blip2 import Blip2Base
+
+        Blip2Base.maybe_autocast = lambda self, dtype=None: contextlib.nullcontext()
+    return dev
 
 
 @pytest.fixture(scope="session")

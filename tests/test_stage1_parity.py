@@ -50,8 +50,8 @@ def build_lavis(mp: pytest.MonkeyPatch, bert_dir):
 
 
 @pytest.fixture(scope="module")
-def models(tiny_bert_dir):
-    """(ours, LAVIS's) with identical, randomised weights."""
+def models(tiny_bert_dir, device):
+    """(ours, LAVIS's) with identical, randomised weights, on ``--device`` (cpu by default)."""
     from lavis_plugins.models.blip2_qformer import Blip2QformerConfig, LPBlip2Qformer
 
     with pytest.MonkeyPatch.context() as mp:
@@ -66,7 +66,7 @@ def models(tiny_bert_dir):
             if name != "temp":  # kept at 0.07, inside the range we clamp it to
                 p.add_(torch.randn_like(p) * 0.2)
     ours.load_state_dict(ref.state_dict(), strict=True)
-    return ours, ref
+    return ours.to(device), ref.to(device)
 
 
 @pytest.fixture
@@ -77,8 +77,9 @@ def single_process(monkeypatch):
     monkeypatch.setattr(torch, "multinomial", lambda w, n, *a, **k: w.argmax(-1, keepdim=True))
 
 
-def images(seed: int = 0) -> torch.Tensor:
-    return torch.randn(len(CAPTIONS), 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+def images(seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.randn(len(CAPTIONS), 3, IMG, IMG,
+                       generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def no_dropout(model: nn.Module) -> None:
@@ -112,7 +113,7 @@ def test_losses_and_gradients_equal_lavis(models, single_process, mode, captions
             m.train()
             no_dropout(m)
         m.zero_grad(set_to_none=True)
-    samples = {"image": images(),
+    samples = {"image": images(0, ours.device),
                "text_input": CAPTIONS if captions == "truncated" else SHORT_CAPTIONS}
     if captions == "short":
         assert ours.tokenize(SHORT_CAPTIONS).input_ids.shape[1] < ours.max_txt_len
@@ -145,7 +146,7 @@ def test_losses_and_gradients_equal_lavis(models, single_process, mode, captions
 def test_extract_features_equal_lavis(models):
     ours, ref = models
     ours.eval(), ref.eval()
-    samples = {"image": images(1), "text_input": SHORT_CAPTIONS}
+    samples = {"image": images(1, ours.device), "text_input": SHORT_CAPTIONS}
     for mode, fields in [("image", ["image_embeds", "image_embeds_proj"]),
                          ("text", ["text_embeds", "text_embeds_proj"]),
                          ("multimodal", ["multimodal_embeds"])]:
@@ -158,15 +159,15 @@ def test_extract_features_equal_lavis(models):
 def test_itm_logits_and_scores_equal_lavis(models):
     ours, ref = models
     ours.eval(), ref.eval()
-    image_embeds = ours.encode_image(images(2))
+    image_embeds = ours.encode_image(images(2, ours.device))
     # fixed pairs: every image with the caption two places on
     text = ours.tokenize([SHORT_CAPTIONS[(i + 2) % 4] for i in range(4)])
     with torch.no_grad():
-        ref_embeds = ref.ln_vision(ref.visual_encoder(images(2)))
+        ref_embeds = ref.ln_vision(ref.visual_encoder(images(2, ours.device)))
         assert close(image_embeds, ref_embeds)
         ref_score = ref.compute_itm(ref_embeds, text.input_ids, text.attention_mask)
         ref_logits = ref.itm_head(ref.extract_features(
-            {"image": images(2), "text_input": [SHORT_CAPTIONS[(i + 2) % 4] for i in range(4)]}
+            {"image": images(2, ours.device), "text_input": [SHORT_CAPTIONS[(i + 2) % 4] for i in range(4)]}
         ).multimodal_embeds).mean(1)
         assert close(ours.compute_itm(image_embeds, text.input_ids, text.attention_mask),
                      ref_score)
@@ -213,7 +214,7 @@ def test_extract_features_of_long_text_equal_lavis(models, mode, field):
     """LAVIS's extract_features does not truncate to max_txt_len: neither do we (same shapes)."""
     ours, ref = models
     ours.eval(), ref.eval()
-    samples = {"image": images(5), "text_input": CAPTIONS}  # the last is > max_txt_len tokens
+    samples = {"image": images(5, ours.device), "text_input": CAPTIONS}  # the last is > max_txt_len tokens
     theirs, mine = ref.extract_features(samples, mode)[field], ours.extract_features(samples,
                                                                                       mode)[field]
     if mode == "text":

@@ -81,30 +81,30 @@ def _capture_logits(module):
 
 
 @pytest.fixture(scope="module")
-def opt_pair(lp, tiny_bert_dir, llm_dirs):
+def opt_pair(lp, tiny_bert_dir, llm_dirs, device):
     torch.manual_seed(0)
     ours = _ours("lp_blip2_opt", tiny_bert_dir, llm_dirs["opt"], prompt="a photo of").eval()
     ref = _lavis("opt", ours, llm_dirs["opt"], tiny_bert_dir, prompt="a photo of")
-    return ours, ref
+    return ours.to(device), ref.to(device)
 
 
 @pytest.fixture(scope="module")
-def t5_pair(lp, tiny_bert_dir, llm_dirs):
+def t5_pair(lp, tiny_bert_dir, llm_dirs, device):
     torch.manual_seed(0)
     ours = _ours("lp_blip2_t5", tiny_bert_dir, llm_dirs["t5"],
                  t5_dense_act_fn="gelu").eval()  # LAVIS forces exact gelu too
     ref = _lavis("t5", ours, llm_dirs["t5"], tiny_bert_dir)
-    return ours, ref
+    return ours.to(device), ref.to(device)
 
 
-def _images(seed=1):
-    return torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+def _images(seed=1, device="cpu"):
+    return torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 # ------------------------------------------------------------------ (a) LAVIS: loss and logits
 def test_opt_loss_and_logits_equal_lavis(opt_pair):
     ours, ref = opt_pair
-    samples = {"image": _images(), "text_input": CAPTIONS}
+    samples = {"image": _images(1, ours.device), "text_input": CAPTIONS}
     captured = _capture_logits(ref.opt_model.lm_head)
     with torch.no_grad():
         ref_loss = ref(dict(samples))["loss"]
@@ -123,7 +123,7 @@ def test_opt_gradients_reach_qformer_not_llm(opt_pair):
     ours, _ = opt_pair
     ours.train()
     try:
-        out = ours({"image": _images(), "text_input": CAPTIONS})
+        out = ours({"image": _images(1, ours.device), "text_input": CAPTIONS})
         out.loss.backward()
     finally:
         ours.eval()
@@ -135,7 +135,7 @@ def test_opt_gradients_reach_qformer_not_llm(opt_pair):
 
 def test_t5_loss_and_logits_equal_lavis(t5_pair):
     ours, ref = t5_pair
-    samples = {"image": _images(), "text_input": QUESTIONS, "text_output": ANSWERS}
+    samples = {"image": _images(1, ours.device), "text_input": QUESTIONS, "text_output": ANSWERS}
     captured = _capture_logits(ref.t5_model.lm_head)
     with torch.no_grad():
         ref_loss = ref(dict(samples))["loss"]
@@ -147,7 +147,7 @@ def test_t5_loss_and_logits_equal_lavis(t5_pair):
 # ------------------------------------------------------------------ (c) LAVIS: greedy generation
 def test_opt_greedy_generation_equals_lavis(opt_pair):
     ours, ref = opt_pair
-    samples = {"image": _images(2)}
+    samples = {"image": _images(2, ours.device)}
     # LAVIS's min_length counts prompt tokens (so 1 means none); ours counts new tokens
     theirs = ref.generate(dict(samples), num_beams=1, max_length=8, min_length=1)
     mine = ours.generate(dict(samples), num_beams=1, max_length=8, min_length=0)
@@ -156,7 +156,7 @@ def test_opt_greedy_generation_equals_lavis(opt_pair):
 
 def test_t5_greedy_generation_equals_lavis(t5_pair):
     ours, ref = t5_pair
-    samples = {"image": _images(2), "prompt": "Question: what is it? Short answer:"}
+    samples = {"image": _images(2, ours.device), "prompt": "Question: what is it? Short answer:"}
     theirs = ref.generate(dict(samples), num_beams=1, max_length=8, min_length=1)
     mine = ours.generate(dict(samples), num_beams=1, max_length=8, min_length=0)
     assert mine == theirs and any(mine)
@@ -165,7 +165,7 @@ def test_t5_greedy_generation_equals_lavis(t5_pair):
 def test_opt_batched_prompts_left_padded_equal_one_by_one(opt_pair):
     """Different prompt lengths in one batch (left padding) give each sample's own result."""
     ours, _ = opt_pair
-    image = _images(3)
+    image = _images(3, ours.device)
     prompts = ["a", "a photo of a red car and", "Question: what is it? Answer:"]
     batched = ours.generate({"image": image, "prompt": prompts}, num_beams=2, max_length=6)
     single = [ours.generate({"image": image[i:i + 1], "prompt": prompts[i]}, num_beams=2,
