@@ -10,7 +10,11 @@ the encoder and Q-Former as one batch, all frames' query tokens in time order as
 Reference: the same pipeline as a LAVIS user builds it from LAVIS's own parts, since LAVIS has no
 BLIP-2 video model: LAVIS's ``alpro_video_eval`` processor (``load_video``: decord, frames resized
 while decoding) -> LAVIS's ``Blip2OPT`` modules on every frame (its EVA attention, its Q-Former)
--> the frames' projected queries concatenated -> its vendored OPT's ``generate``. Both models hold
+-> the frames' projected queries concatenated -> its vendored OPT's ``generate``, run in our
+environment (transformers 4.46) with its key/value cache restored (``--lavis-kv-cache dropped``:
+as LAVIS runs under 4.46 unpatched, reading ``past`` instead of ``past_key_values`` and so
+recomputing the whole sequence at every token; LAVIS's own environment, transformers 4.26, keeps
+its cache, so "restored" is the fair comparison). Both models hold
 the same weights (copied from ours). The two decoders pick and resize frames differently, so the
 answers are compared on the same frames (ours, decoded once): with fp32 weights both models
 should agree on every video, and the script prints how many do.
@@ -71,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--clip-size", default="360p", choices=list(bench_video_decode.SIZES))
     p.add_argument("--opt-layers", type=int, default=4, help="small config: OPT layers")
     p.add_argument("--opt-hidden", type=int, default=256, help="small config: OPT width")
+    p.add_argument("--lavis-kv-cache", choices=["restored", "dropped"], default="restored",
+                   help="the reference's OPT key/value cache under transformers 4.46")
     p.add_argument("--selection", type=int, nargs=2, metavar=("N", "K"),
                    help="compare selecting K of N frames with uniform K and uniform N")
     p.add_argument("--cache-dir", type=Path,
@@ -123,8 +129,10 @@ def build_ours(args, root: Path, n_frms: int, **video_settings):
 def build_reference(args, root: Path, ours, n_frms: int):
     from lavis.processors.alpro_processors import AlproVideoEvalProcessor
 
-    ns = argparse.Namespace(**vars(args), impl="lavis")
-    ref = bench_stage2.build(ns, root)  # LAVIS's Blip2OPT, LAVIS's EVA attention
+    # LAVIS's Blip2OPT, LAVIS's EVA attention; "lavis446" restores its KV cache under 4.46
+    ns = argparse.Namespace(**vars(args),
+                            impl="lavis446" if args.lavis_kv_cache == "restored" else "lavis")
+    ref = bench_stage2.build(ns, root)
     missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
     if missing or unexpected:
         sys.exit(f"reference does not take our weights: missing {missing[:3]}, "
@@ -327,7 +335,9 @@ def report(args, rows) -> None:
                    for s in ("decode", "encoder", "qformer", "llm")}
             ratio = f"{vps['ours'] / vps['LAVIS']:.2f}" if impl == "ours" else ""
             same = f"{agree}/{args.videos}" if impl == "ours" else ""
-            print(f"| {n} | {impl} | {vps[impl]:.2f} | " + " | ".join(
+            label = impl if impl == "ours" else (
+                "LAVIS (4.46+KV)" if args.lavis_kv_cache == "restored" else "LAVIS (4.46, no KV)")
+            print(f"| {n} | {label} | {vps[impl]:.2f} | " + " | ".join(
                 f"{per[s]:.0f} ms" for s in ("decode", "encoder", "qformer", "llm"))
                 + f" | {ratio} | {same} |")
     print("\n# stage columns: median milliseconds per video")
