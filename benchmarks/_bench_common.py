@@ -6,10 +6,14 @@ Sides (``--sides``, each in its own process, run in turns):
 
 - ``ours``: lavis_plugins in the project's environment (.venv, transformers 4.46);
 - ``lavis``: LAVIS 1.0.2 in the environment it supports (``make bench-env``: .venv-lavis,
-  transformers 4.26.1), importing nothing of lavis_plugins: LAVIS as its users run it;
-- ``lavis446``: LAVIS in the project's environment with its key/value cache restored (under
-  transformers 4.46 its vendored OPT reads ``past`` instead of ``past_key_values`` and would
-  recompute the whole sequence at every generated token).
+  transformers 4.26.1, the newest release it allows and so what pip installs), importing nothing
+  of lavis_plugins: LAVIS as its users run it;
+- ``lavis_kv``: the same with LAVIS's key/value cache restored: its vendored OPT's
+  ``prepare_inputs_for_generation`` reads ``past``, but transformers 4.26 and later hand the cache
+  over as ``past_key_values``, so LAVIS as installed recomputes the whole sequence at every
+  generated token (this side is LAVIS at its best);
+- ``lavis446``: LAVIS in the project's environment (transformers 4.46), cache restored the same
+  way (its beam search fails there: 4.46 expands the query embeddings a second time).
 
 This module imports only the standard library at import time: the ``lavis`` side runs it in an
 environment without lavis_plugins.
@@ -32,11 +36,14 @@ LAVIS_PYTHON = REPO / ".venv-lavis" / "bin" / "python"
 SIDES = {
     "ours": "ours",
     "lavis": "LAVIS (4.26)",
+    "lavis_kv": "LAVIS (4.26+KV)",
     "lavis446": "LAVIS (4.46+KV)",
 }
+LAVIS_ENV_SIDES = ("lavis", "lavis_kv")  # run by LAVIS's own environment's python
+KV_RESTORED_SIDES = ("lavis_kv", "lavis446")
 SIDE_HELP = ("ours = lavis_plugins; lavis = LAVIS 1.0.2 in .venv-lavis (transformers 4.26.1, "
-             "`make bench-env`); lavis446 = LAVIS in our env (transformers 4.46) with its KV "
-             "cache restored")
+             "`make bench-env`); lavis_kv = the same with its KV cache restored; lavis446 = "
+             "LAVIS in our env (transformers 4.46) with its KV cache restored")
 
 WORDS = """a an the of in on at with man woman dog cat car tree sky person sitting standing near
 next above below under over red green blue yellow black white small large big two three little
@@ -87,18 +94,20 @@ def sides_of(args) -> List[str]:
     bad = [s for s in sides if s not in SIDES]
     if bad or not sides:
         sys.exit(f"--sides {args.sides!r}: choose from {list(SIDES)}")
-    if "lavis" in sides and not Path(args.lavis_python).is_file():
-        sys.exit(f"--sides lavis needs LAVIS's own environment at {args.lavis_python}: run "
-                 "`make bench-env` (or leave lavis out: --sides ours,lavis446)")
+    own_env = [s for s in sides if s in LAVIS_ENV_SIDES]
+    if own_env and not Path(args.lavis_python).is_file():
+        sys.exit(f"--sides {','.join(own_env)} needs LAVIS's own environment at "
+                 f"{args.lavis_python}: run `make bench-env` (or leave it out: --sides "
+                 "ours,lavis446)")
     return sides
 
 
 def run_side(cmd: List[str], side: str, args, env: Optional[dict] = None) -> dict:
     """Run the benchmark ``cmd`` (a script and its options) as ``side`` in a fresh process of
     that side's python; its last ``RESULT {json}`` line."""
-    python = args.lavis_python if side == "lavis" else sys.executable
+    python = args.lavis_python if side in LAVIS_ENV_SIDES else sys.executable
     env = dict(os.environ if env is None else env)
-    if side == "lavis":
+    if side in LAVIS_ENV_SIDES:
         # the script's folder only: no lavis_plugins from the working tree on this side
         env["PYTHONPATH"] = str(Path(__file__).resolve().parent)
     out = subprocess.run([python, *cmd, "--impl", side], capture_output=True, text=True, env=env)
@@ -192,7 +201,7 @@ def lavis_vision_encoder(vit: Dict[str, Any]) -> None:
 
 
 def restore_lavis_kv_cache() -> None:
-    """Under transformers 4.46, ``generate`` hands the cache to LAVIS's vendored OPT as
+    """Under transformers 4.26 and later, ``generate`` hands the cache to LAVIS's vendored OPT as
     ``past_key_values``, but its ``prepare_inputs_for_generation`` reads ``past``: the cache is
     dropped and every step recomputes the whole sequence. Pass it on under the name it reads."""
     from lavis.models.blip2_models import modeling_opt

@@ -18,10 +18,13 @@ forced for every sequence (min = max new tokens, so every side produces the same
 each of ``--beams`` (default greedy and 5 beams, BLIP-2's default); the figure is generated
 tokens per CPU second (batch x new tokens / process CPU time of the call; wall time on CUDA).
 
-Sides (``--sides``): ours; LAVIS 1.0.2 in its own environment (``make bench-env``, transformers
-4.26.1); LAVIS in our environment (transformers 4.46) with its key/value cache restored (without
-that its vendored OPT recomputes the whole sequence at every token; its beam search still fails
-there: transformers 4.46 expands its already-expanded query embeddings a second time). Each
+Sides (``--sides``, see ``_bench_common``): ours; LAVIS 1.0.2 in its own environment (``make
+bench-env``, transformers 4.26.1) as installed, whose vendored OPT drops its key/value cache (it
+reads ``past``; transformers >= 4.26 passes ``past_key_values``) and so recomputes the whole
+sequence at every token; ``lavis_kv``, the same with the cache restored; LAVIS in our environment
+(transformers 4.46) with the cache restored (its beam search fails there: 4.46 expands its
+already-expanded query embeddings a second time). The default runs the first, second and last;
+``--sides ours,lavis_kv --skip train`` adds LAVIS at its best for generation. Each
 side runs in a fresh process, in turns (``--rounds``; the order reverses every round); figures are
 medians over all rounds. Memory: fresh processes per side, one for two training steps and one
 for a generate call with the most beams: on CUDA ``max_memory_allocated`` above the built model,
@@ -42,8 +45,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import (CAPTION_KINDS, SIDES, PeakRss, add_common_args,  # noqa: E402
-                           alternate, captions, child_argv, lavis_vision_encoder, median,
+from _bench_common import (CAPTION_KINDS, KV_RESTORED_SIDES, SIDES, PeakRss,  # noqa: E402
+                           add_common_args, alternate, captions, child_argv, lavis_vision_encoder, median,
                            restore_lavis_kv_cache, run_side, sides_of, table, train_step)
 
 PROMPT = "a photo of"
@@ -151,7 +154,7 @@ def build(args, root: Path):
     from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
     lavis_vision_encoder(vit)
-    if args.impl == "lavis446":
+    if args.impl in KV_RESTORED_SIDES:
         restore_lavis_kv_cache()
     os.chdir(root)  # LAVIS loads "bert-base-uncased" from the working directory
     model = Blip2OPT(vit_model=vit["vit_model"], img_size=vit["image_size"],
@@ -227,9 +230,17 @@ def run_impl(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    def clock():
-        sync()
-        return time.perf_counter(), time.process_time()
+    def timed(fn, n: int):
+        """Wall and process CPU seconds of ``n`` calls of ``fn``, each."""
+        times, cpu_times = [], []
+        for _ in range(n):
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+        return times, cpu_times
 
     out = {"impl": args.impl}
     if args.memory_run == "generate":
@@ -255,14 +266,7 @@ def run_impl(args) -> dict:
     if args.skip != "train":
         for _ in range(args.warmup):
             step()
-        times, cpu_times = [], []
-        for _ in range(args.steps):
-            t0, c0 = clock()
-            step()
-            t1, c1 = clock()
-            times.append(t1 - t0)
-            cpu_times.append(c1 - c0)
-        out.update(train_times=times, train_cpu_times=cpu_times)
+        out["train_times"], out["train_cpu_times"] = timed(step, args.steps)
     del step  # its optimizer state
     if args.skip != "generate":
         model.eval()
@@ -273,14 +277,7 @@ def run_impl(args) -> dict:
             except Exception as e:  # noqa: BLE001 - LAVIS's beam search under transformers 4.46
                 out[f"gen_error_{beams}"] = f"{type(e).__name__}: {str(e)[:200]}"
                 continue
-            times, cpu_times = [], []
-            for _ in range(args.gen_repeats):
-                t0, c0 = clock()
-                gen()
-                t1, c1 = clock()
-                times.append(t1 - t0)
-                cpu_times.append(c1 - c0)
-            out[f"gen_times_{beams}"], out[f"gen_cpu_times_{beams}"] = times, cpu_times
+            out[f"gen_times_{beams}"], out[f"gen_cpu_times_{beams}"] = timed(gen, args.gen_repeats)
     return out
 
 

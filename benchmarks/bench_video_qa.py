@@ -12,10 +12,10 @@ BLIP-2 video model: LAVIS's ``alpro_video_eval`` processor (``load_video``: deco
 while decoding) -> LAVIS's ``Blip2OPT`` modules on every frame (its EVA attention, its Q-Former)
 -> the frames' projected queries concatenated -> its vendored OPT's ``generate``, run in our
 environment (transformers 4.46) with its key/value cache restored (``--lavis-kv-cache dropped``:
-as LAVIS runs under 4.46 unpatched, reading ``past`` instead of ``past_key_values`` and so
-recomputing the whole sequence at every token; LAVIS's own environment, transformers 4.26, keeps
-its cache, so "restored" is the fair comparison). Both models hold
-the same weights (copied from ours). The two decoders pick and resize frames differently, so the
+as LAVIS runs unpatched, reading ``past`` where transformers >= 4.26 passes ``past_key_values``,
+and so recomputing the whole sequence at every token; that includes LAVIS's own environment,
+transformers 4.26.1: "dropped" is LAVIS as installed, "restored" LAVIS at its best). Both models
+hold the same weights (copied from ours). The two decoders pick and resize frames differently, so the
 answers are compared on the same frames (ours, decoded once): with fp32 weights both models
 should agree on every video, and the script prints how many do.
 

@@ -59,7 +59,9 @@ def test_sides_are_checked_and_a_missing_lavis_env_names_the_fix(tmp_path):
 
     with pytest.raises(SystemExit, match="run `make bench-env`"):
         sides_of(args("ours,lavis"))
-    with pytest.raises(SystemExit, match=r"choose from \['ours', 'lavis', 'lavis446'\]"):
+    with pytest.raises(SystemExit, match="--sides lavis_kv needs LAVIS's own environment"):
+        sides_of(args("lavis_kv"))
+    with pytest.raises(SystemExit, match=r"choose from \['ours', 'lavis', 'lavis_kv', "):
         sides_of(args("ours,lavis2"))
     assert sides_of(args("ours, lavis446")) == ["ours", "lavis446"]
 
