@@ -45,9 +45,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import (CAPTION_KINDS, KV_RESTORED_SIDES, SIDES, PeakRss,  # noqa: E402
-                           add_common_args, alternate, captions, child_argv, lavis_vision_encoder, median,
-                           restore_lavis_kv_cache, run_side, sides_of, table, train_step)
+from _bench_common import (  # noqa: E402
+    CAPTION_KINDS, KV_RESTORED_SIDES, SIDES, PeakRss, add_common_args, alternate, captions,
+    child_argv, lavis_vision_encoder, median, restore_lavis_kv_cache, run_side, sides_of, table,
+    train_step)
 
 PROMPT = "a photo of"
 

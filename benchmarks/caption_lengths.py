@@ -1,6 +1,7 @@
 """Count the caption-length histogram of a caption annotation file, for ``--captions coco``.
 
-    .venv/bin/python benchmarks/caption_lengths.py coco_karpathy_train.json > benchmarks/caption_lengths_coco.json
+    .venv/bin/python benchmarks/caption_lengths.py coco_karpathy_train.json \
+        > benchmarks/caption_lengths_coco.json
 
 Reads LAVIS's caption format (a JSON list of records with ``caption``: a string or a list of
 strings) or COCO's (``{"annotations": [{"caption": ...}]}``) and prints the weight per 1000
