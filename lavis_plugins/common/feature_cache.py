@@ -1,9 +1,10 @@
 """Frozen-encoder feature cache: run the image encoder once, then train or evaluate from disk.
 
 With a frozen ViT, every epoch recomputes the encoder outputs, which dominate a stage-1 step at
-real size (ViT-g is ~20x the Q-Former's FLOPs). The cache holds the encoder's raw outputs (before
-the trainable ``ln_vision``) for every image of a caption-style dataset, as one float16 ``.npy``
-memory map plus ``meta.json``:
+real size (the ViT-g forward is 4x a stage-1 Q-Former step's forward and backward, counted in
+docs/benchmarks.md). The cache holds the encoder's raw outputs (before the trainable
+``ln_vision``) for every image of a caption-style dataset, as one float16 ``.npy`` memory map
+plus ``meta.json``:
 
     meta = {"encoder": fingerprint of the encoder weights and image size,
             "images": {image path: [size in bytes, mtime_ns]}, "keys": [image path per image],
