@@ -248,8 +248,7 @@ def median(xs: List[float]) -> float:
 
 
 def table(title: str, rows: List[List[str]], sides: List[str]) -> str:
-    """A plain-text table: a label column, one column per side, then each LAVIS side's time
-    over ours (the speed-up) where ``ours`` ran."""
+    """A plain-text table: a label column and one column per side."""
     head = [""] + [SIDES[s] for s in sides]
     out = [title, "".join(f"{h:>18s}" if i else f"{h:34s}" for i, h in enumerate(head))]
     for row in rows:

@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     if not cuda:
         rows.append(["process peak RSS (MB)"] + [f"{memory[s]['process_mb']:.0f}" for s in sides])
     if "ours" in sides:
-        rows.append(["speed-up of ours (side / ours)"]
+        rows.append(["speed-up of ours"]
                     + [f"{t[s] / t['ours']:.2f}x" if s != "ours" else "" for s in sides])
     print("\n" + table(f"stage-1 training step, {size}, {args.queries} queries, batch "
                        f"{args.batch}, {words} captions, {args.device}, {args.threads or 'default'}"

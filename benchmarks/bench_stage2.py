@@ -330,7 +330,7 @@ def report(args, sides, results, memory) -> None:
             v = values[s]
             cells.append("" if s == "ours" or v is None else
                          f"{(values['ours'] / v if higher_is_faster else v / values['ours']):.2f}x")
-        return [["  speed-up of ours (side / ours)"] + cells]
+        return [["  speed-up of ours"] + cells]
 
     def mem_rows(phase):
         m = memory.get(phase, {})
