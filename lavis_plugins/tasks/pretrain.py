@@ -1,8 +1,9 @@
 """``lp_image_text_pretrain``: LAVIS's image-text pre-training task plus the feature cache.
 
 A dataset entry with ``feature_cache: <folder>`` (and ``feature_cache_views: K`` for K augmented
-views per image) trains its train split from cached encoder outputs (see :mod:`lavis_plugins.common.feature_cache`); the cache is checked against the images
-when the datasets are built and against the model's encoder when the model is built.
+views per image) trains its train split from cached encoder outputs (see
+:mod:`lavis_plugins.common.feature_cache`); the cache is checked against the images, processor
+and views when the datasets are built and against the model's encoder when the model is built.
 """
 from __future__ import annotations
 
