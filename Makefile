@@ -10,7 +10,7 @@ STAMP     := $(VENV)/.lavis_plugins_stamp
 LOCK      := $(shell $(PY) -c 'import sys; print("env/requirements-py310.lock" if sys.version_info < (3, 11) else "env/requirements.lock")')
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo lock bench gpu-wheels clean-venv
+.PHONY: setup test test-all demo lock bench bench-env gpu-wheels clean-venv
 
 # Creates or updates the project-local environment; does nothing when it is current.
 setup: $(STAMP)
@@ -30,6 +30,8 @@ lock:
 		--python-platform x86_64-manylinux_2_28 -o env/requirements.lock
 	$(UV) pip compile -q --python-version 3.10 env/requirements.in --override env/overrides.txt \
 		--python-platform x86_64-manylinux_2_28 -o env/requirements-py310.lock
+	$(UV) pip compile -q --python-version 3.11 env/bench-lavis.in \
+		--python-platform x86_64-manylinux_2_28 -o env/bench-lavis.lock
 
 # The default suite: offline, CPU-only, tiny models (slow and gpu tests are deselected).
 test: setup
@@ -43,7 +45,23 @@ test-all: setup
 demo: setup
 	$(VPY) -m lavis_plugins.demo
 
-bench: setup
+# The LAVIS side of the benchmarks in LAVIS's own supported environment (transformers 4.26,
+# env/bench-lavis.lock, Python 3.11-3.12): a second venv that benchmarks/ run LAVIS in.
+BENCH_VENV := .venv-lavis
+BENCH_STAMP := $(BENCH_VENV)/.bench_stamp
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP): env/bench-lavis.lock
+	@$(UV) --version >/dev/null 2>&1 || $(PY) -m pip install -q "uv==$(UV_VER)"
+	@test -x $(BENCH_VENV)/bin/python || $(UV) venv -q --python $(PY) $(BENCH_VENV)
+	$(UV) pip sync -q --python $(BENCH_VENV)/bin/python env/bench-lavis.lock
+	@$(BENCH_VENV)/bin/python -c "import lavis.models, transformers; assert transformers.__version__.startswith('4.26')" \
+		|| { echo "bench-env: $(BENCH_VENV) does not import LAVIS under transformers 4.26"; exit 1; }
+	@touch $(BENCH_STAMP)
+
+# Every benchmark's default comparison, one after the other, and their tables (about an hour on
+# a 2-core CPU; the LAVIS side runs in both environments, so bench-env comes first).
+bench: setup bench-env
 	$(VPY) benchmarks/run_all.py
 
 # The wheels benchmarks/gpu/run.sh installs on the GPU machine (Python 3.12): into .whl/, carried
@@ -52,4 +70,4 @@ gpu-wheels:
 	$(PY) benchmarks/gpu/wheels.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(BENCH_VENV)

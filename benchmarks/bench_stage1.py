@@ -1,30 +1,31 @@
 """Time one BLIP-2 stage-1 training step (forward + backward + AdamW) of lp_blip2_qformer against
 LAVIS's Blip2Qformer on the same config, batch and device, and their peak memory.
 
-    .venv/bin/python benchmarks/bench_stage1.py                      # CPU, small config
+    .venv/bin/python benchmarks/bench_stage1.py                      # CPU, small config, 3 sides
+    .venv/bin/python benchmarks/bench_stage1.py --captions coco      # COCO-like caption lengths
     .venv/bin/python benchmarks/bench_stage1.py --device cuda --real-size --batch 64
 
 Default (CPU): Q-Former hidden 256, 4 layers, 32 queries, tiny ViT (224 px, patch 14: 257 tokens,
-width 256, 2 blocks), batch 16, captions of 5-15 words (``--full-captions``: every caption as long
-as max_txt_len, the case where padding to the longest saves nothing). ``--real-size``: EVA ViT-g
-(random weights, fp16 on CUDA) and a BERT-base-sized Q-Former (12 x 768, 30.5k vocabulary), fp16
-autocast on CUDA as LAVIS's runner, both models with the same settings.
+width 256, 2 blocks), batch 16, one torch thread. ``--captions``: ``uniform`` 5-15 words,
+``coco`` lengths drawn from ``caption_lengths_coco.json`` (long-tailed, see its "source"),
+``full`` every caption as long as max_txt_len (the case where padding to the longest saves
+nothing). ``--real-size``: EVA ViT-g (random weights, fp16 on CUDA) and a BERT-base-sized Q-Former
+(12 x 768, 30.5k vocabulary), fp16 autocast on CUDA as LAVIS's runner, same settings on all sides.
 
-Each implementation runs in its own process, in turns (``--rounds``), so that peak memory is its
-own and CPU-load noise hits both; the figure is the median step time over all rounds (on CPU also
-the process CPU time, steadier than wall time on a shared machine: use ``--threads 1``). Memory: on
-CUDA ``max_memory_allocated`` during the timed steps, on CPU the peak resident set size during
-the timed steps minus the resident size before them (Linux ``clear_refs``), measured in a separate
-run per implementation with glibc told to return freed blocks at once, so that the resident size
-follows the live tensors.
+Sides (``--sides``): ours; LAVIS 1.0.2 in its own environment (``make bench-env``, transformers
+4.26.1); LAVIS in our environment (transformers 4.46). Each side runs in a fresh process, in
+turns (``--rounds``; the order reverses every round), so that load drift hits all sides; the
+figure is the median step over all rounds, in process CPU time on the CPU (steadier than wall
+time on a shared machine) and wall time on CUDA. Memory: one more fresh process per side, no
+warm-up: on CUDA ``max_memory_allocated`` above the built model, on the CPU the peak resident
+size above the built model (the step's activations, gradients and AdamW state; Linux
+``clear_refs`` + ``VmHWM``) and the whole process's peak (``getrusage``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import WORDS, captions, lavis_uses_our_encoder, rss_kb, train_step  # noqa: E402,E501
-
+from _bench_common import (CAPTION_KINDS, SIDES, WORDS, PeakRss, add_common_args,  # noqa: E402
+                           alternate, captions, child_argv, lavis_single_process,
+                           lavis_vision_encoder, median, run_side, sides_of, table, train_step)
 
 
 def parse_args(argv=None):
@@ -43,19 +45,20 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--real-size", action="store_true", help="ViT-g + BERT-base Q-Former")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="alternating runs of each impl")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=1)
+    add_common_args(p)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--queries", type=int, default=32)
     p.add_argument("--vit-width", type=int, default=256)
     p.add_argument("--vit-depth", type=int, default=2)
     p.add_argument("--max-txt-len", type=int, default=32)
-    p.add_argument("--full-captions", action="store_true",
-                   help="captions that fill max_txt_len")
-    p.add_argument("--impl", choices=["ours", "lavis"], help=argparse.SUPPRESS)
+    p.add_argument("--captions", choices=CAPTION_KINDS, default="uniform",
+                   help="caption lengths: 5-15 words, COCO-like, or all max_txt_len")
+    p.add_argument("--full-captions", action="store_const", const="full", dest="captions",
+                   help="the same as --captions full")
+    p.add_argument("--memory-run", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bert-dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -74,37 +77,32 @@ def make_bert(args, root: Path) -> Path:
                           intermediate_size=4 * hidden, max_position_embeddings=512)
 
 
-def vit_settings(args):
-    from lavis_plugins.models.blip2_base import TinyVitConfig
-
+def vit_settings(args) -> dict:
+    """The image encoder of every side, as plain values (the LAVIS side has no lavis_plugins)."""
     if args.real_size:  # fp16 weights as LAVIS's default; the CPU cannot run them
         precision = "fp16" if args.device.startswith("cuda") else "fp32"
         return dict(vit_model="eva_clip_g", vit_path="random", vit_precision=precision,
                     image_size=224)
     return dict(vit_model="tiny", vit_precision="fp32", image_size=224,
-                tiny_vit=TinyVitConfig(width=args.vit_width, depth=args.vit_depth,
-                                       heads=max(1, args.vit_width // 64), patch_size=14,
-                                       mlp_ratio=4.0))
+                tiny_vit=dict(width=args.vit_width, depth=args.vit_depth,
+                              heads=max(1, args.vit_width // 64), patch_size=14, mlp_ratio=4.0))
 
 
 def build(args, bert_dir: Path):
-    import torch
-
-    from lavis_plugins.models.blip2_qformer import Blip2QformerConfig, LPBlip2Qformer
-
+    """The side's model (``ours``: lp_blip2_qformer; else LAVIS's Blip2Qformer)."""
     vit = vit_settings(args)
     if args.impl == "ours":
+        from lavis_plugins.models.blip2_qformer import Blip2QformerConfig, LPBlip2Qformer
+
         return LPBlip2Qformer(Blip2QformerConfig(
             bert_path=str(bert_dir), num_query_token=args.queries,
             max_txt_len=args.max_txt_len, **vit))
 
     from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
-    lavis_uses_our_encoder(vit)
-    # LAVIS's forward asks torch.distributed for the rank even in one process
-    torch.distributed.get_rank = lambda *a, **k: 0
-    torch.distributed.get_world_size = lambda *a, **k: 1
-    os.chdir(bert_dir.parent)
+    lavis_vision_encoder(vit)
+    lavis_single_process()
+    os.chdir(bert_dir.parent)  # LAVIS loads "bert-base-uncased" from the working directory
     return Blip2Qformer(vit_model=vit["vit_model"], img_size=vit["image_size"],
                         vit_precision=vit["vit_precision"], num_query_token=args.queries,
                         max_txt_len=args.max_txt_len)
@@ -115,6 +113,7 @@ def build(args, bert_dir: Path):
 
 
 def run_impl(args) -> dict:
+    """One side in this process: timed steps, or (``--memory-run``) the memory of two steps."""
     import torch
 
     if args.threads:
@@ -124,23 +123,29 @@ def run_impl(args) -> dict:
     model.train()
     cuda = args.device.startswith("cuda")
     samples = {"image": torch.randn(args.batch, 3, 224, 224, device=args.device),
-               "text_input": captions(args.batch, args.max_txt_len if args.full_captions else None)}
+               "text_input": captions(args.batch, args.captions, args.max_txt_len)}
     step = train_step(model, samples, amp=cuda and args.real_size)
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
 
+    if args.memory_run:  # a fresh process: nothing of an earlier step is resident
+        meter = PeakRss()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            meter.start()
+        for _ in range(2):
+            step()
+        sync()
+        above = ((torch.cuda.max_memory_allocated() - base) / 2**20 if cuda
+                 else meter.above_mb())
+        return {"impl": args.impl, "peak_mb": above, "process_mb": PeakRss.process_mb()}
     for _ in range(args.warmup):
         step()
     sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS
-            f.write("5")
-        base = rss_kb("VmRSS:") * 1024
     times, cpu_times = [], []
     for _ in range(args.steps):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -148,17 +153,7 @@ def run_impl(args) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-    peak = torch.cuda.max_memory_allocated() if cuda else rss_kb("VmHWM:") * 1024
-    return {"impl": args.impl, "times": times, "cpu_times": cpu_times,
-            "peak_mb": (peak - base) / 2**20}
-
-
-def run_subprocess(cmd, impl: str, env=None) -> dict:
-    out = subprocess.run(cmd + ["--impl", impl], capture_output=True, text=True, env=env)
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    if out.returncode or not line:
-        sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
-    return json.loads(line[-1][len("RESULT "):])
+    return {"impl": args.impl, "times": times, "cpu_times": cpu_times}
 
 
 def main(argv=None) -> None:
@@ -166,46 +161,34 @@ def main(argv=None) -> None:
     if args.impl:
         print("RESULT " + json.dumps(run_impl(args)), flush=True)
         return
+    sides = sides_of(args)
     cuda = args.device.startswith("cuda")
+    key = "times" if cuda else "cpu_times"
+
+    def show(r, side, res):
+        print(f"round {r} {SIDES[side]:>16s}: median step {median(res['times']) * 1e3:8.1f} ms "
+              f"wall, {median(res['cpu_times']) * 1e3:8.1f} ms CPU", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         bert_dir = make_bert(args, Path(tmp))
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
-               "--bert-dir", str(bert_dir)]
-        results = {"ours": [], "lavis": []}
-        for r in range(args.rounds):
-            for impl in ("ours", "lavis"):
-                res = run_subprocess(cmd, impl)
-                results[impl].append(res)
-                print(f"round {r} {impl:5s}: median step "
-                      f"{statistics.median(res['times']) * 1e3:8.1f} ms wall, "
-                      f"{statistics.median(res['cpu_times']) * 1e3:8.1f} ms CPU", flush=True)
-        if cuda:
-            peak = {k: max(r["peak_mb"] for r in v) for k, v in results.items()}
-        else:
-            # glibc keeps freed memory resident and reuses it, hiding a step's allocations from
-            # the resident size; for the memory runs it serves every block above 64 KiB by mmap
-            # and returns it when freed, so the resident size follows the live tensors (this
-            # slows the steps, which is why the timing runs above do without)
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-            mem_cmd = cmd + ["--steps", "2", "--warmup", "1"]
-            peak = {impl: run_subprocess(mem_cmd, impl, env)["peak_mb"] for impl in results}
+        cmd = child_argv(__file__, argv, "--bert-dir", str(bert_dir))
+        results = alternate(cmd, args, show)
+        memory = {s: run_side(cmd + ["--memory-run"], s, args) for s in sides}
 
-    def med(key):
-        return {k: statistics.median([x for r in v for x in r[key]]) for k, v in results.items()}
-
-    t, c = med("times"), med("cpu_times")
+    t = {s: median([x for r in v for x in r[key]]) for s, v in results.items()}
     size = "real size (ViT-g, 12x768 Q-Former)" if args.real_size else (
         f"Q-Former {args.layers}x{args.hidden}, tiny ViT {args.vit_depth}x{args.vit_width}")
-    print(f"\nstage-1 training step, {size}, {args.queries} queries, batch {args.batch}, "
-          f"{'full-length' if args.full_captions else '5-15 word'} captions, {args.device}")
-    print(f"{'':12s}{'ours':>12s}{'LAVIS':>12s}{'LAVIS/ours':>12s}")
-    print(f"{'step (ms)':12s}{t['ours'] * 1e3:12.1f}{t['lavis'] * 1e3:12.1f}"
-          f"{t['lavis'] / t['ours']:12.2f}")
-    if not cuda:  # CPU time: steadier on a shared machine
-        print(f"{'CPU (ms)':12s}{c['ours'] * 1e3:12.1f}{c['lavis'] * 1e3:12.1f}"
-              f"{c['lavis'] / c['ours']:12.2f}")
-    print(f"{'peak (MB)':12s}{peak['ours']:12.0f}{peak['lavis']:12.0f}"
-          f"{peak['lavis'] / max(peak['ours'], 1e-9):12.2f}")
+    words = {"uniform": "5-15 word", "coco": "COCO-like", "full": "full-length"}[args.captions]
+    rows = [[f"step ({'ms' if cuda else 'ms CPU'})"] + [f"{t[s] * 1e3:.1f}" for s in sides],
+            ["peak above model (MB)"] + [f"{memory[s]['peak_mb']:.0f}" for s in sides]]
+    if not cuda:
+        rows.append(["process peak RSS (MB)"] + [f"{memory[s]['process_mb']:.0f}" for s in sides])
+    if "ours" in sides:
+        rows.append(["speed-up of ours"]
+                    + [f"{t[s] / t['ours']:.2f}x" if s != "ours" else "" for s in sides])
+    print("\n" + table(f"stage-1 training step, {size}, {args.queries} queries, batch "
+                       f"{args.batch}, {words} captions, {args.device}, {args.threads or 'default'}"
+                       f" thread(s), {args.rounds} rounds x {args.steps} steps", rows, sides))
 
 
 if __name__ == "__main__":

@@ -1,36 +1,41 @@
-"""Time a BLIP-2 stage-2 training step and batched caption generation of lp_blip2_opt against
-LAVIS's Blip2OPT on the same config, batch and device, with their peak memory.
+"""Time a BLIP-2 stage-2 training step and batched caption generation (greedy and beam 5) of
+lp_blip2_opt against LAVIS's Blip2OPT on the same config, batch and device, with peak memory.
 
-    .venv/bin/python benchmarks/bench_stage2.py                     # CPU, small config
+    .venv/bin/python benchmarks/bench_stage2.py                     # CPU, small config, 3 sides
     .venv/bin/python benchmarks/bench_stage2.py --device cuda --real-size
 
 Default (CPU): tiny ViT (224 px, patch 14: 257 tokens, width 256, 2 blocks), Q-Former 4 x 256,
-32 queries, OPT 4 x 256 (``--opt-layers`` x ``--opt-hidden``; vocabulary 512), fp32. ``--real-size``: EVA ViT-g (random weights,
-fp16), BERT-base-sized Q-Former (12 x 768), OPT-2.7B shapes (32 x 2560, vocabulary 50272, random
-weights, fp16 as LAVIS keeps it), fp16 autocast + loss scaling as LAVIS's runner; on the CPU the
-real shapes run in fp32 throughout (about 20 GB of memory; use a small ``--batch``).
+32 queries, OPT 4 x 256 (``--opt-layers`` x ``--opt-hidden``; vocabulary 512), fp32, one torch
+thread. ``--real-size``: EVA ViT-g (random weights, fp16), BERT-base-sized Q-Former (12 x 768),
+OPT-2.7B shapes (32 x 2560, vocabulary 50272, random weights, fp16 as LAVIS keeps it), fp16
+autocast + loss scaling as LAVIS's runner; on the CPU the real shapes run in fp32 throughout
+(about 20 GB of memory; use a small ``--batch``).
 
 Training step: forward + backward + AdamW on the trainable weights (Q-Former, queries,
-projection, ln_vision), batch ``--batch`` of 5-15 word captions. Generation: ``--gen-batch``
-images (default 16), prompt "a photo of", ``--new-tokens`` tokens forced for every sequence
-(min = max new tokens, so both produce the same number), ``--num-beams`` beams; the figure is
-generated tokens per second (batch x new tokens / time). LAVIS's Blip2OPT beam search fails under
-transformers >= 4.3x (its query embeddings are expanded for the beams twice), so compare greedy.
+projection, ln_vision), batch ``--batch``, captions as ``--captions`` (see bench_stage1.py).
+Generation: ``--gen-batch`` images (default 16), prompt "a photo of", ``--new-tokens`` tokens
+forced for every sequence (min = max new tokens, so every side produces the same number), for
+each of ``--beams`` (default greedy and 5 beams, BLIP-2's default); the figure is generated
+tokens per CPU second (batch x new tokens / process CPU time of the call; wall time on CUDA).
 
-Each implementation runs in its own process, in turns (``--rounds``), so that peak memory is its
-own and load noise hits both; the figures are medians over all rounds. On the CPU the training
-step is timed in process CPU time (wall time is printed per round too), which other jobs on a
-shared machine disturb far less than wall time; use ``--threads 1`` there. Memory: on CUDA
-``max_memory_allocated`` above the model's resident weights during the timed work, on CPU the peak
-resident set size during it minus the size before (Linux ``clear_refs``).
+Sides (``--sides``, see ``_bench_common``): ours; LAVIS 1.0.2 in its own environment (``make
+bench-env``, transformers 4.26.1) as installed, whose vendored OPT drops its key/value cache (it
+reads ``past``; transformers >= 4.26 passes ``past_key_values``) and so recomputes the whole
+sequence at every token; ``lavis_kv``, the same with the cache restored; LAVIS in our environment
+(transformers 4.46) with the cache restored (its beam search fails there: 4.46 expands its
+already-expanded query embeddings a second time). The default runs the first, second and last;
+``--sides ours,lavis_kv --skip train`` adds LAVIS at its best for generation. Each
+side runs in a fresh process, in turns (``--rounds``; the order reverses every round); figures are
+medians over all rounds. Memory: fresh processes per side, one for two training steps and one
+for a generate call with the most beams: on CUDA ``max_memory_allocated`` above the built model,
+on the CPU the peak resident size above the built model (Linux ``clear_refs`` + ``VmHWM``) and
+the whole process's peak (``getrusage``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +45,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import captions, lavis_uses_our_encoder, rss_kb, train_step  # noqa: E402
+from _bench_common import (  # noqa: E402
+    CAPTION_KINDS, KV_RESTORED_SIDES, SIDES, PeakRss, add_common_args, alternate, captions,
+    child_argv, lavis_vision_encoder, median, restore_lavis_kv_cache, run_side, sides_of, table,
+    train_step)
 
 PROMPT = "a photo of"
 
@@ -52,18 +60,26 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16, help="training batch")
     p.add_argument("--gen-batch", type=int, default=16, help="generation batch")
     p.add_argument("--new-tokens", type=int, default=20, help="tokens generated per sequence")
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--steps", type=int, default=5, help="timed training steps per round")
+    p.add_argument("--beams", default="1,5", help="comma-separated beam counts to time")
+    p.add_argument("--captions", choices=CAPTION_KINDS, default="uniform",
+                   help="training caption lengths (see bench_stage1.py)")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per round")
     p.add_argument("--gen-repeats", type=int, default=2, help="timed generate calls per round")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2, help="alternating runs of each impl")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--warmup", type=int, default=1)
+    add_common_args(p)
     p.add_argument("--skip", choices=["train", "generate"], help="time only the other one")
     p.add_argument("--opt-layers", type=int, default=4, help="small config: OPT layers")
     p.add_argument("--opt-hidden", type=int, default=256, help="small config: OPT width")
-    p.add_argument("--impl", choices=["ours", "lavis"], help=argparse.SUPPRESS)
+    p.add_argument("--memory-run", choices=["train", "generate"], help=argparse.SUPPRESS)
     p.add_argument("--work-dir", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.beam_list = [int(b) for b in args.beams.split(",")]
+    except ValueError:
+        p.error(f"--beams {args.beams!r}: comma-separated whole numbers, e.g. 1,5")
+    if not args.beam_list or min(args.beam_list) < 1:
+        p.error(f"--beams {args.beams!r}: each beam count must be >= 1")
+    return args
 
 
 def sizes(args) -> dict:
@@ -117,13 +133,12 @@ def half(args) -> str:
 
 
 def vit_settings(args) -> dict:
-    from lavis_plugins.models.blip2_base import TinyVitConfig
-
+    """The image encoder of every side, as plain values (the LAVIS side has no lavis_plugins)."""
     if args.real_size:
         return dict(vit_model="eva_clip_g", vit_path="random", vit_precision=half(args),
                     image_size=224)
     return dict(vit_model="tiny", vit_precision="fp32", image_size=224,
-                tiny_vit=TinyVitConfig(width=256, depth=2, heads=4, patch_size=14, mlp_ratio=4.0))
+                tiny_vit=dict(width=256, depth=2, heads=4, patch_size=14, mlp_ratio=4.0))
 
 
 def build(args, root: Path):
@@ -139,7 +154,9 @@ def build(args, root: Path):
 
     from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
-    lavis_uses_our_encoder(vit)
+    lavis_vision_encoder(vit)
+    if args.impl in KV_RESTORED_SIDES:
+        restore_lavis_kv_cache()
     os.chdir(root)  # LAVIS loads "bert-base-uncased" from the working directory
     model = Blip2OPT(vit_model=vit["vit_model"], img_size=vit["image_size"],
                      vit_precision=vit["vit_precision"], num_query_token=32,
@@ -154,10 +171,11 @@ def build(args, root: Path):
 
 
 class Meter:
-    """Peak memory above a baseline taken at ``start`` (CUDA allocator or CPU RSS)."""
+    """Peak memory above a baseline taken at ``start``: the CUDA allocator's, or the CPU's
+    resident size (:class:`PeakRss`; meaningful in a fresh process only)."""
 
     def __init__(self, cuda: bool):
-        self.cuda = cuda
+        self.cuda, self.rss = cuda, PeakRss()
 
     def start(self):
         import torch
@@ -167,18 +185,38 @@ class Meter:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS
-                f.write("5")
-            self.base = rss_kb("VmRSS:") * 1024
+            self.rss.start()
 
     def peak_mb(self) -> float:
         import torch
 
-        peak = torch.cuda.max_memory_allocated() if self.cuda else rss_kb("VmHWM:") * 1024
-        return (peak - self.base) / 2**20
+        if self.cuda:
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return self.rss.above_mb()
+
+
+def generate_call(args, model, beams: int):
+    """One side's batched generate call: ``--new-tokens`` tokens forced for every sequence."""
+    import torch
+
+    image = torch.randn(args.gen_batch, 3, 224, 224, device=args.device)
+    n = args.new_tokens
+    if args.impl == "ours":
+        kw = dict(min_length=n)  # ours counts new tokens
+    else:  # LAVIS's min_length counts the prompt's tokens too (max_length is max_new_tokens)
+        kw = dict(min_length=n + len(model.opt_tokenizer(PROMPT).input_ids))
+
+    def gen():
+        with torch.no_grad():
+            return model.generate({"image": image, "prompt": PROMPT}, num_beams=beams,
+                                  max_length=n, **kw)
+
+    return gen
 
 
 def run_impl(args) -> dict:
+    """One side in this process: timed training steps and generate calls, or (``--memory-run``)
+    the memory of two training steps or of one generate call."""
     import torch
 
     if args.threads:
@@ -193,51 +231,54 @@ def run_impl(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    out = {"impl": args.impl}
-    if args.skip != "train":
-        model.train()
-        samples = {"image": torch.randn(args.batch, 3, 224, 224, device=args.device),
-                   "text_input": captions(args.batch)}
-        step = train_step(model, samples, amp=cuda and args.real_size)
-
-        for _ in range(args.warmup):
-            step()
-        sync()
-        meter.start()
+    def timed(fn, n: int):
+        """Wall and process CPU seconds of ``n`` calls of ``fn``, each."""
         times, cpu_times = [], []
-        for _ in range(args.steps):
+        for _ in range(n):
+            sync()
             t0, c0 = time.perf_counter(), time.process_time()
-            step()
+            fn()
             sync()
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
-        out.update(train_times=times, train_cpu_times=cpu_times, train_peak_mb=meter.peak_mb())
-        del step  # its optimizer state
+        return times, cpu_times
+
+    out = {"impl": args.impl}
+    if args.memory_run == "generate":
+        model.eval()
+        gen = generate_call(args, model, max(args.beam_list))
+        meter.start()
+        try:
+            gen()
+        except Exception as e:  # noqa: BLE001 - LAVIS's beam search under transformers 4.46
+            return {**out, "gen_error": f"{type(e).__name__}: {str(e)[:200]}"}
+        sync()
+        return {**out, "peak_mb": meter.peak_mb(), "process_mb": PeakRss.process_mb()}
+    model.train()
+    samples = {"image": torch.randn(args.batch, 3, 224, 224, device=args.device),
+               "text_input": captions(args.batch, args.captions)}
+    step = train_step(model, samples, amp=cuda and args.real_size)
+    if args.memory_run == "train":
+        meter.start()
+        for _ in range(2):
+            step()
+        sync()
+        return {**out, "peak_mb": meter.peak_mb(), "process_mb": PeakRss.process_mb()}
+    if args.skip != "train":
+        for _ in range(args.warmup):
+            step()
+        out["train_times"], out["train_cpu_times"] = timed(step, args.steps)
+    del step  # its optimizer state
     if args.skip != "generate":
         model.eval()
-        image = torch.randn(args.gen_batch, 3, 224, 224, device=args.device)
-        n = args.new_tokens
-        if args.impl == "ours":
-            kw = dict(min_length=n)  # ours counts new tokens
-        else:  # LAVIS's min_length counts the prompt's tokens too
-            kw = dict(min_length=n + len(model.opt_tokenizer(PROMPT).input_ids))
-
-        def gen():
-            with torch.no_grad():
-                return model.generate({"image": image, "prompt": PROMPT},
-                                      num_beams=args.num_beams, max_length=n, **kw)
-
-        gen()
-        sync()
-        meter.start()
-        times = []
-        for _ in range(args.gen_repeats):
-            t0 = time.perf_counter()
-            gen()
-            sync()
-            times.append(time.perf_counter() - t0)
-        out.update(gen_times=times, gen_peak_mb=meter.peak_mb(),
-                   tokens_per_call=args.gen_batch * n)
+        for beams in args.beam_list:
+            gen = generate_call(args, model, beams)
+            try:
+                gen()  # warm-up
+            except Exception as e:  # noqa: BLE001 - LAVIS's beam search under transformers 4.46
+                out[f"gen_error_{beams}"] = f"{type(e).__name__}: {str(e)[:200]}"
+                continue
+            out[f"gen_times_{beams}"], out[f"gen_cpu_times_{beams}"] = timed(gen, args.gen_repeats)
     return out
 
 
@@ -246,60 +287,84 @@ def main(argv=None) -> None:
     if args.impl:
         print("RESULT " + json.dumps(run_impl(args)), flush=True)
         return
+    sides = sides_of(args)
+
+    def show(r, side, res):
+        msg = [f"round {r} {SIDES[side]:>16s}:"]
+        if "train_times" in res:
+            msg.append(f"step {median(res['train_times']) * 1e3:8.1f} ms wall"
+                       f" {median(res['train_cpu_times']) * 1e3:8.1f} ms CPU")
+        for b in args.beam_list:
+            if f"gen_times_{b}" in res:
+                msg.append(f"| beams {b}: generate {median(res[f'gen_times_{b}']):6.2f} s wall"
+                           f" {median(res[f'gen_cpu_times_{b}']):6.2f} s CPU")
+            elif f"gen_error_{b}" in res:
+                msg.append(f"| beams {b}: fails ({res[f'gen_error_{b}'][:80]})")
+        print(" ".join(msg), flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         make_folders(args, Path(tmp))
-        base_cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
-                    "--work-dir", tmp]
-        results = {"ours": [], "lavis": []}
-        for r in range(args.rounds):
-            for impl in ("ours", "lavis"):
-                proc = subprocess.run(base_cmd + ["--impl", impl], capture_output=True, text=True)
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    sys.exit(f"{impl} failed:\n{proc.stderr[-3000:]}")
-                res = json.loads(line[-1][len("RESULT "):])
-                results[impl].append(res)
-                msg = [f"round {r} {impl:5s}:"]
-                if "train_times" in res:
-                    msg.append(f"step {statistics.median(res['train_times']) * 1e3:8.1f} ms wall"
-                               f" {statistics.median(res['train_cpu_times']) * 1e3:8.1f} ms CPU")
-                if "gen_times" in res:
-                    msg.append(f"generate {statistics.median(res['gen_times']):7.2f} s")
-                print(" ".join(msg), flush=True)
-    report(args, results)
+        cmd = child_argv(__file__, argv, "--work-dir", tmp)
+        results = alternate(cmd, args, show)
+        memory = {}
+        for phase in ("train", "generate"):
+            if args.skip != phase:
+                memory[phase] = {s: run_side(cmd + ["--memory-run", phase], s, args)
+                                 for s in sides}
+    report(args, sides, results, memory)
 
 
-def report(args, results) -> None:
-    def med(impl, key):
-        return statistics.median([x for r in results[impl] for x in r[key]])
+def report(args, sides, results, memory) -> None:
+    cuda = args.device.startswith("cuda")
+    wall_or_cpu = "" if cuda else "cpu_"
 
-    def peak(impl, key):
-        return max(r[key] for r in results[impl])
+    def med(side, key):
+        xs = [x for r in results[side] for x in r.get(key, [])]
+        return median(xs) if xs else None
 
+    def speedups(values, higher_is_faster):
+        if "ours" not in sides or values["ours"] is None:
+            return []
+        cells = []
+        for s in sides:
+            v = values[s]
+            cells.append("" if s == "ours" or v is None else
+                         f"{(values['ours'] / v if higher_is_faster else v / values['ours']):.2f}x")
+        return [["  speed-up of ours"] + cells]
+
+    def mem_rows(phase):
+        m = memory.get(phase, {})
+        rows = [["  peak above model (MB)"] + [
+            f"{m[s]['peak_mb']:.0f}" if "peak_mb" in m.get(s, {}) else "fails" for s in sides]]
+        if not cuda:
+            rows.append(["  process peak RSS (MB)"] + [
+                f"{m[s]['process_mb']:.0f}" if "process_mb" in m.get(s, {}) else "fails"
+                for s in sides])
+        return rows
+
+    rows = []
+    if args.skip != "train":
+        t = {s: med(s, f"train_{wall_or_cpu}times") for s in sides}
+        rows.append([f"train step b{args.batch} ({'ms' if cuda else 'ms CPU'})"]
+                    + [f"{t[s] * 1e3:.1f}" for s in sides])
+        rows += speedups(t, higher_is_faster=False) + mem_rows("train")
+    if args.skip != "generate":
+        n = args.gen_batch * args.new_tokens
+        for b in args.beam_list:
+            g = {s: (None if med(s, f"gen_{wall_or_cpu}times_{b}") is None
+                     else n / med(s, f"gen_{wall_or_cpu}times_{b}")) for s in sides}
+            rows.append([f"generate b{args.gen_batch} beams {b} "
+                         f"(tok/{'s' if cuda else 'CPU s'})"]
+                        + [f"{g[s]:.1f}" if g[s] is not None else "fails" for s in sides])
+            rows += speedups(g, higher_is_faster=True)
+        rows += [[f"generate, beams {max(args.beam_list)}:"] + [""] * len(sides)]
+        rows += mem_rows("generate")
     size = (f"real size: EVA ViT-g, Q-Former 12x768, OPT-2.7B shapes, {half(args)}"
             if args.real_size
             else f"small: tiny ViT 2x256, Q-Former 4x256, OPT {args.opt_layers}x"
                  f"{args.opt_hidden}, fp32")
-    print(f"\nstage 2, {size}, 32 queries, {args.device}")
-    print(f"{'':28s}{'ours':>12s}{'LAVIS':>12s}{'ours speed-up':>15s}")
-    if args.skip != "train":
-        # on the CPU, process time: a shared machine's load inflates wall time unevenly
-        key = "train_times" if args.device.startswith("cuda") else "train_cpu_times"
-        t = {k: med(k, key) for k in results}
-        m = {k: peak(k, "train_peak_mb") for k in results}
-        unit = 'ms' if args.device.startswith('cuda') else 'ms CPU'
-        print(f"{f'train step, batch {args.batch} ({unit})':28s}{t['ours'] * 1e3:12.1f}"
-              f"{t['lavis'] * 1e3:12.1f}{t['lavis'] / t['ours']:15.2f}")
-        print(f"{'  peak memory (MB)':28s}{m['ours']:12.0f}{m['lavis']:12.0f}"
-              f"{m['lavis'] / max(m['ours'], 1e-9):15.2f}")
-    if args.skip != "generate":
-        n = args.gen_batch * args.new_tokens
-        g = {k: n / med(k, "gen_times") for k in results}
-        m = {k: peak(k, "gen_peak_mb") for k in results}
-        label = f"generate b{args.gen_batch} beams {args.num_beams} (tok/s)"
-        print(f"{label:28s}{g['ours']:12.1f}{g['lavis']:12.1f}{g['ours'] / g['lavis']:15.2f}")
-        print(f"{'  peak memory (MB)':28s}{m['ours']:12.0f}{m['lavis']:12.0f}"
-              f"{m['lavis'] / max(m['ours'], 1e-9):15.2f}")
+    print("\n" + table(f"stage 2, {size}, 32 queries, {args.captions} captions, {args.device}, "
+                       f"{args.threads or 'default'} thread(s), {args.rounds} rounds", rows, sides))
 
 
 if __name__ == "__main__":

@@ -134,6 +134,12 @@ def _make_files(root: Path, shapes_home: Path) -> Dict[str, Path]:
     npy = root / "truncated_npy" / "features.npy"
     npy.write_bytes(npy.read_bytes()[:-20])
     np.save(root / "few_rows" / "features.npy", np.zeros((1, 3, 4), np.float16))
+    # two augmented views of each of the two images (rows r * 2 + k)
+    (root / "two_views").mkdir()
+    (root / "two_views" / "meta.json").write_text(json.dumps({**meta, "views": 2,
+                                                              "shape": [4, 3, 4]}))
+    np.save(root / "two_views" / "features.npy", np.zeros((4, 3, 4), np.float16))
+    f["two_views"] = root / "two_views"
     return f
 
 
@@ -295,6 +301,22 @@ CASES = [
          "damaged or truncated"),
     Case("cache_few_rows", ["datasets.lp_shapes_caption.feature_cache=@few_rows"],
          "holds shape [1, 3, 4] but meta.json says [2, 3, 4]"),
+    Case("cache_views_zero", ["datasets.lp_shapes_caption.feature_cache=@two_views",
+                              "datasets.lp_shapes_caption.feature_cache_views=0"],
+         "datasets.lp_shapes_caption.feature_cache_views=0: must be a whole number >= 1"),
+    Case("cache_views_text", ["datasets.lp_shapes_caption.feature_cache=@two_views",
+                              "datasets.lp_shapes_caption.feature_cache_views=many"],
+         "feature_cache_views='many': must be a whole number >= 1"),
+    Case("cache_views_float", ["datasets.lp_shapes_caption.feature_cache=@two_views",
+                               "datasets.lp_shapes_caption.feature_cache_views=2.5"],
+         "feature_cache_views=2.5: must be a whole number >= 1"),
+    Case("cache_views_alone", ["datasets.lp_shapes_caption.feature_cache_views=2"],
+         "feature_cache_views is set but datasets.lp_shapes_caption.feature_cache is not"),
+    Case("cache_views_mismatch", ["datasets.lp_shapes_caption.feature_cache=@two_views",
+                                  "datasets.lp_shapes_caption.feature_cache_views=3"],
+         "holds 2 view(s) per image but the config asks for feature_cache_views=3"),
+    Case("cache_views_rows", ["datasets.lp_shapes_caption.feature_cache=@two_views"],
+         "holds 2 view(s) per image but the config asks for feature_cache_views=1"),
 ]
 
 

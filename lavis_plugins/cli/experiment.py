@@ -224,14 +224,15 @@ def cache_features(cfg_path: str, options: List[str], split: str = "train") -> L
     from lavis.tasks.base_task import BaseTask
 
     from lavis_plugins.common import dist as dist_utils
-    from lavis_plugins.common.feature_cache import build_feature_cache
+    from lavis_plugins.common.feature_cache import build_feature_cache, cache_views
     from lavis_plugins.common.safe_load import weights_only_loads
 
     cfg = load_config(cfg_path, list(options))
     wanted = {n: d.feature_cache for n, d in cfg.datasets_cfg.items() if d.get("feature_cache")}
     if not wanted:
         raise UserError(f"no dataset in {cfg_path} sets feature_cache: <folder>")
-    _setup_seeds(int(cfg.run_cfg.get("seed", 42)))  # as `train` does: same random init, if any
+    seed = int(cfg.run_cfg.get("seed", 42))
+    _setup_seeds(seed)  # as `train` does: same random init, if any
     task = setup_task(cfg)
     # LAVIS's plain dataset building: the plugin's task would read the cache being built
     datasets = BaseTask.build_datasets(task, cfg)
@@ -245,7 +246,8 @@ def cache_features(cfg_path: str, options: List[str], split: str = "train") -> L
         out.append(build_feature_cache(
             model.visual_encoder, datasets[name][split], folder,
             image_size=int(cfg.model_cfg.get("image_size", 224)),
-            batch_size=int(cfg.run_cfg.get("batch_size_eval") or 32), device=device))
+            batch_size=int(cfg.run_cfg.get("batch_size_eval") or 32), device=device,
+            views=cache_views(cfg.datasets_cfg[name], name), seed=seed))
         print(f"lavis-plugins: cached {name}/{split} encoder features in {folder}", flush=True)
     return out
 

@@ -89,7 +89,8 @@ RUN_KEYS: Dict[str, Key] = {
 
 # dataset keys every builder accepts beyond those in its own default YAML
 DATASET_EXTRA_KEYS = ("type", "data_type", "build_info", "vis_processor", "text_processor",
-                      "dataset_card", "feature_cache", "on_bad_video", "sample_ratio")
+                      "dataset_card", "feature_cache", "feature_cache_views", "on_bad_video",
+                      "sample_ratio")
 BUILD_INFO_KEYS = ("annotations", "images", "videos", "features", "root", "storage", "splits",
                    "instance_id_key", "answer_list_splits")
 

@@ -1,8 +1,9 @@
 """``lp_image_text_pretrain``: LAVIS's image-text pre-training task plus the feature cache.
 
-A dataset entry with ``feature_cache: <folder>`` trains its train split from cached encoder
-outputs (see :mod:`lavis_plugins.common.feature_cache`); the cache is checked against the images
-when the datasets are built and against the model's encoder when the model is built.
+A dataset entry with ``feature_cache: <folder>`` (and ``feature_cache_views: K`` for K augmented
+views per image) trains its train split from cached encoder outputs (see
+:mod:`lavis_plugins.common.feature_cache`); the cache is checked against the images, processor
+and views when the datasets are built and against the model's encoder when the model is built.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from lavis.common.registry import registry
 from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
 
 from lavis_plugins.common.errors import UserError
-from lavis_plugins.common.feature_cache import CachedFeatureDataset, check_feature_cache
+from lavis_plugins.common.feature_cache import (CachedFeatureDataset, cache_views,
+                                                check_feature_cache)
 from lavis_plugins.datasets.webdataset_caption import ShardCaptionDataset
 
 
@@ -24,6 +26,7 @@ class PretrainTask(ImageTextPretrainTask):
         datasets = super().build_datasets(cfg)
         for name, ds_cfg in cfg.datasets_cfg.items():
             cache = ds_cfg.get("feature_cache", None)
+            views = cache_views(ds_cfg, name)
             if not cache:
                 continue
             if "train" not in datasets[name]:
@@ -33,7 +36,7 @@ class PretrainTask(ImageTextPretrainTask):
                                 "datasets, not shards (at web scale the cached encoder outputs "
                                 "would outgrow the images); remove feature_cache")
             datasets[name]["train"] = CachedFeatureDataset(datasets[name]["train"], cache,
-                                                           encoder=None, image_size=0)
+                                                           encoder=None, image_size=0, views=views)
             self._caches.append(str(cache))
         return datasets
 

@@ -1,0 +1,87 @@
+"""The benchmark scripts' own parts that need no timing: caption lengths, side selection, option
+checks and the list `make bench` runs (the figures themselves live in docs/benchmarks.md)."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def bench_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+def test_caption_kinds_have_their_lengths():
+    import _bench_common as common
+
+    hist = common.caption_lengths()
+    lengths = [len(c.split()) for c in common.captions(4000, "coco")]
+    assert set(lengths) <= set(hist)
+    assert 10.0 < sum(lengths) / len(lengths) < 11.0  # the histogram's mean, about 10.5 words
+    assert max(lengths) >= 20  # its long tail is drawn
+    uniform = [len(c.split()) for c in common.captions(500)]
+    assert min(uniform) == 5 and max(uniform) == 15
+    assert {len(c.split()) for c in common.captions(3, "full", 32)} == {32}
+    assert common.captions(5, "coco") == common.captions(5, "coco")  # fixed seed
+    with pytest.raises(ValueError, match="choose one of"):
+        common.captions(1, "long")
+
+
+def test_caption_length_counter_reads_both_formats(tmp_path):
+    lavis = tmp_path / "lavis.json"
+    lavis.write_text(json.dumps([{"caption": "a b c"}, {"caption": ["a b c", "a b c d e"]}]))
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({"annotations": [{"caption": "a b"}, {"caption": "a b"}]}))
+    for path, want in ((lavis, {"3": 667, "5": 333}), (coco, {"2": 1000})):
+        out = subprocess.run([sys.executable, str(BENCH / "caption_lengths.py"), str(path)],
+                             capture_output=True, text=True, check=True)
+        assert json.loads(out.stdout)["per_mille"] == want
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"images": []}))
+    out = subprocess.run([sys.executable, str(BENCH / "caption_lengths.py"), str(bad)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip().startswith(f"{bad}: not a caption annotation file")
+
+
+def test_sides_are_checked_and_a_missing_lavis_env_names_the_fix(tmp_path):
+    from _bench_common import sides_of
+
+    def args(sides):
+        return argparse.Namespace(sides=sides, lavis_python=str(tmp_path / "no" / "python"))
+
+    with pytest.raises(SystemExit, match="run `make bench-env`"):
+        sides_of(args("ours,lavis"))
+    with pytest.raises(SystemExit, match="--sides lavis_kv needs LAVIS's own environment"):
+        sides_of(args("lavis_kv"))
+    with pytest.raises(SystemExit, match=r"choose from \['ours', 'lavis', 'lavis_kv', "):
+        sides_of(args("ours,lavis2"))
+    assert sides_of(args("ours, lavis446")) == ["ours", "lavis446"]
+
+
+@pytest.mark.parametrize("beams", ["0", "1,x", ""])
+def test_stage2_beams_option_refuses_bad_values(beams, capsys):
+    import bench_stage2
+
+    with pytest.raises(SystemExit):
+        bench_stage2.parse_args(["--beams", beams])
+    assert "--beams" in capsys.readouterr().err
+    assert bench_stage2.parse_args(["--beams", "1,5"]).beam_list == [1, 5]
+
+
+def test_run_all_knows_every_script():
+    import run_all
+
+    for name, (script, *_) in run_all.BENCHMARKS.items():
+        assert (BENCH / script).is_file(), name
+    out = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--list"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "stage1_coco: .venv/bin/python benchmarks/bench_stage1.py --captions coco" in out
+    assert run_all.last_table("round 0\n\ntable\nrow\n") == "table\nrow"
