@@ -191,9 +191,11 @@ def our_answers(model, video, questions: List[str], new_tokens: int, clock: Stag
 
 
 def instrument_ours(model, clock: StageClock) -> None:
-    """Time the encoder and the whole visual prompt; the LLM is the rest of ``model``. Wraps the
-    class's methods, so that instrumenting again replaces the previous clock."""
-    for name, stage in (("encode_image", "encoder"), ("visual_prompt", "visual")):
+    """Time the image encoder (``vit_features``: every ViT pass, whichever method calls it; the
+    video models call it directly, not through ``encode_image``) and the whole visual prompt; the
+    LLM is the rest of ``model``. Wraps the class's methods, so that instrumenting again replaces
+    the previous clock."""
+    for name, stage in (("vit_features", "encoder"), ("visual_prompt", "visual")):
         setattr(model, name, clock.wrap(getattr(type(model), name).__get__(model), stage))
 
 
