@@ -233,7 +233,8 @@ def test_missing_and_truncated_shards_are_counted_and_skipped(caption_folder, sh
     loader = ShardTrainLoader(ds, seed=0, batch_size=2, num_workers=2)
     keys = [k for b in loader.epoch_batches(0) for k in b["sample_key"]]
     # the cut shard's last readable sample may have lost its image: counted bad when read
-    assert len(keys) == len(set(keys)) == (s.total // 2) * 2 - loader.bad and loader.bad <= 1
+    bad = loader.budget.bad
+    assert len(keys) == len(set(keys)) == (s.total // 2) * 2 - bad and bad <= 1
     # img2dataset's layout (<shard>_stats.json, no byte size): a cut-off shard has no tar end
     # marker and is counted by reading it; the samples its stats promised and it lost are bad
     img2ds = tmp_path / "img2dataset"
@@ -253,7 +254,7 @@ def test_missing_and_truncated_shards_are_counted_and_skipped(caption_folder, sh
     loader = ShardTrainLoader(ds, seed=0, batch_size=2, num_workers=0)
     with caplog.at_level(logging.WARNING):
         got = sum(len(b["text_input"]) for b in loader.epoch_batches(0))
-    assert got == 5 and loader.bad == 1 and "ended early" in caplog.text
+    assert got == 5 and loader.budget.bad == 1 and "ended early" in caplog.text
     with pytest.raises(UserError, match="unbalanced braces"):
         expand_shard_spec("/data/{000..009.tar", "datasets.x.build_info.shards")
     with pytest.raises(UserError, match="none of the 2 shard"):

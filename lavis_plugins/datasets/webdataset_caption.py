@@ -116,13 +116,14 @@ class ShardCaptionDataset(IterableDataset):
 
     def __init__(self, shards: ShardSet, vis_processor: Callable, text_processor: Optional[Callable],
                  caption_key: str = "caption", shuffle_buffer: int = 1000,
-                 max_bad_fraction: float = 0.01, name: str = "shards") -> None:
+                 max_bad_fraction: Optional[float] = None, name: str = "shards") -> None:
         self.shards = shards
         self.vis_processor = vis_processor
         self.text_processor = text_processor
         self.caption_key = caption_key
         self.shuffle_buffer = max(int(shuffle_buffer), 1)
-        self.max_bad_fraction = float(max_bad_fraction)
+        # this dataset's own bound (None: run.max_bad_fraction); see runners/train_stream.py
+        self.max_bad_fraction = None if max_bad_fraction is None else float(max_bad_fraction)
         self.name = name
         self.seed, self.rank, self.world_size = 0, 0, 1
         self.batch_size, self.num_workers = 1, 0
