@@ -482,6 +482,8 @@ def test_mixed_json_and_shard_datasets_train_and_resume_exactly(lp, shards, tmp_
      "none of the 4 shard(s) exists"),
     ("datasets.lp_webdataset_caption.build_info.max_bad_fraction=2", "must be a number in [0, 1]"),
     ("datasets.lp_webdataset_caption.build_info.shuffle_buffer=0", "positive integer, got 0"),
+    ("datasets.lp_webdataset_caption.build_info.reduced_decode=sometimes",
+     "reduced_decode must be true or false, got 'sometimes'"),
     ("datasets.lp_webdataset_caption.feature_cache=/tmp/cache", "feature_cache serves map-style"),
     ("run.batch_size_train=64", "cannot fill one batch of 64"),
 ])

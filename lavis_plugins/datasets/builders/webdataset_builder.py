@@ -73,11 +73,14 @@ class WebdatasetCaptionBuilder(BaseDatasetBuilder):
         buffer = info.get("shuffle_buffer", 1000)
         if not isinstance(buffer, int) or buffer < 1:
             raise UserError(f"{where}.shuffle_buffer must be a positive integer, got {buffer!r}")
+        reduced = info.get("reduced_decode")  # default: configs/datasets/lp_webdataset
+        if not isinstance(reduced, bool):
+            raise UserError(f"{where}.reduced_decode must be true or false, got {reduced!r}")
         shards = load_shard_set(expand_shard_spec(info.shards, f"{where}.shards"), where)
         dataset = ShardCaptionDataset(
             shards, self.vis_processors["train"], self.text_processors.get("train"),
             caption_key=str(info.get("caption_key", "caption")), shuffle_buffer=buffer,
-            max_bad_fraction=max_bad, name=name)
+            max_bad_fraction=max_bad, name=name, reduced_decode=reduced)
         return {"train": dataset}
 
 
