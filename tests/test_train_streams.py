@@ -240,3 +240,41 @@ def test_map_stream_logs_no_bad_count_without_bad_samples(lp, tmp_path, caplog):
         runner.train()
     assert _epoch_stats(tmp_path / "clean")[0]["train_data_bad"] == "0"
     assert "could not be read" not in caplog.text
+
+
+class Killed(Toy):
+    """Toy that raises KeyboardInterrupt (a kill) on its ``at``-th call."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.calls, self.at = 0, at
+
+    def forward(self, samples):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt("simulated kill")
+        return super().forward(samples)
+
+
+def test_shard_run_killed_mid_epoch_resumes_to_the_same_losses(lp, tmp_path):
+    """Shards read by 2 workers: a run killed at step 8 of epoch 0 (10 steps per epoch), resumed
+    from its last checkpoint (step 6), gives the uninterrupted run's losses for every later
+    step, across the epoch boundary."""
+    def run(job, model, **extra):
+        runner = _runner(tmp_path, job, {"web": {"train": _shard_dataset(tmp_path)}},
+                         run={"max_epoch": 2, "num_workers": 2, "ckpt_freq": 3, **extra})
+        runner._model = runner._wrapped_model = model
+        runner.train()
+        return [json.loads(l)["loss"]
+                for l in (tmp_path / job / "train_log.jsonl").read_text().splitlines()]
+
+    torch.manual_seed(0)
+    ref = run("full", Toy())
+    assert len(ref) == 20
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        run("killed", Killed(at=8))
+    torch.manual_seed(321)  # another process state: the checkpoint restores what matters
+    got = run("resumed", Toy(),
+              resume_ckpt_path=str(tmp_path / "killed" / "checkpoint_step6.pth"))
+    assert got == pytest.approx(ref[6:], rel=1e-6, abs=1e-7)
