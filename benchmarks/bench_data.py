@@ -1,10 +1,14 @@
-"""Images per second one dataloader worker delivers (decode + ``blip2_image_train`` transform):
-shards through ``lp_webdataset_caption`` vs the JSON + image folder path (LAVIS's
+"""Images per second one dataloader worker delivers (decode + ``blip2_image_train`` transform +
+collate): shards through ``lp_webdataset_caption`` vs the JSON + image folder path (LAVIS's
 ``CaptionDataset``) vs LAVIS's own LAION webdataset pipeline (``LaionDataset``) on the same
-images. Each path runs in this process (what one worker does), rounds alternate the three, and
-the figure is images per CPU second (the machine is shared: wall time is noisy).
+images. Each path runs as it trains: a ``DataLoader`` with one worker process delivering batches
+of 16 to this process; the figure is images per CPU second of both processes together (the
+worker's time is read from ``getrusage(RUSAGE_CHILDREN)`` once it has exited), because the
+machine is shared and wall time is noisy. Rounds alternate the three paths.
 
     .venv/bin/python benchmarks/bench_data.py --images 512 --rounds 3
+    .venv/bin/python benchmarks/bench_data.py --images 256 --size 768   # larger web images
+    .venv/bin/python benchmarks/bench_data.py --in-process               # no worker process
 
 Also prints how many workers one GPU's stage-1 step needs: ~50 images/s (A100, the paper's
 compute) and 450 images/s (H100 target).
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -42,11 +48,17 @@ def make_images(root: Path, n: int, size: int) -> Path:
     return root
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its exited (waited-for) children."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + kids.ru_utime + kids.ru_stime
+
+
 def timed(fn, n: int) -> float:
-    """Images per CPU second of ``fn`` delivering ``n`` images."""
-    t = time.process_time()
+    """Images per CPU second of ``fn`` delivering ``n`` images (its workers included)."""
+    t = cpu_seconds()
     fn()
-    return n / max(time.process_time() - t, 1e-9)
+    return n / max(cpu_seconds() - t, 1e-9)
 
 
 def main() -> None:
@@ -56,10 +68,12 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224, help="blip2_image_train output size")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--in-process", action="store_true",
+                    help="run each path in this process instead of one worker process")
     args = ap.parse_args()
 
     import torch
-    from torch.utils.data import default_collate
+    from torch.utils.data import DataLoader
     from lavis.datasets.datasets.caption_datasets import CaptionDataset
     from lavis.datasets.datasets.laion_dataset import LaionDataset
     from lavis.processors.blip_processors import Blip2ImageTrainProcessor, BlipCaptionProcessor
@@ -76,24 +90,29 @@ def main() -> None:
         root = make_images(Path(tmp), n, args.size)
         make_shards(root / "ann.json", root / "img", root / "shards", 128, progress=False)
         shard_set = load_shard_set(expand_shard_spec(str(root / "shards"), "bench"), "bench")
+        workers = 0 if args.in_process else 1
         ours = ShardCaptionDataset(shard_set, vis, txt, shuffle_buffer=128)
-        ours.configure(seed=0, rank=0, world_size=1, batch_size=16, num_workers=0)
+        ours.configure(seed=0, rank=0, world_size=1, batch_size=16, num_workers=workers)
         folder = CaptionDataset(vis, txt, str(root / "img"), [str(root / "ann.json")])
         lavis = LaionDataset(vis, txt, shard_pattern(root / "shards", "train",
                                                      len(shard_set.paths)))
+        batches = n // 16
 
+        def deliver(dataset, **kw) -> int:
+            """Images in ``batches`` batches through a DataLoader (its worker exits at the end)."""
+            loader = DataLoader(dataset, num_workers=workers, **kw)
+            got = sum(len(b["text_input"]) for b in itertools.islice(loader, batches))
+            return got  # the iterator is gone here: its worker has been joined
+
+        # ours yields whole batches; the other two are batched by the DataLoader
         def run_ours():
-            assert sum(len(b["text_input"]) for b in ours) == (n // 16) * 16
+            assert deliver(ours, batch_size=None) == batches * 16
 
-        # the other two collate batches of 16 as a DataLoader would (ours yields batches)
         def run_folder():
-            for i in range(0, n - 15, 16):
-                default_collate([folder[j] for j in range(i, i + 16)])
+            assert deliver(folder, batch_size=16, shuffle=False) == batches * 16
 
-        def run_lavis():
-            it = iter(lavis.inner_dataset)
-            for _ in range(n // 16):
-                default_collate([next(it) for _ in range(16)])
+        def run_lavis():  # resampled shards: an endless stream, cut after the same images
+            assert deliver(lavis.inner_dataset, batch_size=16) == batches * 16
 
         paths = {"shards (ours)": run_ours, "JSON + folder": run_folder,
                  "LAVIS LaionDataset": run_lavis}
@@ -102,8 +121,9 @@ def main() -> None:
             for name, fn in paths.items():  # alternate, so drifts in machine load hit all three
                 rates[name].append(timed(fn, (n // 16) * 16))
     med = {k: float(np.median(v)) for k, v in rates.items()}
+    where = "in this process" if args.in_process else "one worker process + this process"
     print(f"{n} JPEGs {args.size}px -> blip2_image_train {args.image_size}px, {args.rounds} rounds, "
-          f"{args.threads} torch thread(s); images per CPU second of one worker (median):")
+          f"{args.threads} torch thread(s), {where}; images per CPU second (median):")
     for k, v in med.items():
         print(f"  {k:20s} {v:8.1f}  ({', '.join(f'{x:.1f}' for x in rates[k])})")
     ref = med["LAVIS LaionDataset"]

@@ -7,8 +7,8 @@ Every stage is a shipped ``projects/demo/*.yaml`` run through the same entry poi
 1. ``text_lm``       a tiny text-only OPT trained on the dataset's text, then exported as a
                      transformers folder: it plays the frozen pre-trained LLM;
 2. ``stage1``        BLIP-2 stage 1 (Q-Former: ITC + ITM + ITG) on image-caption pairs, read from
-                     webdataset tar shards that ``lavis-plugins make-shards`` writes from the
-                     dataset's caption file (the web-scale path, at toy size);
+                     the dataset's webdataset tar shards, which ``lavis-plugins make-shards``
+                     wrote once beside its images (the web-scale path, at toy size);
 3. ``retrieval``     image-text retrieval with the stage-1 model (ITC top-k, ITM re-rank): R@1;
    ``zeroshot_cls``  zero-shot colour+shape classification of the one-shape test images with the
                      stage-1 model (CLIP's prompt ensembling on ITC): top-1;
@@ -388,29 +388,17 @@ def make_demo_bert(folder: Path) -> Path:
                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-# samples per shard of the demo's stage-1 shard set (4000 training captions: 8 shards)
-DEMO_SHARD_SIZE = 500
-
-
-def make_demo_shards(ctx: DemoContext) -> Path:
-    """Stage 1's training data as tar shards, made from the shapes caption file with
-    ``lavis-plugins make-shards`` (one sample per annotation)."""
-    from lavis_plugins.cli.make_shards import make_shards
-
-    out = ctx.out / "shards"
-    make_shards(ctx.data_root / "annotations" / "caption_train.json", ctx.data_root / "images",
-                out, DEMO_SHARD_SIZE, force=True, progress=False)
-    return out
-
-
 def stage_options(key: str, ctx: DemoContext) -> List[str]:
     """The ``--options`` that connect stage ``key`` to the folders of earlier stages."""
+    from lavis_plugins.demo_shards import shards_folder
+
     common = [f"run.output_dir={ctx.out}"]
     if key == "text_lm":
         return common
     if key == "stage1":
         return common + [f"model.bert_path={ctx.bert_dir}",
-                         f"datasets.lp_webdataset_caption.build_info.shards={ctx.out / 'shards'}"]
+                         "datasets.lp_webdataset_caption.build_info.shards="
+                         f"{shards_folder(ctx.data_root)}"]
     if key == "retrieval":
         return common + [f"model.bert_path={ctx.bert_dir}", f"model.finetuned={ctx.ckpt('stage1')}",
                          "model.load_finetuned=True"]
@@ -607,7 +595,6 @@ def _run_demo(out: Path, force: bool, options: Optional[Mapping[str, Sequence[st
     ctx = DemoContext(out=out, data_root=ensure_shapes_dataset(), bert_dir=out / "tiny-bert",
                       llm_dir=out / "llm")
     make_demo_bert(ctx.bert_dir)
-    make_demo_shards(ctx)
     todo = [s for s in STAGES if s.key in stages]
     for i, stage in enumerate(todo, 1):
         _header(i, len(todo), stage, t0)

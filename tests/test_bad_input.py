@@ -194,7 +194,7 @@ def _previous_checkpoint_intact(env: Env, job: str = "disk_full") -> None:
 
 def _skipped_counted(env: Env) -> None:
     log = (env.out / "skip_bad" / "log.txt").read_text()
-    assert '"train_bad_samples_skipped": "1"' in log
+    assert '"train_data_bad": "1"' in log  # this epoch's count (runners/train_stream.py)
 
 
 def _no_nan_saved(env: Env) -> None:

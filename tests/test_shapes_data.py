@@ -93,7 +93,9 @@ def test_every_annotation_points_at_an_existing_file(small_root):
             assert (small_root / folder / ann[key]).is_file(), (rel, ann[key])
     listed = set(manifest(small_root)["files"])
     on_disk = {p.relative_to(small_root).as_posix() for p in small_root.rglob("*") if p.is_file()}
-    assert on_disk - listed == {demo_data.MANIFEST, demo_data.MARKER}
+    # the stage-1 shard set (demo_shards) has its own index, shards/shards.json
+    shards = {f"shards/{e['file']}" for e in load(small_root, "../shards/shards.json")["shards"]}
+    assert on_disk - listed == {demo_data.MANIFEST, demo_data.MARKER, "shards/shards.json"} | shards
 
 
 def test_vocabulary_covers_every_text(small_root):

@@ -233,7 +233,8 @@ def test_missing_and_truncated_shards_are_counted_and_skipped(caption_folder, sh
     loader = ShardTrainLoader(ds, seed=0, batch_size=2, num_workers=2)
     keys = [k for b in loader.epoch_batches(0) for k in b["sample_key"]]
     # the cut shard's last readable sample may have lost its image: counted bad when read
-    assert len(keys) == len(set(keys)) == (s.total // 2) * 2 - loader.bad and loader.bad <= 1
+    bad = loader.budget.bad
+    assert len(keys) == len(set(keys)) == (s.total // 2) * 2 - bad and bad <= 1
     # img2dataset's layout (<shard>_stats.json, no byte size): a cut-off shard has no tar end
     # marker and is counted by reading it; the samples its stats promised and it lost are bad
     img2ds = tmp_path / "img2dataset"
@@ -253,7 +254,7 @@ def test_missing_and_truncated_shards_are_counted_and_skipped(caption_folder, sh
     loader = ShardTrainLoader(ds, seed=0, batch_size=2, num_workers=0)
     with caplog.at_level(logging.WARNING):
         got = sum(len(b["text_input"]) for b in loader.epoch_batches(0))
-    assert got == 5 and loader.bad == 1 and "ended early" in caplog.text
+    assert got == 5 and loader.budget.bad == 1 and "ended early" in caplog.text
     with pytest.raises(UserError, match="unbalanced braces"):
         expand_shard_spec("/data/{000..009.tar", "datasets.x.build_info.shards")
     with pytest.raises(UserError, match="none of the 2 shard"):
@@ -481,6 +482,8 @@ def test_mixed_json_and_shard_datasets_train_and_resume_exactly(lp, shards, tmp_
      "none of the 4 shard(s) exists"),
     ("datasets.lp_webdataset_caption.build_info.max_bad_fraction=2", "must be a number in [0, 1]"),
     ("datasets.lp_webdataset_caption.build_info.shuffle_buffer=0", "positive integer, got 0"),
+    ("datasets.lp_webdataset_caption.build_info.reduced_decode=sometimes",
+     "reduced_decode must be true or false, got 'sometimes'"),
     ("datasets.lp_webdataset_caption.feature_cache=/tmp/cache", "feature_cache serves map-style"),
     ("run.batch_size_train=64", "cannot fill one batch of 64"),
 ])

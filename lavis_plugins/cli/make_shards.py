@@ -13,10 +13,13 @@ instead makes one sample per image holding all its captions in ``KEY.captions.js
 
 Shards are written with webdataset's ``ShardWriter`` as ``<prefix>-000000.tar``... with fixed
 file times (same input, same bytes), into a temporary folder renamed into place, with
-``shards.json`` (samples and bytes per shard), the index the shard dataset plans epochs from.
+``shards.json`` (samples and bytes per shard), the index the shard dataset plans epochs from;
+it also records what the shards were made from (the annotation file's SHA-256, the shard size),
+so a cache of shards can tell when it is stale (:mod:`lavis_plugins.demo_shards`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -125,7 +128,9 @@ def make_shards(ann: str | Path, images: str | Path, out: str | Path, shard_size
         counts = _count(len(samples), shard_size, len(entries))
         for e, n in zip(entries, counts):
             e["samples"] = n
-        index = {"format": INDEX_FORMAT, "source": str(ann), "group_by_image": group_by_image,
+        index = {"format": INDEX_FORMAT, "source": str(ann),
+                 "source_sha256": hashlib.sha256(ann.read_bytes()).hexdigest(),
+                 "shard_size": shard_size, "group_by_image": group_by_image,
                  "samples": len(samples), "shards": entries}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
         if out.exists():

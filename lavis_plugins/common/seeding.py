@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.utils.data
 
 
 def sample_seed(*parts: int) -> int:
@@ -19,17 +20,37 @@ def sample_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+def seed_global_rngs(seed: int) -> None:
+    """Seed torch's, Python's and numpy's global RNGs with ``seed`` (their states are lost)."""
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 @contextlib.contextmanager
-def seeded_global_rngs(seed: int) -> Iterator[None]:
-    """Run the body with torch's, Python's and numpy's global RNGs seeded by ``seed``; restore
-    their previous states afterwards (the caller's streams are not disturbed)."""
+def caller_rngs_kept() -> Iterator[None]:
+    """Restore torch's, Python's and numpy's global RNG states when the body ends.
+
+    A no-op in a dataloader worker process: there the global RNGs serve the dataset alone, which
+    seeds them for every sample, so no caller's stream needs keeping; saving and restoring the
+    three states costs about 0.4 ms (more under load), a tenth of a 224 px image's decode and
+    transform on one core."""
+    if torch.utils.data.get_worker_info() is not None:
+        yield
+        return
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed)
         try:
             yield
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Run the body with torch's, Python's and numpy's global RNGs seeded by ``seed``; the
+    caller's states are restored afterwards (:func:`caller_rngs_kept`)."""
+    with caller_rngs_kept():
+        seed_global_rngs(seed)
+        yield

@@ -11,8 +11,10 @@ Captions are taken from, in order: ``KEY.captions.json``, the json's ``captions`
 ``caption`` field (``caption_key``), ``KEY.txt``. With several captions one is drawn per
 (seed, epoch, sample), so the draw is the same after a resume.
 
-Tar reading (``tar_file_expander`` + ``group_by_keys``) and image decoding
-(``autodecode.ImageHandler``) are webdataset's. :class:`ShardCaptionDataset` is an
+Tar reading (``tar_file_expander`` + ``group_by_keys``) is webdataset's; images are decoded with
+PIL as webdataset's ``pilrgb`` handler does, less its copy of images that are already RGB, and
+JPEGs far larger than the transform needs at a reduced scale (:func:`decode_image`,
+``reduced_decode``). :class:`ShardCaptionDataset` is an
 ``IterableDataset`` that yields whole batches: the partition of the epoch over (rank, worker)
 and the bounded shuffle come from :mod:`lavis_plugins.datasets.shard_plan`, and each batch
 carries ``_data_stats`` (samples read, bad samples, and the first messages naming shard and key)
@@ -23,7 +25,9 @@ B' <= B after bad samples are dropped.
 """
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lavis_plugins.common.seeding import sample_seed, seeded_global_rngs
+from lavis_plugins.common.seeding import caller_rngs_kept, sample_seed, seed_global_rngs
 from lavis_plugins.datasets.validation import BadSample  # message names shard and key
 from lavis_plugins.datasets.shard_plan import (
     Segment,
@@ -107,6 +111,47 @@ def sample_captions(files: Dict[str, Any], caption_key: str) -> List[str]:
     return []
 
 
+def decode_image(data: bytes, min_side: Optional[int] = None) -> Any:
+    """An RGB PIL image from a file's bytes.
+
+    ``min_side``: a JPEG is decoded at a reduced scale (libjpeg's DCT scaling by 1/2, 1/4 or 1/8,
+    PIL's ``draft``) when the result still has at least ``min_side`` pixels on each side, which
+    decodes and later resizes up to 64x fewer pixels; None decodes every pixel. An image already
+    RGB is returned as decoded (webdataset's ``pilrgb`` handler copies it in ``convert``).
+    """
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    if min_side and img.format == "JPEG":
+        img.draft("RGB", (min_side, min_side))  # a no-op unless both sides stay >= min_side
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def reduced_decode_side(processor: Any) -> Optional[int]:
+    """The short side an image needs for ``processor``'s first (geometric) step to lose nothing
+    against a full decode, or None when that step is not known (decode in full).
+
+    ``RandomResizedCrop(S, scale=(a, _), ratio=(r0, r1))`` (``blip2_image_train``): every crop of
+    an image whose short side is L has both sides >= L * sqrt(a * min(r0, 1 / r1)), so with
+    L >= S / sqrt(a * min(r0, 1 / r1)) every crop is at least S x S and is only ever shrunk to
+    the output, as from the full image (a = 0.5: L >= 1.63 S, 366 px for 224). ``Resize((h, w))``
+    (``blip_image_eval``) needs max(h, w) on each side, ``Resize(S)`` S on the short side.
+    """
+    import torchvision.transforms as T
+
+    transform = getattr(processor, "transform", None)
+    steps = getattr(transform, "transforms", [transform])
+    first = steps[0] if steps else None
+    if isinstance(first, T.RandomResizedCrop):
+        shrink = math.sqrt(first.scale[0] * min(first.ratio[0], 1.0 / first.ratio[1]))
+        return math.ceil(max(first.size) / shrink) if shrink > 0 else None
+    if isinstance(first, T.Resize) and first.max_size is None:
+        size = first.size
+        return int(max(size)) if isinstance(size, (list, tuple)) else int(size)
+    return None
+
+
 class ShardCaptionDataset(IterableDataset):
     """Image-caption batches from a shard set, partitioned over (rank, worker) per epoch.
 
@@ -116,14 +161,18 @@ class ShardCaptionDataset(IterableDataset):
 
     def __init__(self, shards: ShardSet, vis_processor: Callable, text_processor: Optional[Callable],
                  caption_key: str = "caption", shuffle_buffer: int = 1000,
-                 max_bad_fraction: float = 0.01, name: str = "shards") -> None:
+                 max_bad_fraction: Optional[float] = None, name: str = "shards",
+                 reduced_decode: bool = True) -> None:
         self.shards = shards
         self.vis_processor = vis_processor
         self.text_processor = text_processor
         self.caption_key = caption_key
         self.shuffle_buffer = max(int(shuffle_buffer), 1)
-        self.max_bad_fraction = float(max_bad_fraction)
+        # this dataset's own bound (None: run.max_bad_fraction); see runners/train_stream.py
+        self.max_bad_fraction = None if max_bad_fraction is None else float(max_bad_fraction)
         self.name = name
+        # JPEGs decoded at the smallest DCT scale the transform allows (see decode_image)
+        self.decode_side = reduced_decode_side(vis_processor) if reduced_decode else None
         self.seed, self.rank, self.world_size = 0, 0, 1
         self.batch_size, self.num_workers = 1, 0
         self.epoch, self.start_batch = 0, 0
@@ -161,16 +210,15 @@ class ShardCaptionDataset(IterableDataset):
         ext = next((e for e in IMAGE_EXTENSIONS if e in raw.files), None)
         if ext is None:
             raise BadSample(f"{where}: no image (.{'/.'.join(IMAGE_EXTENSIONS)})")
-        from webdataset.autodecode import ImageHandler
-
         try:
-            image = ImageHandler("pilrgb")(ext, raw.files[ext])
+            image = decode_image(raw.files[ext], self.decode_side)
         except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
             raise BadSample(f"{where}: corrupt image ({type(e).__name__}: {e})") from None
-        # the caption draw and the augmentation depend on (seed, epoch, sample) only
+        # the caption draw and the augmentation depend on (seed, epoch, sample) only; the
+        # caller's RNG states are kept once per batch (_batch)
         seed = sample_seed(self.seed, self.epoch, raw.shard, raw.index)
-        with seeded_global_rngs(seed):
-            image = self.vis_processor(image)
+        seed_global_rngs(seed)
+        image = self.vis_processor(image)
         # a second stream of the same seed, so the draw does not depend on the processor's
         caption = captions[int(np.random.default_rng([seed, 1]).integers(len(captions)))
                            if len(captions) > 1 else 0]
@@ -215,13 +263,14 @@ class ShardCaptionDataset(IterableDataset):
 
     def _batch(self, raws: List[RawSample]) -> Dict[str, Any]:
         samples, messages, bad = [], [], 0
-        for raw in raws:
-            try:
-                samples.append(self._decode(raw))
-            except BadSample as e:
-                bad += 1
-                if len(messages) < MAX_MESSAGES:
-                    messages.append(str(e))
+        with caller_rngs_kept():  # once per batch: each sample seeds the global RNGs itself
+            for raw in raws:
+                try:
+                    samples.append(self._decode(raw))
+                except BadSample as e:
+                    bad += 1
+                    if len(messages) < MAX_MESSAGES:
+                        messages.append(str(e))
         return self.collate(samples, {"seen": len(raws), "bad": bad, "messages": messages})
 
 

@@ -52,7 +52,6 @@ class CheckpointingMixin:
             "next_epoch": cur_epoch + 1 if done else cur_epoch,
             "next_iter": 0 if done else int(next_iter),
             "global_step": self.global_step,
-            "bad_samples": self.bad_samples,
             "nonfinite_skipped": self.nonfinite_skipped,
             "rng": rng_all,
             "world_size": dist_utils.get_world_size(),
@@ -111,7 +110,6 @@ class CheckpointingMixin:
         self.start_epoch = int(ckpt.get("next_epoch", ckpt["epoch"] + 1))
         self.start_iter = int(ckpt.get("next_iter", 0))
         self.global_step = int(ckpt.get("global_step", 0))
-        self.bad_samples = int(ckpt.get("bad_samples", 0))
         self._guard.skipped = int(ckpt.get("nonfinite_skipped", 0))
         if "lr_sched" in ckpt:
             self.lr_scheduler.load_state_dict(ckpt["lr_sched"])

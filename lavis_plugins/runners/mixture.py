@@ -15,48 +15,15 @@ datasets' batches per epoch.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
-from lavis_plugins.common import dist as dist_utils
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.common.seeding import sample_seed
 from lavis_plugins.datasets.webdataset_caption import ShardCaptionDataset
-from lavis_plugins.runners.sampling import EpochSampler, SeededSamples
-from lavis_plugins.runners.shard_loader import ShardTrainLoader, TrainStream
-
-
-class MapTrainLoader(TrainStream):
-    """A map-style dataset as a mixture member: the runner's per-sample seeding and equal
-    per-rank shards, one epoch of its own at a time."""
-
-    def __init__(self, dataset: Dataset, *, seed: int, batch_size: int, num_workers: int,
-                 pin_memory: bool = False) -> None:
-        self.seeded = SeededSamples(dataset, seed)
-        self.sampler = EpochSampler(len(dataset), shuffle=True, seed=seed,
-                                    rank=dist_utils.get_rank(),
-                                    world_size=dist_utils.get_world_size(), equal_shards=True)
-        self.batch_size = int(batch_size)
-        self.loader = DataLoader(self.seeded, batch_size=self.batch_size, sampler=self.sampler,
-                                 num_workers=num_workers, drop_last=True, pin_memory=pin_memory,
-                                 collate_fn=self.seeded.collater,
-                                 generator=torch.Generator().manual_seed(seed))
-        self.num_workers = num_workers
-
-    def __len__(self) -> int:
-        return len(self.sampler._indices()) // self.batch_size
-
-    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Dict[str, Any]]:
-        self.sampler.set_epoch(epoch, start * self.batch_size)
-        self.seeded.epoch = epoch
-        return iter(self.loader)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"kind": "map", "samples": len(self.seeded), "batch_size": self.batch_size,
-                "world_size": dist_utils.get_world_size()}
+from lavis_plugins.runners.shard_loader import ShardTrainLoader
+from lavis_plugins.runners.train_stream import MapTrainLoader, TrainStream, map_train_options
 
 
 def mixture_choices(probs: Sequence[float], seed: int, epoch: int, steps: int) -> np.ndarray:
@@ -68,7 +35,8 @@ def mixture_choices(probs: Sequence[float], seed: int, epoch: int, steps: int) -
 class MixtureLoader(TrainStream):
     """Several datasets, one per step, chosen by ratio (see the module doc)."""
 
-    def __init__(self, names: Sequence[str], members: Sequence[TrainStream],
+    def __init__(self, names: Sequence[str],
+                 members: Sequence[Union[MapTrainLoader, ShardTrainLoader]],
                  ratios: Sequence[float], seed: int, steps_per_epoch: Optional[int]) -> None:
         self.names, self.members = list(names), list(members)
         total = float(sum(ratios))
@@ -78,6 +46,7 @@ class MixtureLoader(TrainStream):
         self.steps = int(steps_per_epoch or sum(len(m) for m in members))
         self.batch_size = members[0].batch_size
         self.taken = [0] * len(members)  # batches taken from each member in the current epoch
+        self._counted_before = [(0, 0)] * len(members)  # members' (samples, bad) at epoch start
 
     def __len__(self) -> int:
         return self.steps
@@ -97,6 +66,8 @@ class MixtureLoader(TrainStream):
         pos = self._positions(epoch, start)
         iters: List[Optional[Iterator]] = [None] * len(self.members)
         self.taken = [0] * len(self.members)
+        # members count bad samples per epoch of their own; the log reports the mixed epoch's
+        self._counted_before = [(m.budget.total_seen, m.budget.total_bad) for m in self.members]
         for step in range(start, self.steps):
             d = int(choices[step])
             member = self.members[d]
@@ -109,9 +80,12 @@ class MixtureLoader(TrainStream):
             yield batch
 
     def epoch_summary(self) -> Dict[str, str]:
+        """Per member: batches taken, samples read and bad ones in this mixed epoch (this rank)."""
         out = {f"data_batches_{n}": str(t) for n, t in zip(self.names, self.taken)}
-        for n, m in zip(self.names, self.members):
+        for n, m, (seen, bad) in zip(self.names, self.members, self._counted_before):
             out.update({f"{k}_{n}": v for k, v in m.epoch_summary().items()})
+            out[f"data_samples_{n}"] = str(m.budget.total_seen - seen)
+            out[f"data_bad_{n}"] = str(m.budget.total_bad - bad)
         return out
 
     def state_dict(self) -> Dict[str, Any]:
@@ -167,14 +141,19 @@ def build_train_streams(datasets: Mapping[str, Mapping[str, Any]], datasets_cfg:
         bs = run_cfg.get("batch_size_train")
         if not bs:
             raise UserError(f"split {split!r} needs run.batch_size_train")
-        kw = dict(seed=seed, batch_size=int(bs), num_workers=int(run_cfg.get("num_workers", 0)),
-                  pin_memory=pin_memory)
-        loaders = []
+        # the runner's own options for a map-style train split (skip_bad, max_bad_fraction):
+        # a JSON member of a mixture is read exactly as the same dataset alone
+        kw = dict(map_train_options(run_cfg), seed=seed, batch_size=int(bs),
+                  num_workers=int(run_cfg.get("num_workers", 0)), pin_memory=pin_memory)
+        loaders: List[Union[MapTrainLoader, ShardTrainLoader]] = []
         for k, (name, ds) in enumerate(members):
             # each member its own seed: two datasets never share augmentation streams
             member_kw = dict(kw, seed=sample_seed(seed, k)) if len(members) > 1 else kw
-            cls = ShardTrainLoader if isinstance(ds, ShardCaptionDataset) else MapTrainLoader
-            loaders.append(cls(ds, **member_kw))
+            if isinstance(ds, ShardCaptionDataset):
+                member_kw.pop("skip_bad")  # shards always skip bad samples (up to the bound)
+                loaders.append(ShardTrainLoader(ds, **member_kw))
+            else:
+                loaders.append(MapTrainLoader(ds, name=name, **member_kw))
         if len(loaders) == 1:
             streams[split] = loaders[0]
         else:

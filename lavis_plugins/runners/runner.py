@@ -24,10 +24,12 @@ Fixed or added:
 - non-finite loss or gradients are caught before the optimizer step (``run.on_nonfinite``,
   ``nonfinite``), so no NaN reaches a checkpoint;
 - a training sample that cannot be read stops the run with its file named, or under
-  ``run.on_bad_sample: skip`` is left out and counted, up to ``run.max_bad_fraction``;
+  ``run.on_bad_sample: skip`` is left out and counted, up to ``run.max_bad_fraction`` of an
+  epoch's samples (one meaning for every train stream: ``train_stream``);
 - evaluation shards samples across ranks without padding, so merged results have no duplicates;
-- train splits of webdataset tar shards, or of several datasets mixed by ``sample_ratio``, are
-  streamed (``mixture``, ``shard_loader``) with the same exact epochs and resume.
+- every train split is a stream with exact epochs and resume (``train_stream``): one map-style
+  dataset, webdataset tar shards (``shard_loader``), or several datasets mixed by
+  ``sample_ratio`` (``mixture``).
 """
 from __future__ import annotations
 
@@ -50,12 +52,13 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lavis_plugins.common import dist as dist_utils
 from lavis_plugins.common.errors import UserError, unknown_name
-from lavis_plugins.datasets.validation import BAD_SAMPLE_KEY, one_line
-from lavis_plugins.runners import mixture, shard_loader
+from lavis_plugins.datasets.validation import one_line
+from lavis_plugins.runners import mixture
 from lavis_plugins.runners.checkpoint_io import RunFolder
 from lavis_plugins.runners.checkpointing import CheckpointingMixin
 from lavis_plugins.runners.nonfinite import NonFiniteGuard, grad_norm
-from lavis_plugins.runners.sampling import EpochSampler, SeededSamples, move_to_device
+from lavis_plugins.runners.sampling import EpochSampler, move_to_device
+from lavis_plugins.runners.train_stream import MapTrainLoader, TrainStream, map_train_options
 from lavis_plugins.common.progress import progress
 from lavis_plugins.runners import reporting
 
@@ -98,8 +101,6 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
         self._scaler = None
         self._dataloaders = None
         self._lr_sched = None
-        self._samplers: Dict[str, EpochSampler] = {}
-        self._seeded: Optional[SeededSamples] = None
         self.start_epoch = 0
         self.start_iter = 0  # first batch index of start_epoch (resume inside an epoch)
         self.global_step = 0  # optimizer steps taken
@@ -108,7 +109,6 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
         run = cfg.run_cfg
         self._guard = NonFiniteGuard(str(run.get("on_nonfinite", "stop")),
                                      int(run.get("max_nonfinite_skips", 10)))
-        self.bad_samples = 0  # training samples left out under run.on_bad_sample: skip
         self.setup_output_dir()
         # run.tensorboard: made now, so a missing tensorboard package fails before training
         self._tb = (reporting.TensorboardLogger(self.output_dir)
@@ -260,14 +260,6 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                         f"split {split!r} holds an iterable dataset that lp_runner cannot "
                         "partition exactly; use a map-style dataset or lp_webdataset_caption "
                         "shards (train split only)")
-                if is_train:
-                    dataset = self._seeded = SeededSamples(
-                        dataset, self.seed, skip_bad=run.get("on_bad_sample", "fail") == "skip")
-                sampler = EpochSampler(len(dataset), shuffle=is_train, seed=self.seed,
-                                       rank=dist_utils.get_rank(),
-                                       world_size=dist_utils.get_world_size(),
-                                       equal_shards=is_train)
-                self._samplers[split] = sampler
                 bs = run.get("batch_size_train") if is_train else (
                     run.get("batch_size_eval") or run.get("batch_size_train"))
                 if not bs:
@@ -275,9 +267,19 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                                     f"{'train' if is_train else 'eval'}")
                 bs = int(bs)
                 num_workers = int(run.get("num_workers", 0))
+                if is_train:  # the same stream as a map-style member of a mixture
+                    loaders[split] = MapTrainLoader(
+                        dataset, seed=self.seed, batch_size=bs, num_workers=num_workers,
+                        pin_memory=self.device.type == "cuda", name=split,
+                        **map_train_options(run))
+                    continue
+                sampler = EpochSampler(len(dataset), shuffle=False, seed=self.seed,
+                                       rank=dist_utils.get_rank(),
+                                       world_size=dist_utils.get_world_size(),
+                                       equal_shards=False)
                 loaders[split] = DataLoader(
                     dataset, batch_size=bs, sampler=sampler, num_workers=num_workers,
-                    collate_fn=getattr(dataset, "collater", None), drop_last=is_train,
+                    collate_fn=getattr(dataset, "collater", None), drop_last=False,
                     pin_memory=self.device.type == "cuda",
                     # its own generator: creating an iterator must not draw from the global RNG
                     # (it would shift dropout randomness between a run and its resume)
@@ -286,11 +288,11 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
             self._dataloaders = loaders
         return self._dataloaders
 
-    def train_stream(self) -> Optional[shard_loader.TrainStream]:
-        """The train split's loader when it is streamed (shards or a mixture), else None."""
+    def train_stream(self) -> Optional[TrainStream]:
+        """The train split's loader (map-style, shards or a mixture), or None without one."""
         split = self.train_splits[0] if self.train_splits else None
         loader = self.dataloaders.get(split) if split else None
-        return loader if isinstance(loader, shard_loader.TrainStream) else None
+        return loader if isinstance(loader, TrainStream) else None
 
     @property
     def iters_per_epoch(self) -> int:
@@ -299,11 +301,7 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
         if split is None or split not in self.dataloaders:
             raise UserError(f"no training split: run.train_splits is {list(self.train_splits)}, "
                             f"datasets provide {sorted(self.dataloaders)}")
-        loader = self.dataloaders[split]
-        if isinstance(loader, shard_loader.TrainStream):
-            n = len(loader)
-        else:
-            n = len(self._samplers[split]._indices()) // loader.batch_size
+        n = len(self.dataloaders[split])  # a TrainStream: arithmetic, nothing drawn or read
         if n == 0:
             raise UserError(f"the {split!r} split has fewer samples per process than "
                             f"run.batch_size_train; lower the batch size or add data")
@@ -418,13 +416,7 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
         loader = self.dataloaders[self.train_splits[0]]
         start = self.start_iter if epoch == self.start_epoch else 0
         n_iters = self.iters_per_epoch
-        if isinstance(loader, shard_loader.TrainStream):
-            data_iter = loader.epoch_batches(epoch, start)
-        else:
-            self._samplers[self.train_splits[0]].set_epoch(epoch, start * loader.batch_size)
-            data_iter = iter(loader)
-        if self._seeded is not None:
-            self._seeded.epoch = epoch
+        data_iter = loader.epoch_batches(epoch, start)
         accum = self.accum_grad_iters
         sched, optimizer, scaler = self.lr_scheduler, self.optimizer, self.scaler
         max_norm = self.config.run_cfg.get("max_grad_norm", None)
@@ -442,10 +434,8 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                     break
                 except UserError as e:  # raised in a worker: drop the traceback it is wrapped in
                     raise type(e)(one_line(e)) from None
-                if isinstance(samples, dict) and BAD_SAMPLE_KEY in samples:
-                    self._count_bad(samples.pop(BAD_SAMPLE_KEY), len(loader.dataset))
-                    if not samples:
-                        continue  # every sample of the batch was left out
+                if isinstance(samples, dict) and not samples:
+                    continue  # every sample of the batch was left out (counted by the stream)
                 samples = move_to_device(samples, self.device)
                 if isinstance(samples, dict):
                     samples.update({"epoch": epoch, "num_iters_per_epoch": n_iters, "iters": i})
@@ -514,25 +504,11 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
         stats["lr"] = f"{optimizer.param_groups[0]['lr']:.8f}"
         if self.nonfinite_skipped:
             stats["nonfinite_skipped"] = str(self.nonfinite_skipped)
-        if self.bad_samples:
-            stats["bad_samples_skipped"] = str(self.bad_samples)
-        if isinstance(loader, shard_loader.TrainStream):
-            stats.update(loader.epoch_summary())  # this rank's data counts
+        stats.update(loader.epoch_summary())  # this rank's data counts (samples, bad ones)
         logger.info("epoch %d averaged stats: %s", epoch, stats)
         if not self.valid_splits:
             self._save_checkpoint(epoch, is_best=False, next_iter=None)
         return stats
-
-    def _count_bad(self, n: int, dataset_size: int) -> None:
-        """Count left-out samples; too many (``run.max_bad_fraction`` of this process's share of
-        the split) means the data, not a few files, is broken: stop."""
-        self.bad_samples += int(n)
-        fraction = float(self.config.run_cfg.get("max_bad_fraction", 0.01))
-        share = dataset_size / dist_utils.get_world_size()
-        if self.bad_samples > fraction * share:
-            raise UserError(f"{self.bad_samples} training samples could not be read (more than "
-                            f"run.max_bad_fraction={fraction:g} of {int(share)}); see the warnings "
-                            "above for the files, fix the data or raise run.max_bad_fraction")
 
     def _log_train_step(self, epoch: int, it: int, parts: Dict[str, float]) -> None:
         if not dist_utils.is_main_process():

@@ -89,8 +89,14 @@ class EpochSampler(Sampler[int]):
             order = order[: (self.n // self.world) * self.world]
         return order[self.rank:: self.world]
 
+    def num_indices(self) -> int:
+        """``len(self._indices())`` by arithmetic: a length must not draw a permutation of the
+        whole dataset (at millions of samples that is seconds and gigabytes)."""
+        n = (self.n // self.world) * self.world if self.equal_shards else self.n
+        return max((n - self.rank + self.world - 1) // self.world, 0)
+
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices()[self.start:])
 
     def __len__(self) -> int:
-        return max(len(self._indices()) - self.start, 0)
+        return max(self.num_indices() - self.start, 0)

@@ -10,14 +10,15 @@
   uninterrupted run's;
 - counts the bad samples each batch reports, logs the first messages (naming shard and key),
   and stops the run with a ``UserError`` when an epoch's bad samples pass ``max_bad_fraction``
-  of its samples, or a whole batch is bad;
+  (the shared meaning: :class:`~lavis_plugins.runners.train_stream.BadSampleBudget`), when the
+  shards lost at build time (missing, truncated) already do, or when a whole batch is bad;
 - describes the data position's context for the checkpoint (world size, workers, batch size,
   shard-set fingerprint) and warns when a resume changes it (the order would differ).
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -25,48 +26,24 @@ from torch.utils.data import DataLoader
 from lavis_plugins.common import dist as dist_utils
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.datasets.webdataset_caption import STATS_KEY, ShardCaptionDataset
+from lavis_plugins.runners.train_stream import (
+    DEFAULT_MAX_BAD_FRACTION,
+    BadSampleBudget,
+    TrainStream,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_LOGGED_PER_EPOCH = 20  # bad-sample warnings per epoch and rank (all are counted)
 
 
-class TrainStream:
-    """A train split's batches for one rank, epoch by epoch, resumable at any batch: what
-    ``lp_runner`` reads when the split is not one plain map-style dataset."""
-
-    batch_size: int
-
-    def __len__(self) -> int:  # batches per epoch of this rank (equal on every rank)
-        raise NotImplementedError
-
-    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Dict[str, Any]]:
-        raise NotImplementedError
-
-    def epoch_summary(self) -> Dict[str, str]:
-        return {}
-
-    def state_dict(self) -> Dict[str, Any]:
-        raise NotImplementedError
-
-    def check_resume(self, state: Optional[Dict[str, Any]], path: str) -> None:
-        """Warn when a resume changes what the data order depends on."""
-        if not state:
-            return
-        mine = self.state_dict()
-        changed = [k for k in mine if state.get(k) != mine[k]]
-        if changed:
-            logger.warning("resuming %s with a different %s (%s -> %s): the data order after "
-                           "the resume differs from the original run's", path,
-                           ", ".join(changed), [state.get(k) for k in changed],
-                           [mine[k] for k in changed])
-
-
 class ShardTrainLoader(TrainStream):
     """Batches of a shard dataset for one rank, epoch by epoch."""
 
     def __init__(self, dataset: ShardCaptionDataset, *, seed: int, batch_size: int,
-                 num_workers: int, pin_memory: bool = False) -> None:
+                 num_workers: int, pin_memory: bool = False,
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> None:
+        """``max_bad_fraction``: the run's; the dataset's own (``build_info``) wins if set."""
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -80,7 +57,19 @@ class ShardTrainLoader(TrainStream):
                 f"dataset {dataset.name!r}: {dataset.shards.total} samples cannot fill one batch "
                 f"of {batch_size} on each of {dist_utils.get_world_size()} process(es); lower "
                 "run.batch_size_train or add shards")
-        self.seen = self.bad = 0
+        own = dataset.max_bad_fraction
+        self.budget = BadSampleBudget(
+            f"dataset {dataset.name!r}", max_bad_fraction if own is None else own,
+            len(self) * self.batch_size,
+            f"datasets.{dataset.name}.build_info.max_bad_fraction or run.max_bad_fraction")
+        shards = dataset.shards
+        lost = shards.bad / max(shards.total + shards.bad, 1)  # of every epoch's samples
+        if lost > self.budget.fraction:
+            raise UserError(
+                f"dataset {dataset.name!r}: {shards.bad} of {shards.total + shards.bad} samples "
+                f"are lost in missing or truncated shards, more than max_bad_fraction="
+                f"{self.budget.fraction:g} ({shards.problems[0]}); fix the shards or raise "
+                f"{self.budget.setting}")
 
     def __len__(self) -> int:
         """Batches per epoch of this rank (every rank has the same number)."""
@@ -89,8 +78,7 @@ class ShardTrainLoader(TrainStream):
     def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Dict[str, Any]]:
         """The rank's batches of ``epoch`` from batch ``start`` on."""
         self.dataset.set_epoch(epoch, start)
-        self.seen = self.bad = 0
-        allowance = self.dataset.max_bad_fraction * len(self) * self.batch_size
+        self.budget.start_epoch(epoch)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, persistent_workers=False,
                             # its own generator: making an iterator must not draw from the global
@@ -99,19 +87,11 @@ class ShardTrainLoader(TrainStream):
         logged = 0
         for i, batch in enumerate(loader, start):
             stats = batch.pop(STATS_KEY)
-            self.seen += stats["seen"]
-            self.bad += stats["bad"]
             for msg in stats["messages"]:
                 if logged < MAX_LOGGED_PER_EPOCH:
                     logger.warning("%s: skipped a bad sample: %s", self.dataset.name, msg)
                     logged += 1
-            if self.bad > allowance:
-                raise UserError(
-                    f"dataset {self.dataset.name!r}: {self.bad} bad samples in epoch {epoch} on "
-                    f"rank {dist_utils.get_rank()}, more than max_bad_fraction="
-                    f"{self.dataset.max_bad_fraction} of its {len(self) * self.batch_size} "
-                    f"(last: {(stats['messages'] or ['?'])[-1]}); fix or drop the shards, or "
-                    "raise max_bad_fraction")
+            self.budget.add(stats["seen"], stats["bad"], (stats["messages"] or [""])[-1])
             if "image" not in batch:
                 raise UserError(
                     f"dataset {self.dataset.name!r}: every sample of batch {i} of epoch {epoch} "
@@ -120,7 +100,7 @@ class ShardTrainLoader(TrainStream):
 
     def epoch_summary(self) -> Dict[str, str]:
         """Counts of the epoch so far, for the log (this rank)."""
-        return {"data_samples": str(self.seen), "data_bad": str(self.bad),
+        return {**self.budget.summary(),
                 "data_bad_shards_at_build": str(self.dataset.shards.bad)}
 
     def state_dict(self) -> Dict[str, Any]:
