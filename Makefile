@@ -10,7 +10,7 @@ STAMP     := $(VENV)/.lavis_plugins_stamp
 LOCK      := $(shell $(PY) -c 'import sys; print("env/requirements-py310.lock" if sys.version_info < (3, 11) else "env/requirements.lock")')
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo lock bench clean-venv
+.PHONY: setup test test-all demo demo-capfilt lock bench clean-venv
 
 # Creates or updates the project-local environment; does nothing when it is current.
 setup: $(STAMP)
@@ -42,6 +42,10 @@ test-all: setup
 # The main job on the embedded default (see README).
 demo: setup
 	$(VPY) -m lavis_plugins.demo
+
+# CapFilt on the shapes data: corrupted captions, filtered, stage 1 retrained (README "CapFilt").
+demo-capfilt: setup
+	$(VPY) -m lavis_plugins.demo_capfilt
 
 bench: setup
 	$(VPY) benchmarks/run_all.py

@@ -40,7 +40,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lavis_plugins.common.errors import UserError
 
@@ -657,13 +657,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help=f"torch intra-op threads (default {DEMO_THREADS}: the tiny models "
                              "gain nothing from more; 0 keeps torch's default)")
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else Path("demo_output") / datetime.now().strftime(
-        "%Y%m%d-%H%M%S")
+    return run_reporting_errors("demo", lambda: run_demo(
+        out_folder(args.out), force=args.force, threads=args.threads or None))
+
+
+def out_folder(out: Optional[str], prefix: str = "") -> Path:
+    """``--out``, else ``./demo_output/<prefix><YYYYmmdd-HHMMSS>``."""
+    return Path(out) if out else Path("demo_output") / datetime.now().strftime(
+        f"{prefix}%Y%m%d-%H%M%S")
+
+
+def run_reporting_errors(name: str, work: Callable[[], Any]) -> int:
+    """A demo command's exit code: ``work()`` run, a ``UserError`` printed as one line (2)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        run_demo(out, force=args.force, threads=args.threads or None)
+        work()
     except UserError as e:
-        print(f"demo: error: {e}", file=sys.stderr, flush=True)
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0
 
