@@ -61,19 +61,32 @@ def corrupt_captions(annotations: Sequence[Dict[str, Any]], fraction: float, see
     return out, flags
 
 
-def filter_quality(merged: Sequence[Dict[str, Any]], corrupted: Dict[Tuple[str, str], bool]
-                   ) -> Dict[str, float]:
+def scene_words(caption: str) -> Tuple[frozenset, frozenset]:
+    """The colour words and the shape words of a shapes caption."""
+    from lavis_plugins.demo_data import COLORS, SHAPES
+
+    words = caption.lower().split()
+    return frozenset(w for w in words if w in COLORS), frozenset(w for w in words if w in SHAPES)
+
+
+def filter_quality(merged: Sequence[Dict[str, Any]], corrupted: Dict[Tuple[str, str], bool],
+                   clean: Optional[Dict[str, str]] = None) -> Dict[str, float]:
     """Of the web captions: the % of corrupted ones removed and of correct ones kept; the % of
-    kept captions that are synthetic."""
+    kept captions that are synthetic and (given ``clean``: a correct caption of each image) the
+    % of those that name the image's colours and shapes (the words a corruption changes)."""
     from lavis_plugins.capfilt.candidates import WEB
 
-    n = {"bad": 0, "bad_removed": 0, "good": 0, "good_kept": 0, "kept": 0, "kept_synthetic": 0}
+    n = {"bad": 0, "bad_removed": 0, "good": 0, "good_kept": 0, "kept": 0, "kept_synthetic": 0,
+         "synthetic_right": 0}
     for e in merged:
         kept = set(e["capfilt"]["kept"])
         for j, c in enumerate(e["capfilt"]["candidates"]):
             n["kept"] += j in kept
             if c["source"] != WEB:
                 n["kept_synthetic"] += j in kept
+                if j in kept and clean is not None:
+                    n["synthetic_right"] += scene_words(c["caption"]) == scene_words(
+                        clean[e["image"]])
                 continue
             if corrupted[(e["image"], c["caption"])]:
                 n["bad"] += 1
@@ -84,6 +97,7 @@ def filter_quality(merged: Sequence[Dict[str, Any]], corrupted: Dict[Tuple[str, 
     return {"corrupted_removed": 100.0 * n["bad_removed"] / max(n["bad"], 1),
             "correct_kept": 100.0 * n["good_kept"] / max(n["good"], 1),
             "kept_synthetic": 100.0 * n["kept_synthetic"] / max(n["kept"], 1),
+            "synthetic_right": 100.0 * n["synthetic_right"] / max(n["kept_synthetic"], 1),
             "corrupted_web": n["bad"], "correct_web": n["good"]}
 
 
@@ -154,8 +168,9 @@ def run_demo_capfilt(out: Path, fraction: float = CORRUPT_FRACTION, force: bool 
                            out / "shards_noisy", stage1_options)
         r_noisy = timed("retrieval_noisy", _retrieval, out, "retrieval_noisy", bert, ckpt_noisy)
         capfilt_out = out / "capfilt"
+        noisy_file = out / "caption_train_noisy.json"
         opts = [f"model.bert_path={bert}", f"model.finetuned={ckpt_noisy}",
-                f"datasets.lp_capfilt_input.build_info.annotations={out / 'caption_train_noisy.json'}",
+                f"datasets.lp_capfilt_input.build_info.annotations={noisy_file}",
                 f"datasets.lp_capfilt_input.build_info.images.storage={images}",
                 f"run.output_dir={out / 'logs'}", f"run.capfilt.output={capfilt_out}",
                 f"run.capfilt.shards={out / 'shards_capfilt'}",
@@ -166,7 +181,7 @@ def run_demo_capfilt(out: Path, fraction: float = CORRUPT_FRACTION, force: bool 
               True, "capfilt")
         merged = json.loads((capfilt_out / "capfilt.json").read_text())
         table = {(a["image"], a["caption"]): f for a, f in zip(noisy, flags)}
-        quality = filter_quality(merged, table)
+        quality = filter_quality(merged, table, {a["image"]: a["caption"] for a in clean})
         summary = json.loads((capfilt_out / "report" / "summary.json").read_text())
         ckpt_cf = timed("stage1_capfilt", _stage1, out, "stage1_capfilt", bert,
                         out / "shards_capfilt", stage1_options)
@@ -189,7 +204,9 @@ def format_tables(f: Dict[str, Any]) -> str:
              f"| corrupted web captions removed (of {q['corrupted_web']}) | "
              f"{q['corrupted_removed']:.1f} |",
              f"| correct web captions kept (of {q['correct_web']}) | {q['correct_kept']:.1f} |",
-             f"| kept captions that are synthetic | {q['kept_synthetic']:.1f} |", "",
+             f"| kept captions that are synthetic | {q['kept_synthetic']:.1f} |",
+             f"| kept synthetic captions naming the image's colours and shapes | "
+             f"{q.get('synthetic_right', float('nan')):.1f} |", "",
              "| stage-1 model trained on | text->image R@1 (ITM re-rank) | image->text R@1 "
              "(ITM re-rank) | text->image R@1 (ITC) | image->text R@1 (ITC) | ITM accuracy |",
              "|---|---:|---:|---:|---:|---:|"]

@@ -41,6 +41,11 @@ def test_filter_quality_counts_web_captions_removed_and_kept():
     q = filter_quality(merged, truth)
     assert q["corrupted_removed"] == 50 and q["correct_kept"] == 50
     assert q["kept_synthetic"] == pytest.approx(100 / 3)
+    merged[0]["capfilt"]["candidates"][2]["caption"] = "a large red circle"
+    assert filter_quality(merged, truth, {"0.png": "a small red circle on the left"}
+                          )["synthetic_right"] == 100
+    assert filter_quality(merged, truth, {"0.png": "a small blue circle on the left"}
+                          )["synthetic_right"] == 0
     assert q["corrupted_web"] == 2 and q["correct_web"] == 2
 
 

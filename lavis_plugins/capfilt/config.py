@@ -30,7 +30,7 @@ class CapFiltConfig:
     # the captioner's model config ({arch, model_type, other model keys}); empty: the filter model
     captioner: Dict[str, Any] = field(default_factory=dict)
     scores: List[str] = field(default_factory=lambda: ["itm", "itc"])  # filter scores computed
-    rank_by: str = "itc"  # the score top_k keeps the best of (BLIP-2 ranks by image-text similarity)
+    rank_by: str = "itc"  # the score top_k keeps the best of (BLIP-2: image-text similarity)
     top_k: Optional[int] = 2  # captions kept per image (BLIP-2: 2); null: no limit
     itm_threshold: Optional[float] = None  # drop captions whose ITM probability is below (BLIP)
     shards: Optional[str] = None  # also write the kept captions as a shard set into this folder

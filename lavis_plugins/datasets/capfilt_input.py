@@ -25,7 +25,8 @@ def read_caption_images(ann_path: Path, what: str) -> List[Dict[str, Any]]:
     except FileNotFoundError:
         raise UserError(f"{what}: annotation file {ann_path} does not exist") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"{what}: annotation file {ann_path} cannot be read as JSON ({e})") from None
+        raise UserError(f"{what}: annotation file {ann_path} cannot be read as JSON "
+                        f"({e})") from None
     if not isinstance(data, list) or not data:
         raise UserError(f"{what}: {ann_path} must be a non-empty JSON list of "
                         "{\"image\", \"caption\"} records (LAVIS's caption format)")
