@@ -64,7 +64,7 @@ def test_demo_yaml_takes_the_options_the_demo_adds(lp, tmp_path):
     from lavis_plugins.capfilt.config import CapFiltConfig
 
     c = CapFiltConfig.from_mapping(cfg.run_cfg.capfilt)
-    assert (c.top_k, c.rank_by, c.shard_size) == (2, "itc", 500)
+    assert (c.top_k, c.rank_by, c.shard_size, c.itm_threshold) == (1, "itc", 500, None)
 
 
 def test_report_tables():
