@@ -353,6 +353,22 @@ def test_unreadable_input_files(lp, yaml_path, tmp_path, data, capsys):
     assert not (tmp_path / "capfilt" / "capfilt.json").exists()
 
 
+def test_a_foreign_shards_folder_is_never_replaced(lp, yaml_path, tmp_path, capsys):
+    from lavis_plugins.cli import main
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    rc = main(["capfilt", "--cfg-path", str(yaml_path), "--shards", str(foreign)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "not written by the CapFilt run" in err and len(err.splitlines()) == 1
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "capfilt" / "parts").exists()  # refused before any work
+    # its own shard folder is replaced by a rerun
+    assert main(["capfilt", "--cfg-path", str(yaml_path), "--shards", str(tmp_path / "s")]) == 0
+    assert main(["capfilt", "--cfg-path", str(yaml_path), "--shards", str(tmp_path / "s")]) == 0
+
+
 def test_cli_refuses_other_tasks(lp, capsys):
     from lavis_plugins.cli import main
 

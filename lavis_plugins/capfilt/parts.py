@@ -149,6 +149,26 @@ def merge(out: Path, n_batches: int, entries: Sequence[Mapping[str, Any]]) -> Li
     return merged
 
 
+def check_shards_folder(out: Path, shards: Path, force: bool) -> None:
+    """``shards`` may be replaced: absent, empty, written by this output's CapFilt run, or
+    ``force``; anything else is a ``UserError`` (before any work is done)."""
+    from lavis_plugins.datasets.shard_plan import INDEX_FILE
+
+    if force or not shards.exists():
+        return
+    if not shards.is_dir():
+        raise UserError(f"run.capfilt.shards {shards} exists and is not a folder")
+    if not any(shards.iterdir()):
+        return
+    try:
+        ours = json.loads((shards / INDEX_FILE).read_text()).get("source") == str(out / FLAT)
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise UserError(f"run.capfilt.shards {shards} is not empty and was not written by the "
+                        f"CapFilt run in {out}; choose a new folder, or pass --force to replace it")
+
+
 def write_shards(out: Path, shards: Path, image_root: Path, shard_size: int,
                  force: bool) -> Optional[Dict[str, Any]]:
     """The kept captions as a shard set (one sample per image, its kept captions in
@@ -156,10 +176,11 @@ def write_shards(out: Path, shards: Path, image_root: Path, shard_size: int,
     caption are left out. Returns the shard index, None when no caption was kept."""
     from lavis_plugins.cli.make_shards import make_shards
 
+    check_shards_folder(out, shards, force)
     if not json.loads((out / FLAT).read_text()):
         return None
     return make_shards(out / FLAT, image_root, shards, shard_size, group_by_image=True,
-                       force=force, progress=False)
+                       force=True, progress=False)
 
 
 def read_merged(out: Path) -> List[Dict[str, Any]]:

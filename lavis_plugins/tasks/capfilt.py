@@ -61,6 +61,8 @@ def run_capfilt(filter_model, captioner, dataset, cfg: CapFiltConfig, batch_size
              "batch_size": batch_size, "seed": seed, "settings": cfg.settings()}
     finished = False
     if dist.is_main_process():
+        if cfg.shards:  # refused now, not after the work
+            parts.check_shards_folder(out, Path(cfg.shards).expanduser().absolute(), force)
         finished = parts.prepare_output(out, state, force)
     finished = dist.all_gather_object(finished)[0]  # also: the folder is ready for every rank
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -84,8 +86,8 @@ def run_capfilt(filter_model, captioner, dataset, cfg: CapFiltConfig, batch_size
     summary = summarise(merged)
     write_report(out, merged, summary, Path(dataset.image_root), cfg.report_examples)
     if cfg.shards:
-        index = parts.write_shards(out, Path(cfg.shards).expanduser(), Path(dataset.image_root),
-                                   cfg.shard_size, force=True)
+        index = parts.write_shards(out, Path(cfg.shards).expanduser().absolute(),
+                                   Path(dataset.image_root), cfg.shard_size, force)
         summary["shards"] = len(index["shards"]) if index else 0
     logger.info("CapFilt: %s", summary)
     return summary
