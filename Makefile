@@ -10,7 +10,7 @@ STAMP     := $(VENV)/.lavis_plugins_stamp
 LOCK      := $(shell $(PY) -c 'import sys; print("env/requirements-py310.lock" if sys.version_info < (3, 11) else "env/requirements.lock")')
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo lock bench bench-env gpu-wheels clean-venv
+.PHONY: setup test test-all demo demo-capfilt lock bench bench-env gpu-wheels clean-venv
 
 # Creates or updates the project-local environment; does nothing when it is current.
 setup: $(STAMP)
@@ -44,6 +44,10 @@ test-all: setup
 # The main job on the embedded default (see README).
 demo: setup
 	$(VPY) -m lavis_plugins.demo
+
+# CapFilt on the shapes data: corrupted captions, filtered, stage 1 retrained (README "CapFilt").
+demo-capfilt: setup
+	$(VPY) -m lavis_plugins.demo_capfilt
 
 # The LAVIS side of the benchmarks in LAVIS's own supported environment (transformers 4.26,
 # env/bench-lavis.lock, Python 3.11-3.12): a second venv that benchmarks/ run LAVIS in.

@@ -40,7 +40,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lavis_plugins.common.errors import UserError
 
@@ -298,8 +298,8 @@ def write_report(out: Path, rows: Sequence[MetricRow], stages: Sequence[StageRes
            "test split; the chance levels are computed from the same data.", ""]
     md += ["## Metrics", "", format_table(rows), ""]
     passed = all(r.ratio >= TARGET_RATIO for r in rows if not r.comparison)
-    compared = " (the temporal split's comparison rows aside)" if any(
-        r.comparison for r in rows) else ""
+    compared = (" (the comparison rows aside: ITC alone, ITM accuracy, temporal split)"
+                if any(r.comparison for r in rows) else "")
     md += [f"Every metric is at least {TARGET_RATIO:g}x its chance level{compared}: "
            f"**{'yes' if passed else 'NO'}**.", ""]
     md += ["Chance levels:", ""] + [f"- {r.name}: {r.chance_rule}" for r in rows] + [""]
@@ -470,6 +470,17 @@ def metric_rows(ctx: DemoContext) -> Tuple[List[MetricRow], List[str]]:
         rows.append(MetricRow("retrieval image->text R@1 (%)", float(m["txt_r1"]),
                               chance["txt_r1"], "random ranking: an image's captions / all "
                                                 "test captions"))
+        if "itm_acc" in m:  # what the ITM re-ranking above is compared with
+            rows.append(MetricRow("retrieval text->image R@1, ITC alone (%)",
+                                  float(m["itc_img_r1"]), chance["img_r1"],
+                                  "as ITM re-ranked", comparison=True))
+            rows.append(MetricRow("retrieval image->text R@1, ITC alone (%)",
+                                  float(m["itc_txt_r1"]), chance["txt_r1"],
+                                  "as ITM re-ranked", comparison=True))
+            rows.append(MetricRow("ITM accuracy on the re-ranked pairs, balanced (%)",
+                                  float(m["itm_acc"]), 50.0,
+                                  "a constant or random guess: 50% of each class",
+                                  comparison=True))
     if "zeroshot_cls" in res:
         row, note = zeroshot_row(ctx)
         rows.append(row)
@@ -644,13 +655,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help=f"torch intra-op threads (default {DEMO_THREADS}: the tiny models "
                              "gain nothing from more; 0 keeps torch's default)")
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else Path("demo_output") / datetime.now().strftime(
-        "%Y%m%d-%H%M%S")
+    return run_reporting_errors("demo", lambda: run_demo(
+        out_folder(args.out), force=args.force, threads=args.threads or None))
+
+
+def out_folder(out: Optional[str], prefix: str = "") -> Path:
+    """``--out``, else ``./demo_output/<prefix><YYYYmmdd-HHMMSS>``."""
+    return Path(out) if out else Path("demo_output") / datetime.now().strftime(
+        f"{prefix}%Y%m%d-%H%M%S")
+
+
+def run_reporting_errors(name: str, work: Callable[[], Any]) -> int:
+    """A demo command's exit code: ``work()`` run, a ``UserError`` printed as one line (2)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        run_demo(out, force=args.force, threads=args.threads or None)
+        work()
     except UserError as e:
-        print(f"demo: error: {e}", file=sys.stderr, flush=True)
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0
 

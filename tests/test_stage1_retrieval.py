@@ -81,9 +81,24 @@ def test_task_reports_lavis_recall_metrics(model, tmp_path, monkeypatch):
     monkeypatch.setitem(registry.mapping["paths"], "output_dir", str(tmp_path))
     task = LPRetrievalTask(cfg={"k_test": 4})
     metrics = task.evaluation(model, loader())
-    i2t, t2i = compute_retrieval_scores(model, loader(), 4)
+    details = {}
+    i2t, t2i = compute_retrieval_scores(model, loader(), 4, details)
     ds = TinyRetrievalSet()
-    assert metrics == LPRetrievalTask._report_metrics(i2t, t2i, ds.txt2img, ds.img2txt)
+    lavis = LPRetrievalTask._report_metrics(i2t, t2i, ds.txt2img, ds.img2txt)
+    assert {k: metrics[k] for k in lavis} == lavis
+    # what the ITM re-ranking is compared with: R@1 of the ITC matrix alone (LAVIS's metrics
+    # on it), and the ITM head's balanced accuracy on the re-ranked pairs
+    itc = LPRetrievalTask._report_metrics(details["itc"], details["itc"].T, ds.txt2img,
+                                          ds.img2txt)
+    assert metrics["itc_txt_r1"] == itc["txt_r1"] and metrics["itc_img_r1"] == itc["img_r1"]
+    match = details["itm_match"]
+    assert set(np.unique(match)) <= {-1.0, 0.0, 1.0} and (match >= 0).sum() > 0
+    truth = np.zeros_like(match, dtype=bool)
+    for i in range(len(ds.image)):
+        truth[i, list(ds.img2txt[i])] = True
+    pos, neg = (match >= 0) & truth, (match >= 0) & ~truth
+    want = 50 * ((match[pos] == 1).mean() + (match[neg] == 0).mean())
+    assert metrics["itm_acc"] == pytest.approx(want)
     for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"):
         assert 0 <= metrics[key] <= 100
     assert metrics["txt_r10"] == 100 and metrics["img_r10"] == 100  # 10 texts, 5 images

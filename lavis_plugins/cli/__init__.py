@@ -5,6 +5,7 @@
     lavis-plugins cache-features --cfg-path X   # frozen-encoder outputs for feature_cache datasets
     lavis-plugins predict  --model lp_blip2_opt --model-type X --checkpoint Y --image A.jpg
     lavis-plugins make-shards --ann X.json --images DIR --out DIR --shard-size N
+    lavis-plugins capfilt  --cfg-path projects/capfilt/blip2_coco.yaml   # CapFilt captions
     lavis-plugins interpolate --zero-shot A.pth --finetuned B.pth --alpha 0.0,0.1,...,1.0 --out D
     lavis-plugins zoo      # LAVIS's and the plugin's models
     lavis-plugins names    # the names this plugin registered
@@ -37,6 +38,7 @@ COMMAND_MODULES = (
     "lavis_plugins.cli.export",
     "lavis_plugins.cli.make_shards",
     "lavis_plugins.cli.interpolate",
+    "lavis_plugins.cli.capfilt",
 )
 
 

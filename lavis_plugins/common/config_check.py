@@ -85,6 +85,8 @@ RUN_KEYS: Dict[str, Key] = {
     "k_test": POS_INT, "apply_lemmatizer": Key("bool"), "sample_id_key": Key("str"),
     # reporting (lavis_plugins/runners/reporting.py, lp_retrieval's top-k file)
     "tensorboard": Key("bool"), "topk_save": POS_INT,
+    # lp_capfilt's settings (checked key by key by lavis_plugins.capfilt.config.CapFiltConfig)
+    "capfilt": Key("any"),
 }
 
 # dataset keys every builder accepts beyond those in its own default YAML

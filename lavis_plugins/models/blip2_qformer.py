@@ -79,7 +79,12 @@ class Blip2QformerConfig:
     momentum_distill: bool = False  # ALBEF: ITC and ITG targets mixed with an EMA model's
     momentum: float = 0.995  # EMA factor of the momentum model (ALBEF's)
     distill_alpha: float = 0.4  # weight of the momentum targets, ramped up over the 1st epoch
+    # ITM negatives: "hard" draws them from the softmaxed ITC similarities (BLIP-2, LAVIS);
+    # "mixed" half from those, half uniformly from the batch; "random" uniformly. A tiny
+    # Q-Former trained from scratch learns no ITM on hard negatives alone (README "ITM negatives")
+    itm_negatives: str = "hard"
 
+    ITM_NEGATIVES = ("hard", "mixed", "random")
     # keys of a LAVIS model config that are bookkeeping, not settings
     LAVIS_KEYS = ("arch", "model_type")
 
@@ -100,6 +105,9 @@ class Blip2QformerConfig:
 
     def check_options(self) -> None:
         """The survey options' values; a bad one is a ``UserError`` naming the key."""
+        if self.itm_negatives not in self.ITM_NEGATIVES:
+            raise UserError(f"lp_blip2_qformer: itm_negatives = {self.itm_negatives!r}: choose "
+                            f"one of {list(self.ITM_NEGATIVES)}")
         for key in ("cyclip", "momentum_distill"):
             if not isinstance(getattr(self, key), bool):
                 raise UserError(f"lp_blip2_qformer: {key} must be true or false, got "
@@ -153,6 +161,13 @@ def _gather_with_grad(x: Tensor) -> Tensor:
 
 def _pad_right(ids: Tensor, length: int, value: int) -> Tensor:
     return F.pad(ids, (0, length - ids.shape[1]), value=value)
+
+
+def _mix_uniform(weights: Tensor, mode: str) -> Tensor:
+    """Sampling weights (B, W*B) summing to ~1 per row: "random" uniform, "mixed" half the ITC
+    weights and half uniform (a negative drawn from either with probability 1/2)."""
+    uniform = torch.full_like(weights, 1.0 / weights.shape[1])
+    return uniform if mode == "random" else 0.5 * weights + 0.5 * uniform
 
 
 def init_vision_and_qformer(model: LPBlip2Base, cfg: Any,
@@ -367,8 +382,11 @@ class LPBlip2Qformer(LPBlip2Base):
         local = torch.arange(b, device=image_embeds.device)
         with torch.no_grad():
             weights_t2i = F.softmax(sim_t2i, dim=1) + 1e-4
-            weights_t2i[local, rank * b + local] = 0  # never the positive
             weights_i2t = F.softmax(sim_i2t, dim=1) + 1e-4
+            if self.cfg.itm_negatives != "hard":
+                weights_t2i, weights_i2t = (_mix_uniform(w, self.cfg.itm_negatives)
+                                            for w in (weights_t2i, weights_i2t))
+            weights_t2i[local, rank * b + local] = 0  # never the positive
             weights_i2t[local, rank * b + local] = 0
             # a diverged step (non-finite similarities) must reach the runner's non-finite
             # check as a loss, not crash multinomial: draw uniformly where weights are not finite

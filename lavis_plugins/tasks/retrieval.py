@@ -11,6 +11,10 @@ lists is scored once. Distributed: each process encodes the images its loader gi
 ``lp_runner`` a share of them, under LAVIS's runner all: duplicates are resolved) and scores the
 pairs of the images it owns; ITC features are gathered and the score matrices summed across
 processes. ``run.k_test`` (default 128) sets k.
+
+Beside LAVIS's metrics it reports what the re-ranking is compared with: R@1 of ITC alone
+(``itc_txt_r1``, ``itc_img_r1``) and the ITM head's balanced accuracy on the re-ranked pairs
+(``itm_acc``).
 """
 from __future__ import annotations
 
@@ -50,9 +54,13 @@ def encode_texts(model, texts: List[str]) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 @torch.no_grad()
-def compute_retrieval_scores(model, data_loader, k_test: int = DEFAULT_K_TEST
+def compute_retrieval_scores(model, data_loader, k_test: int = DEFAULT_K_TEST,
+                             details: Optional[Dict[str, np.ndarray]] = None
                              ) -> Tuple[np.ndarray, np.ndarray]:
     """``(score_i2t (Ni, Nt), score_t2i (Nt, Ni))`` on every process.
+
+    ``details``, if given, receives ``itc`` (Ni, Nt) the ITC similarities alone, ``itm_match``
+    (Ni, Nt) the ITM head's decision (1: matched, 0: not, -1: pair not re-ranked).
 
     ``data_loader.dataset`` has ``text`` (all captions) and ``image`` (one entry per image) and
     yields ``{"image": (B, 3, H, W), "index": (B,)}``. ``model`` is ``lp_blip2_qformer`` (or has
@@ -109,6 +117,7 @@ def compute_retrieval_scores(model, data_loader, k_test: int = DEFAULT_K_TEST
     rank = dist.get_rank()
     itm = torch.zeros(num_images, len(texts), device=model.device)
     count = torch.zeros_like(itm)
+    match = torch.zeros_like(itm)  # 1 where the ITM head calls the pair a match
     for i in sorted(i for i, r in owner.items() if r == rank):
         ts = torch.tensor(sorted(pairs[i]), device=model.device)
         embeds = local[i].to(model.device)[None]  # (1, N, Dv)
@@ -119,10 +128,15 @@ def compute_retrieval_scores(model, data_loader, k_test: int = DEFAULT_K_TEST
             logits = model.itm_logits(embeds, text_ids[t], text_atts[t],
                                       image_kv=kv._replace(repeats=len(t)))
             itm[i, t] = logits[:, 1].float()
+            match[i, t] = (logits[:, 1] > logits[:, 0]).float()
             count[i, t] = 1
     if dist.get_world_size() > 1:
         torch_dist.all_reduce(itm)
         torch_dist.all_reduce(count)
+        torch_dist.all_reduce(match)
+    if details is not None:
+        details["itc"] = sims.cpu().numpy()
+        details["itm_match"] = torch.where(count > 0, match, -1.0).cpu().numpy()
     score = itm + sims
     i2t = torch.full_like(sims, NOT_RERANKED)
     rows = torch.arange(num_images, device=sims.device)[:, None]
@@ -133,6 +147,25 @@ def compute_retrieval_scores(model, data_loader, k_test: int = DEFAULT_K_TEST
     if not (count[rows, top_texts] == 1).all() or not (count.t()[cols, top_images] == 1).all():
         raise RuntimeError("retrieval: a top-k pair was scored by no process or by several")
     return i2t.cpu().numpy(), t2i.cpu().numpy()
+
+
+def itc_metrics(details: Dict[str, np.ndarray], txt2img, img2txt, k_test: int
+                ) -> Dict[str, float]:
+    """What ITM re-ranking is compared with: R@1 both ways of ITC similarity alone
+    (``itc_txt_r1``, ``itc_img_r1``), and the ITM head's balanced accuracy on the re-ranked
+    pairs, the ITC top-k's hard candidates (``itm_acc``, %: the mean of its accuracy on matched
+    and on non-matched pairs; chance 50)."""
+    itc, match = details["itc"], details["itm_match"]
+    txt_r1 = np.mean([int(itc[i].argmax()) in set(img2txt[i]) for i in range(itc.shape[0])])
+    img_r1 = np.mean([int(itc[:, t].argmax()) == txt2img[t] for t in range(itc.shape[1])])
+    truth = np.zeros_like(match, dtype=bool)
+    for i in range(truth.shape[0]):
+        truth[i, list(img2txt[i])] = True
+    scored = match >= 0
+    per_class = [float((match[scored & truth] == 1).mean()) if (scored & truth).any() else 0.0,
+                 float((match[scored & ~truth] == 0).mean()) if (scored & ~truth).any() else 0.0]
+    return {"itc_txt_r1": 100.0 * float(txt_r1), "itc_img_r1": 100.0 * float(img_r1),
+            "itm_acc": 100.0 * float(np.mean(per_class))}
 
 
 def write_retrieval_topk(cfg, split_name: str, epoch, score_i2t, score_t2i, items: List[str],
@@ -167,11 +200,13 @@ class LPRetrievalTask(RetrievalTask):
     def evaluation(self, model, data_loader, **kwargs) -> Optional[Dict[str, Any]]:
         k_test = int((self.cfg or {}).get("k_test", DEFAULT_K_TEST))
         model = getattr(model, "module", model)  # DDP-wrapped or not
-        score_i2t, score_t2i = compute_retrieval_scores(model, data_loader, k_test)
+        details: Dict[str, np.ndarray] = {}
+        score_i2t, score_t2i = compute_retrieval_scores(model, data_loader, k_test, details)
         if not dist.is_main_process():
             return None
         dataset = data_loader.dataset
         metrics = self._report_metrics(score_i2t, score_t2i, dataset.txt2img, dataset.img2txt)
+        metrics.update(itc_metrics(details, dataset.txt2img, dataset.img2txt, k_test))
         logger.info("retrieval (k_test=%d): %s", k_test, metrics)
         self._last = (score_i2t, score_t2i, dataset)  # after_evaluation writes the top-k file
         return metrics

@@ -1,0 +1,107 @@
+"""Why the demo's ITM head learned nothing, measured: demo stage 1 (projects/demo/stage1.yaml,
+625 steps on the shapes shards) with each ``model.itm_negatives``, then on the 200 shapes test
+images: ITM accuracy and retrieval R@1 with ITM re-ranking vs ITC alone.
+
+    python benchmarks/itm_negatives_shapes.py --out /tmp/itm_neg hard mixed random
+
+ITM accuracy: each test image with its own (first) caption and with the next image's caption,
+called a match when P(match) > 0.5 (chance 50%); "pair" accuracy: its own caption scores higher
+(chance 50%). R@1: lp_retrieval's scores (k_test 16 ITC candidates re-ranked by ITM logit +
+ITC) vs the ITC similarity alone. Results are appended to ``<out>/results.jsonl``; 2-3 min CPU per
+setting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def evaluate(model) -> dict:
+    """ITM accuracies and R@1 (ITM re-rank, ITC alone) on the shapes retrieval test split."""
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    from lavis_plugins.paths import config_path
+    from lavis_plugins.tasks.retrieval import compute_retrieval_scores
+
+    cfg = OmegaConf.load(config_path("datasets/lp_shapes/defaults_retrieval.yaml"))
+    test = registry.get_builder_class("lp_shapes_retrieval")(
+        cfg.datasets.lp_shapes_retrieval).build_datasets()["test"]
+    model.eval()
+    n = len(test.image)
+    images = torch.stack([test[i]["image"] for i in range(n)])
+    with torch.no_grad():
+        tok = model.tokenize([test.text[test.img2txt[i][0]] for i in range(n)])
+        emb = model.encode_image(images)
+        other = torch.roll(torch.arange(n), 1)
+        pos = model.itm_logits(emb, tok.input_ids, tok.attention_mask).softmax(-1)[:, 1]
+        neg = model.itm_logits(emb, tok.input_ids[other], tok.attention_mask[other]
+                               ).softmax(-1)[:, 1]
+
+        class Loader:
+            dataset = test
+
+            def __iter__(self):
+                for s in range(0, n, 50):
+                    yield {"image": images[s:s + 50], "index": torch.arange(s, min(n, s + 50))}
+
+        details: dict = {}
+        i2t, t2i = compute_retrieval_scores(model, Loader(), 16, details)
+    itc = details["itc"]
+
+    def r1(a_i2t, a_t2i):
+        txt = np.mean([int(a_i2t[i].argmax()) in set(test.img2txt[i]) for i in range(n)])
+        img = np.mean([int(a_t2i[t].argmax()) == test.txt2img[t] for t in range(len(test.text))])
+        return 100 * float(txt), 100 * float(img)
+
+    (rt, ri), (ct, ci) = r1(i2t, t2i), r1(itc, itc.T)
+    return {"itm_acc": 100 * float(((pos > .5).sum() + (neg <= .5).sum()) / (2 * n)),
+            "itm_pair_acc": 100 * float((pos > neg).float().mean()),
+            "txt_r1_itm": rt, "img_r1_itm": ri, "txt_r1_itc": ct, "img_r1_itc": ci}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("modes", nargs="+", choices=["hard", "mixed", "random"])
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import lavis_plugins
+
+    lavis_plugins.register()
+    from lavis_plugins import cli, demo
+    from lavis_plugins.demo_data import ensure_shapes_dataset
+
+    out = Path(args.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = demo.DemoContext(out=out, data_root=ensure_shapes_dataset(), bert_dir=out / "tiny-bert",
+                           llm_dir=out / "llm")
+    demo.make_demo_bert(ctx.bert_dir)
+    demo.make_demo_shards(ctx)
+    for mode in args.modes:
+        t, cpu = time.time(), time.process_time()
+        opts = [f"run.output_dir={out}", f"model.bert_path={ctx.bert_dir}",
+                f"datasets.lp_webdataset_caption.build_info.shards={out / 'shards'}",
+                f"model.itm_negatives={mode}"]
+        runner, _ = cli.run(str(demo.demo_yaml("stage1.yaml")), opts, evaluate_only=False,
+                            job_id=f"stage1_{mode}", force=True)
+        log = [json.loads(x) for x in (Path(runner.output_dir) / "train_log.jsonl").read_text()
+               .splitlines() if x.strip()]
+        res = dict(mode=mode, **evaluate(runner.unwrap_dist_model(runner.model)),
+                   loss_itm_last=[r["loss_itm"] for r in log if "loss_itm" in r][-1],
+                   wall_s=time.time() - t, cpu_s=time.process_time() - cpu,
+                   load=os.getloadavg())
+        print("RESULT", json.dumps(res), flush=True)
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
