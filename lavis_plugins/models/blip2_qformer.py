@@ -41,7 +41,7 @@ from lavis_plugins.models.arch_check import describe_mismatch, mismatch_message
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig, resolve_bert_path
 from lavis_plugins.models.momentum import Teacher, momentum_targets
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
-from lavis_plugins.models.stage1_losses import cyclip_losses, distill_cross_entropy
+from lavis_plugins.models.stage1_losses import IGNORE, cyclip_losses, distill_cross_entropy
 from lavis_plugins.paths import config_path
 
 logger = logging.getLogger(__name__)
@@ -400,30 +400,32 @@ class LPBlip2Qformer(LPBlip2Base):
             attention_mask=padding_mask(torch.cat([mask, neg_mask, mask]), self.num_query),
             image_kv=[image_kv._replace(repeats=2), neg_kv], last_rows=self.num_query)
         logits = self.itm_head(hidden).mean(dim=1)  # (3B, 2) from the query outputs
-        labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]
-                           ).to(logits.device)
+        # 1 for the B matched rows, 0 for the 2B negatives; made on the device (no host copy)
+        labels = (torch.arange(3 * b, device=logits.device) < b).long()
         acc = (logits.detach().argmax(1) == labels).float().mean()
         return F.cross_entropy(logits, labels), acc
 
     def _itg_logits(self, text, query_kv: List[KV]) -> Tuple[Tensor, Tensor]:
         """[DEC] + caption, each token seeing all queries (their cached keys/values) and the
-        tokens before it: next-token logits (M, V) at the M labelled positions, and labels (M,)."""
+        tokens before it: next-token logits (B*(T-1), V) at every position, and labels (B*(T-1),)
+        with ``IGNORE`` where the next token is padding. (Every position, not only the labelled
+        ones: selecting those by a mask has a data-dependent size, a host sync on a GPU.)"""
         ids = text.input_ids.clone()
         ids[:, 0] = self.tokenizer.bos_token_id  # [CLS] -> [DEC]
         hidden, _ = self.Qformer.bert(
             input_ids=ids, attention_mask=causal_text_mask(text.attention_mask, self.num_query),
             past_key_values=query_kv)
-        keep = text.attention_mask[:, 1:].bool()  # padding has no label
-        # LM head on labelled positions only
-        return self.Qformer.cls(hidden[:, :-1][keep]), ids[:, 1:][keep]
+        labels = ids[:, 1:].masked_fill(text.attention_mask[:, 1:] == 0, IGNORE)
+        return self.Qformer.cls(hidden[:, :-1]).flatten(0, 1), labels.flatten()
 
     def _itg_loss(self, text, query_kv: List[KV], teacher: Optional[Teacher] = None) -> Tensor:
         """Caption loss: next-token cross-entropy with label smoothing 0.1 (with a ``teacher``,
         mixed with its next-token distributions: ALBEF's language-model distillation)."""
         logits, target = self._itg_logits(text, query_kv)
         if teacher is None:
-            return F.cross_entropy(logits, target, label_smoothing=0.1)
-        return distill_cross_entropy(logits, target, teacher.itg, teacher.alpha, 0.1)
+            return F.cross_entropy(logits, target, label_smoothing=0.1, ignore_index=IGNORE)
+        return distill_cross_entropy(logits, target, teacher.itg, teacher.alpha, 0.1,
+                                     keep=target != IGNORE)
 
     # ------------------------------------------------------------------ inference
     def forward_image(self, image: Tensor) -> Tuple[Tensor, Tensor]:

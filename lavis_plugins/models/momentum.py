@@ -113,7 +113,7 @@ class Teacher(NamedTuple):
     alpha: Tensor  # 0-dim distillation weight (ramped)
     i2t: Tensor  # (B, W*B) softmax of its image-to-text similarities
     t2i: Tensor  # (B, W*B) softmax of its text-to-image similarities
-    itg: Tensor  # (M, V) softmax of its next-token logits at the M labelled positions
+    itg: Tensor  # (B*(T-1), V) softmax of its next-token logits at every text position
 
 
 @torch.no_grad()
@@ -132,7 +132,7 @@ def momentum_targets(model: nn.Module, image_embeds: Tensor, text,
             last_rows=1)
         return (F.normalize(m.vision_proj(query_hidden), dim=-1),  # (B, Nq, E)
                 F.normalize(m.text_proj(text_hidden[:, 0]), dim=-1),  # (B, E)
-                m._itg_logits(text, query_kv)[0])  # (M, V)
+                m._itg_logits(text, query_kv)[0])  # (B*(T-1), V)
 
     image_m, text_m, itg_logits = model.momentum_model.run(model, features)
     image_m_all, text_m_all = (concat_all_gather(image_m), concat_all_gather(text_m)) \
