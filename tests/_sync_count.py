@@ -27,7 +27,8 @@ def _has_bool_index(index) -> bool:
 
 
 class SyncCounter:
-    """``calls``: one ``"name at file:line"`` per synchronising call while ``active``."""
+    """``calls``: one ``"name at file:line in function"`` per synchronising call while
+    ``active``."""
 
     def __init__(self) -> None:
         self.calls: List[str] = []
@@ -39,7 +40,8 @@ class SyncCounter:
         self.active = False  # calls made while formatting the note are not the code's
         frame = next((f for f in reversed(traceback.extract_stack()[:-2])
                       if "_sync_count" not in f.filename), None)
-        self.calls.append(f"{name} at {frame.filename}:{frame.lineno}" if frame else name)
+        self.calls.append(f"{name} at {frame.filename}:{frame.lineno} in {frame.name}"
+                          if frame else name)
         self.active = True
 
     @contextlib.contextmanager

@@ -86,8 +86,10 @@ def syncs_per_step(runner, monkeypatch) -> List[List[str]]:
     return [counter.calls[a:b] for a, b in zip(marks, marks[1:])]
 
 
-def check_counts(steps: List[List[str]], log_freq: int) -> None:
+def check_counts(steps: List[List[str]], log_freq: int, host_only: str = "") -> None:
+    """``host_only``: where reads of CPU-only tensors happen (not device syncs); left out."""
     for i, calls in enumerate(steps):
+        calls = [c for c in calls if not (host_only and host_only in c)]
         expected = 1 if (i + 1) % log_freq == 0 else 0
         assert len(calls) == expected, f"step {i}: {len(calls)} syncs, expected {expected}: {calls}"
 
@@ -108,11 +110,17 @@ def test_runner_step_with_accumulation_makes_no_sync(lp, tmp_path, monkeypatch):
     check_counts(syncs_per_step(runner, monkeypatch), log_freq=3)
 
 
-@pytest.mark.parametrize("name", ["lp_blip2_qformer", "lp_blip2_opt"])
+@pytest.mark.parametrize("name", ["lp_blip2_qformer", "lp_blip2_opt", "lp_blip2_t5"])
 def test_model_step_makes_no_sync_outside_logging(lp, tmp_path, monkeypatch, name):
     from lavis_plugins.api import load_model_and_preprocess
 
     torch.manual_seed(0)
     model, _, _ = load_model_and_preprocess(name, "tiny")
     runner = make_runner(tmp_path, model, Captions(), name)
-    check_counts(syncs_per_step(runner, monkeypatch), log_freq=3)
+    # T5's prefix-LM draws where to split each caption from torch's CPU generator (host text
+    # work, no device tensor involved)
+    host_only = "in split_caption" if name == "lp_blip2_t5" else ""
+    steps = syncs_per_step(runner, monkeypatch)
+    check_counts(steps, log_freq=3, host_only=host_only)
+    if host_only:  # one draw per caption of the batch (4), in every step
+        assert all(sum(host_only in c for c in calls) == 4 for calls in steps), steps

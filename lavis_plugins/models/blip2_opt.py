@@ -34,9 +34,13 @@ from lavis_plugins.models._blip2_llm import (
     as_text_list,
     join_prompt,
 )
+from lavis_plugins.models.text_tokens import to_device
 from lavis_plugins.paths import config_path
 
 logger = logging.getLogger(__name__)
+
+# the keys ``pretokenize`` adds to a batch: LLM input ids, attention mask, targets (B, L)
+LLM_PRETOKENIZED = ("llm_input_ids", "llm_attention_mask", "llm_targets")
 
 
 @dataclass
@@ -212,12 +216,14 @@ class LPBlip2OPT(Blip2LLMBase):
         target -100 (LAVIS's recipe). Pairs: ``text_input`` (with BOS, no loss) followed by
         ``" " + text_output + "\\n"``.
         """
+        if LLM_PRETOKENIZED[0] in samples:  # tokenised by the data loader (pretokenize)
+            return tuple(samples[k].to(device, non_blocking=True) for k in LLM_PRETOKENIZED)
         tok, end = self.llm_tokenizer, self.END_TEXT
         texts = as_text_list(samples.get("text_input"), "text_input")
         if samples.get("text_output") is None:
-            enc = tok([self._with_prompt(t) + end for t in texts], return_tensors="pt",
-                      padding="longest", truncation=True, max_length=self.max_txt_len,
-                      padding_side="right").to(device)
+            enc = to_device(tok([self._with_prompt(t) + end for t in texts], return_tensors="pt",
+                                padding="longest", truncation=True, max_length=self.max_txt_len,
+                                padding_side="right"), device)
             targets = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
             if self.prompt:
                 targets[:, :self.prompt_length] = -100
@@ -232,11 +238,17 @@ class LPBlip2OPT(Blip2LLMBase):
         labels = [([-100] * len(i) + a)[:self.max_txt_len] for i, a in zip(ins, answers)]
         width = max(len(r) for r in rows)
         pad = tok.pad_token_id
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        targets = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels],
-                               device=device)
-        return ids, mask, targets
+        enc = {"ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+               "mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+               "targets": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])}
+        enc = to_device(enc, device)
+        return enc["ids"], enc["mask"], enc["targets"]
+
+    def pretokenize(self, samples: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """A training batch's LLM input ids, attention mask and targets (B, L) on the CPU, for
+        the data loader's collate (:mod:`~lavis_plugins.models.text_tokens`); ``forward`` then
+        uses them."""
+        return dict(zip(LLM_PRETOKENIZED, self._training_tokens(samples, torch.device("cpu"))))
 
     # ------------------------------------------------------------------ generation
     def _llm_inputs(self, inputs_opt: torch.Tensor, atts_opt: torch.Tensor,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from lavis.models.base_model import all_gather_with_grad, concat_all_gather
 from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from transformers import BertConfig
+from transformers import BatchEncoding, BertConfig
 from transformers.modeling_outputs import ModelOutput
 
 from lavis_plugins.common.errors import UserError
@@ -42,9 +42,13 @@ from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig, resolve_
 from lavis_plugins.models.momentum import Teacher, momentum_targets
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
 from lavis_plugins.models.stage1_losses import IGNORE, cyclip_losses, distill_cross_entropy
+from lavis_plugins.models.text_tokens import to_device
 from lavis_plugins.paths import config_path
 
 logger = logging.getLogger(__name__)
+
+# the keys ``pretokenize`` adds to a batch: caption ids and attention mask (B, T)
+PRETOKENIZED = ("text_input_ids", "text_attention_mask")
 
 
 @dataclass
@@ -211,6 +215,7 @@ class LPBlip2Qformer(LPBlip2Base):
             self.tokenizer = self.init_tokenizer(hf_format.folder_tokenizer(
                 hf_folder, hf_format.BERT_TOKENIZER_FILES, lambda: resolve_bert_path(cfg.bert_path),
                 "BERT tokenizer for the Q-Former", "bert_path"))
+        self.text_tokenizer = self.init_text_tokenizer(self.tokenizer)
         init_vision_and_qformer(self, cfg, bert_config)
         # room for [DEC] (transformers' resize, as LAVIS calls it)
         self.Qformer.resize_token_embeddings(len(self.tokenizer))
@@ -264,7 +269,17 @@ class LPBlip2Qformer(LPBlip2Base):
                  truncate: bool = True):
         """Captions -> ``BatchEncoding`` (input_ids, attention_mask) (B, T) on the model's device,
         padded to the longest caption and (``truncate``) truncated to ``max_txt_len`` tokens;
-        without truncation, longer than the Q-Former's position embeddings is a ``UserError``."""
+        without truncation, longer than the Q-Former's position embeddings is a ``UserError``.
+        With ``truncate``, ids already in ``samples`` (``pretokenize``, done by the data loader)
+        are used as they are."""
+        if truncate and samples is not None and PRETOKENIZED[0] in samples:
+            return BatchEncoding({"input_ids": samples[PRETOKENIZED[0]],
+                                  "attention_mask": samples[PRETOKENIZED[1]]}).to(self.device)
+        return to_device(self._encode(texts, samples, truncate), self.device)
+
+    def _encode(self, texts: Sequence[str], samples: Optional[Mapping[str, Any]],
+                truncate: bool) -> BatchEncoding:
+        """``tokenize`` on the CPU (the captions checked first)."""
         if isinstance(texts, str):  # one caption, as LAVIS's tokenizer call accepts
             texts = [texts]
         if not isinstance(texts, Sequence):
@@ -277,14 +292,20 @@ class LPBlip2Qformer(LPBlip2Base):
                 raise UserError(f"sample {i} of the batch{ident} has an empty or non-text caption "
                                 f"({t!r}); fix or drop it in the annotation file")
         if truncate:
-            return self.tokenizer(list(texts), padding="longest", truncation=True,
-                                  max_length=self.max_txt_len, return_tensors="pt").to(self.device)
-        enc = self.tokenizer(list(texts), padding="longest", return_tensors="pt")
+            return self.text_tokenizer(list(texts), padding="longest", truncation=True,
+                                       max_length=self.max_txt_len, return_tensors="pt")
+        enc = self.text_tokenizer(list(texts), padding="longest", return_tensors="pt")
         limit = self.Qformer.config.max_position_embeddings
         if enc.input_ids.shape[1] > limit:
             raise UserError(f"a text of {enc.input_ids.shape[1]} tokens is longer than the "
                             f"Q-Former's {limit} position embeddings; shorten it")
-        return enc.to(self.device)
+        return enc
+
+    def pretokenize(self, samples: Mapping[str, Any]) -> Dict[str, Tensor]:
+        """The training batch's caption ids and mask (B, T) on the CPU, for the data loader's
+        collate (see :mod:`~lavis_plugins.models.text_tokens`); ``forward`` then uses them."""
+        enc = self._encode(samples["text_input"], samples, truncate=True)
+        return dict(zip(PRETOKENIZED, (enc.input_ids, enc.attention_mask)))
 
     # ------------------------------------------------------------------ training
     def forward(self, samples: Mapping[str, Any], match_head: Optional[str] = None

@@ -56,6 +56,7 @@ from lavis_plugins.runners.checkpoint_io import RunFolder
 from lavis_plugins.runners.checkpointing import CheckpointingMixin
 from lavis_plugins.runners.nonfinite import NonFiniteGuard, grad_norm, honours_found_inf
 from lavis_plugins.runners.sampling import EpochSampler, SeededSamples, move_to_device
+from lavis_plugins.models.text_tokens import CollateTokens
 from lavis_plugins.runners.step_stats import LossSums
 from lavis_plugins.common.progress import progress
 from lavis_plugins.runners import reporting
@@ -78,6 +79,25 @@ def fused_adamw_supported(params: List[torch.Tensor]) -> bool:
 
     devices = _get_fused_kernels_supported_devices()
     return all(p.is_floating_point() and p.device.type in devices for p in params)
+
+
+def loader_workers(run) -> Dict[str, Any]:
+    """DataLoader worker settings from ``run:``: ``num_workers``, ``persistent_workers`` (keep
+    the workers across epochs instead of forking new ones; default true when there are
+    workers) and ``prefetch_factor`` (batches each worker loads ahead; torch's default 2)."""
+    workers = int(run.get("num_workers", 0))
+    persistent = run.get("persistent_workers", None)
+    prefetch = run.get("prefetch_factor", None)
+    if workers == 0:
+        for key, value in (("persistent_workers", persistent), ("prefetch_factor", prefetch)):
+            if value:
+                raise UserError(f"run.{key} is {value!r} but run.num_workers is 0 (batches are "
+                                f"loaded in the training process): set run.num_workers > 0 or "
+                                f"remove run.{key}")
+        return {"num_workers": 0}
+    return {"num_workers": workers,
+            "persistent_workers": True if persistent is None else bool(persistent),
+            **({"prefetch_factor": int(prefetch)} if prefetch is not None else {})}
 
 
 @registry.register_runner("lp_runner")
@@ -275,10 +295,12 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                 if is_train:
                     dataset = self._seeded = SeededSamples(
                         dataset, self.seed, skip_bad=run.get("on_bad_sample", "fail") == "skip")
+                # train indices carry their epoch: persistent workers hold their own copy of
+                # the dataset, which never sees the main process's epoch change
                 sampler = EpochSampler(len(dataset), shuffle=is_train, seed=self.seed,
                                        rank=dist_utils.get_rank(),
                                        world_size=dist_utils.get_world_size(),
-                                       equal_shards=is_train)
+                                       equal_shards=is_train, with_epoch=is_train)
                 self._samplers[split] = sampler
                 bs = run.get("batch_size_train") if is_train else (
                     run.get("batch_size_eval") or run.get("batch_size_train"))
@@ -286,15 +308,16 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                     raise UserError(f"split {split!r} needs run.batch_size_"
                                     f"{'train' if is_train else 'eval'}")
                 bs = int(bs)
-                num_workers = int(run.get("num_workers", 0))
+                collate = getattr(dataset, "collater", None)
+                if is_train and self._pretokenize is not None:
+                    collate = CollateTokens(collate, self._pretokenize)
                 loaders[split] = DataLoader(
-                    dataset, batch_size=bs, sampler=sampler, num_workers=num_workers,
-                    collate_fn=getattr(dataset, "collater", None), drop_last=is_train,
-                    pin_memory=self.device.type == "cuda",
+                    dataset, batch_size=bs, sampler=sampler, collate_fn=collate,
+                    drop_last=is_train, pin_memory=self.device.type == "cuda",
                     # its own generator: creating an iterator must not draw from the global RNG
                     # (it would shift dropout randomness between a run and its resume)
                     generator=torch.Generator().manual_seed(self.seed),
-                    worker_init_fn=None, persistent_workers=False)
+                    worker_init_fn=None, **loader_workers(run))
             self._dataloaders = loaders
         return self._dataloaders
 
@@ -321,6 +344,18 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                             f"run.batch_size_train; lower the batch size or add data")
         cap = self.config.run_cfg.get("iters_per_epoch", None)
         return min(n, int(cap)) if cap else n
+
+    @property
+    def _pretokenize(self):
+        """The model's ``pretokenize`` when training batches go to its ``forward`` as they come
+        from the loader (the task's train step is LAVIS's default), else None: a task that
+        rewrites the text before calling the model gets the text, not stale ids."""
+        from lavis.tasks.base_task import BaseTask
+
+        fn = getattr(self._model, "pretokenize", None)
+        if callable(fn) and type(self.task).train_step is BaseTask.train_step:
+            return fn
+        return None
 
     # ------------------------------------------------------------------ training
     @property
