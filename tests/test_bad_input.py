@@ -236,6 +236,8 @@ CASES = [
     Case("prefetch_not_int", ["run.prefetch_factor=1.5"], "run.prefetch_factor is 1.5"),
     Case("prefetch_without_workers", ["run.prefetch_factor=4"],
          "run.prefetch_factor is 4 but run.num_workers is 0"),
+    Case("compile_not_bool", ["run.compile=sometimes"],
+         "run.compile is 'sometimes'; it must be true or false"),
     Case("persistent_without_workers", ["run.persistent_workers=true"],
          "run.persistent_workers is True but run.num_workers is 0"),
     Case("unknown_section", ["modle.arch=x"], "unknown top-level section 'modle'"),

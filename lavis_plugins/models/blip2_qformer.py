@@ -39,7 +39,7 @@ from lavis_plugins.common.local_files import check_checkpoint_source, local_chec
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
 from lavis_plugins.models.arch_check import describe_mismatch, mismatch_message
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig, resolve_bert_path
-from lavis_plugins.models.momentum import Teacher, momentum_targets
+from lavis_plugins.models.momentum import Teacher, momentum_targets, ramped_alpha
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
 from lavis_plugins.models.stage1_losses import IGNORE, cyclip_losses, distill_cross_entropy
 from lavis_plugins.models.text_tokens import to_device
@@ -139,6 +139,13 @@ class Blip2Stage1Output(ModelOutput):
         return self.loss_itg
 
 
+class Tokens(NamedTuple):
+    """Caption ids and attention mask (B, T) (what the losses read of a ``BatchEncoding``)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+
+
 class ItcResult(NamedTuple):
     loss: Tensor
     sim_i2t: Tensor  # (B, W*B) local images vs all texts, divided by the temperature
@@ -216,6 +223,8 @@ class LPBlip2Qformer(LPBlip2Base):
                 hf_folder, hf_format.BERT_TOKENIZER_FILES, lambda: resolve_bert_path(cfg.bert_path),
                 "BERT tokenizer for the Q-Former", "bert_path"))
         self.text_tokenizer = self.init_text_tokenizer(self.tokenizer)
+        # an int, read once: the tokenizer's property is a graph break under torch.compile
+        self.dec_token_id: int = self.tokenizer.bos_token_id
         init_vision_and_qformer(self, cfg, bert_config)
         # room for [DEC] (transformers' resize, as LAVIS calls it)
         self.Qformer.resize_token_embeddings(len(self.tokenizer))
@@ -326,6 +335,17 @@ class LPBlip2Qformer(LPBlip2Base):
         if text.input_ids.shape[0] != image_embeds.shape[0]:
             raise UserError(f"{image_embeds.shape[0]} images but {text.input_ids.shape[0]} "
                             "captions in the batch")
+        alpha = None  # ALBEF's distillation weight, ramped by the batch's place in the epoch
+        if self.cfg.momentum_distill and self.training:
+            alpha = ramped_alpha(self.cfg.distill_alpha, samples, image_embeds.device)
+        return self._train_losses(image_embeds, text.input_ids, text.attention_mask, alpha)
+
+    def _train_losses(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                      alpha: Optional[Tensor]) -> Blip2Stage1Output:
+        """The Q-Former step: every loss from image features (B, N, Dv) and caption ids and mask
+        (B, T). Tensors in, tensors out, no host reads: ``compile_for_training`` compiles it
+        whole (one graph)."""
+        text = Tokens(input_ids, attention_mask)
         image_kv = self.Qformer.bert.image_kv(image_embeds)  # shared by the ITC and ITM passes
         query_hidden, query_kv = self.query_kv_pass(image_embeds, image_kv)  # (B, Nq, D)
         text_hidden, _ = self.Qformer.bert(  # ITC needs only [CLS]
@@ -335,8 +355,8 @@ class LPBlip2Qformer(LPBlip2Base):
         text_feat = F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)  # (B, E) from [CLS]
 
         teacher = None
-        if self.cfg.momentum_distill and self.training:
-            teacher = momentum_targets(self, image_embeds, text, samples)
+        if alpha is not None:
+            teacher = momentum_targets(self, image_embeds, text, alpha)
         itc = self._itc_loss(image_feats, text_feat, teacher)
         loss_itm, acc_itm = self._itm_loss(image_embeds, image_kv, text, itc.sim_i2t, itc.sim_t2i)
         loss_itg = self._itg_loss(text, query_kv, teacher)
@@ -350,6 +370,14 @@ class LPBlip2Qformer(LPBlip2Base):
         # every field at construction: a ModelOutput drops fields set later from its items()
         return Blip2Stage1Output(loss=loss, loss_itc=itc.loss, loss_itm=loss_itm,
                                  loss_itg=loss_itg, acc_itc=itc.acc, acc_itm=acc_itm, **cyclic)
+
+    def compile_for_training(self, backend: str = "inductor") -> None:
+        """``run.compile: true``: ``torch.compile`` the frozen image encoder (fixed shapes) and
+        the Q-Former step :meth:`_train_losses` (dynamic shapes: captions vary in length, and
+        one graph serves them all). In place: parameter names and checkpoints are unchanged."""
+        if self._vit_frozen:
+            self.visual_encoder.compile(dynamic=False, backend=backend)
+        self._train_losses = torch.compile(self._train_losses, dynamic=True, backend=backend)
 
     def _itc_loss(self, image_feats: Tensor, text_feat: Tensor,
                   teacher: Optional[Teacher] = None) -> ItcResult:
@@ -419,7 +447,7 @@ class LPBlip2Qformer(LPBlip2Base):
             input_ids=torch.cat([ids, neg_ids, ids]),
             query_embeds=self.query_tokens.expand(3 * b, -1, -1),
             attention_mask=padding_mask(torch.cat([mask, neg_mask, mask]), self.num_query),
-            image_kv=[image_kv._replace(repeats=2), neg_kv], last_rows=self.num_query)
+            image_kv=[ImageKV(image_kv.layers, repeats=2), neg_kv], last_rows=self.num_query)
         logits = self.itm_head(hidden).mean(dim=1)  # (3B, 2) from the query outputs
         # 1 for the B matched rows, 0 for the 2B negatives; made on the device (no host copy)
         labels = (torch.arange(3 * b, device=logits.device) < b).long()
@@ -432,7 +460,7 @@ class LPBlip2Qformer(LPBlip2Base):
         with ``IGNORE`` where the next token is padding. (Every position, not only the labelled
         ones: selecting those by a mask has a data-dependent size, a host sync on a GPU.)"""
         ids = text.input_ids.clone()
-        ids[:, 0] = self.tokenizer.bos_token_id  # [CLS] -> [DEC]
+        ids[:, 0] = self.dec_token_id  # [CLS] -> [DEC]
         hidden, _ = self.Qformer.bert(
             input_ids=ids, attention_mask=causal_text_mask(text.attention_mask, self.num_query),
             past_key_values=query_kv)

@@ -104,7 +104,7 @@ def ramped_alpha(alpha: float, samples: Mapping[str, Any], device: torch.device)
     scale = 1.0
     if epoch is not None and it is not None and n and int(epoch) == 0:
         scale = min(1.0, int(it) / int(n))
-    return torch.tensor(alpha * scale, device=device)
+    return torch.full((), alpha * scale, device=device)  # a fill, not a copy from the host
 
 
 class Teacher(NamedTuple):
@@ -117,12 +117,12 @@ class Teacher(NamedTuple):
 
 
 @torch.no_grad()
-def momentum_targets(model: nn.Module, image_embeds: Tensor, text,
-                     samples: Mapping[str, Any]) -> Teacher:
+def momentum_targets(model: nn.Module, image_embeds: Tensor, text, alpha: Tensor) -> Teacher:
     """Update ``model.momentum_model``, then compute its ITC similarities (max over queries,
     divided by the model's temperature) and ITG next-token distributions on this batch: ALBEF's
-    soft targets. ``image_embeds`` (B, N, Dv): the batch's image features; ``text``: its tokens.
-    Its features are gathered from all ranks, as the model's are."""
+    soft targets. ``image_embeds`` (B, N, Dv): the batch's image features; ``text``: its tokens;
+    ``alpha``: the 0-dim distillation weight (:func:`ramped_alpha`). Its features are gathered
+    from all ranks, as the model's are."""
     model.momentum_model.update(model)
 
     def features(m):  # runs with the EMA weights swapped in
@@ -139,6 +139,5 @@ def momentum_targets(model: nn.Module, image_embeds: Tensor, text,
         if dist_utils.get_world_size() > 1 else (image_m, text_m)
     i2t = (image_m @ text_m_all.t()).max(dim=1).values / model.temp  # (B, W*B)
     t2i = (image_m_all @ text_m.t()).max(dim=1).values.t() / model.temp
-    alpha = ramped_alpha(model.cfg.distill_alpha, samples, image_embeds.device)
     return Teacher(alpha, F.softmax(i2t, dim=1), F.softmax(t2i, dim=1),
                    F.softmax(itg_logits.float(), dim=-1))

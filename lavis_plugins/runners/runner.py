@@ -81,6 +81,18 @@ def fused_adamw_supported(params: List[torch.Tensor]) -> bool:
     return all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
+def compile_model(model: torch.nn.Module) -> None:
+    """``run.compile: true``: the model compiles its own hot parts (``compile_for_training``:
+    the frozen encoder and the Q-Former step of ``lp_blip2_qformer``), in place, so parameter
+    names, checkpoints and DDP are unchanged."""
+    hook = getattr(model, "compile_for_training", None)
+    if not callable(hook):
+        raise UserError(f"run.compile is true but {type(model).__name__} has no "
+                        "compile_for_training (it is implemented for lp_blip2_qformer); "
+                        "remove run.compile")
+    hook()
+
+
 def loader_workers(run) -> Dict[str, Any]:
     """DataLoader worker settings from ``run:``: ``num_workers``, ``persistent_workers`` (keep
     the workers across epochs instead of forking new ones; default true when there are
@@ -115,7 +127,9 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
     a message naming the last good checkpoint; "skip": skip the optimizer step, at most
     ``max_nonfinite_skips`` in a row); ``on_bad_sample`` ("fail" or "skip") and
     ``max_bad_fraction``; ``force`` (replace a previous run in the same folder; the CLI's
-    ``--force``). Every key is checked by :mod:`lavis_plugins.common.config_check`.
+    ``--force``); ``persistent_workers`` / ``prefetch_factor`` (``loader_workers``);
+    ``compile`` (``compile_model``). Every key is checked by
+    :mod:`lavis_plugins.common.config_check`.
     """
 
     def __init__(self, cfg, task, model, datasets, job_id):  # noqa: D107 - as RunnerBase
@@ -148,6 +162,8 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
 
         self._device = torch.device(dist_utils.choose_device(self.config.run_cfg.get("device")))
         self._model = model.to(self._device)
+        if run.get("compile", False):
+            compile_model(self._model)
         if self.use_distributed:
             ids = [self._device.index] if self._device.type == "cuda" else None
             self._wrapped_model = DDP(self._model, device_ids=ids,
