@@ -68,10 +68,14 @@ def to_device(enc, device: torch.device):
     """A tokenizer's output (a ``BatchEncoding`` or dict of CPU tensors) on ``device``: pinned
     and copied without blocking on a GPU (a plain ``.to`` from pageable memory waits for the
     device), as is on the CPU."""
-    if torch.device(device).type != "cuda":
-        return enc.to(device)
-    return type(enc)({k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v)
-                      else v for k, v in enc.items()})
+    cuda = torch.device(device).type == "cuda"
+
+    def move(v):
+        if not torch.is_tensor(v):
+            return v
+        return v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)
+
+    return type(enc)({k: move(v) for k, v in enc.items()})
 
 
 class CollateTokens:
