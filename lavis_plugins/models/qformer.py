@@ -138,10 +138,7 @@ class QFormerSelfAttention(nn.Module):
             def attend(qg: Tensor, entry: ImageEntry) -> Tensor:
                 if isinstance(entry, FoldedImage):
                     return self.attend_folded(qg, entry.feats, p)
-                # contiguous: under torch.compile the math kernel's views were traced for the
-                # contiguous layout this slice of the queries does not always have
-                return F.scaled_dot_product_attention(qg.contiguous(), entry[0], entry[1],
-                                                      dropout_p=p)
+                return F.scaled_dot_product_attention(qg, entry[0], entry[1], dropout_p=p)
 
             out = _attend_grouped(q, kv, attend)
         return out.transpose(1, 2).flatten(2)
