@@ -4,7 +4,6 @@ and its bad inputs. Tiny random models, offline."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -64,6 +64,7 @@ RUN_KEYS: Dict[str, Key] = {
     "max_grad_norm": Key("float", lo=0, lo_open=True),
     "max_epoch": POS_INT, "iters_per_epoch": POS_INT, "accum_grad_iters": POS_INT,
     "batch_size_train": POS_INT, "batch_size_eval": POS_INT, "num_workers": NONNEG_INT,
+    "persistent_workers": Key("bool"), "prefetch_factor": POS_INT, "compile": Key("bool"),
     "seed": NONNEG_INT, "log_freq": POS_INT, "ckpt_freq": NONNEG_INT,
     "output_dir": Key("str"), "resume_ckpt_path": Key("str"), "force": Key("bool"),
     "evaluate": Key("bool"), "amp": Key("bool"),

@@ -25,7 +25,7 @@ from lavis.models import eva_vit
 from lavis.models.base_model import BaseModel
 from lavis.models.blip2_models.blip2 import disabled_train
 from torch import Tensor, nn
-from transformers import BertConfig, BertTokenizer
+from transformers import BertConfig, BertTokenizer, PreTrainedTokenizerBase
 
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.common.local_files import local_hf_folder
@@ -210,6 +210,27 @@ class LPBlip2Base(BaseModel):
                             ) from e
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})
         return tokenizer
+
+    @staticmethod
+    def init_text_tokenizer(slow: BertTokenizer) -> PreTrainedTokenizerBase:
+        """The tokenizer that encodes text for the Q-Former: BERT's fast one when it gives the
+        ids ``slow`` gives (:func:`~lavis_plugins.models.text_tokens.fast_if_equal`), else
+        ``slow``. ``slow`` stays the model's ``tokenizer`` (decoding, LAVIS callers)."""
+        from transformers import BertTokenizerFast
+
+        from lavis_plugins.models.text_tokens import fast_if_equal
+
+        def make_fast() -> BertTokenizerFast:
+            basic = slow.basic_tokenizer
+            fast = BertTokenizerFast.from_pretrained(
+                slow.name_or_path, do_lower_case=basic.do_lower_case,
+                strip_accents=basic.strip_accents,
+                tokenize_chinese_chars=basic.tokenize_chinese_chars)
+            if slow.bos_token:
+                fast.add_special_tokens({"bos_token": slow.bos_token})
+            return fast
+
+        return fast_if_equal(slow, make_fast)
 
     @classmethod
     def init_vision_encoder(

@@ -7,7 +7,7 @@ checkpoints load as they are (see :mod:`lavis_plugins.models._blip2_llm`).
 
 Differences from LAVIS's ``Blip2OPT`` (numerics are equal, tested in tests/test_stage2_parity.py):
 - transformers' OPT (SDPA attention, KV cache in generation) instead of a vendored 2022 copy;
-- the LM head runs only on positions that carry a loss (not on the 32 query positions and padding);
+- the LM head runs only on the text positions (not on the 32 query positions);
 - training on ``text_input``/``text_output`` pairs (VQA fine-tuning): the loss is on the output;
 - batched prompts of different lengths are left-padded after the visual prompt; OPT's positions
   come from the attention mask, so padding does not shift them;
@@ -16,10 +16,11 @@ Differences from LAVIS's ``Blip2OPT`` (numerics are equal, tested in tests/test_
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +34,13 @@ from lavis_plugins.models._blip2_llm import (
     as_text_list,
     join_prompt,
 )
+from lavis_plugins.models.text_tokens import to_device
 from lavis_plugins.paths import config_path
 
 logger = logging.getLogger(__name__)
+
+# the keys ``pretokenize`` adds to a batch: LLM input ids, attention mask, targets (B, L)
+LLM_PRETOKENIZED = ("llm_input_ids", "llm_attention_mask", "llm_targets")
 
 
 @dataclass
@@ -48,6 +53,49 @@ class Blip2OPTConfig(Blip2LLMConfig):
     llm_dtype: str = "fp16"  # BLIP-2 keeps OPT in fp16
 
     ALIASES: ClassVar[Dict[str, str]] = {"llm_path": "opt_model"}
+
+
+@contextlib.contextmanager
+def sync_free_opt_decoder(decoder: torch.nn.Module) -> Iterator[None]:
+    """A training forward of transformers' ``OPTDecoder`` without its two host reads.
+
+    - Its SDPA mask helper checks ``torch.all(mask == 1)`` to drop an all-ones mask (a sync);
+      the plain 4D causal mask it builds otherwise gives the same attention. Safe for training
+      batches only: right-padded after the visual prompt, so no row is fully masked (left
+      padding would need transformers' unmasking of such rows).
+    - In training mode it draws ``torch.rand([]) < layerdrop`` per layer even when layerdrop is 0
+      (a read of a tensor, and a graph break per layer under ``torch.compile``): with layerdrop
+      0 the decoder's own ``training`` flag is cleared for the call. Its layers keep theirs, so
+      dropout is unchanged; gradient checkpointing, which reads the flag too, keeps it.
+    Any other decoder is run as it is.
+    """
+    from transformers.modeling_attn_mask_utils import _prepare_4d_causal_attention_mask
+    from transformers.models.opt.modeling_opt import OPTDecoder
+
+    if not isinstance(decoder, OPTDecoder):
+        yield
+        return
+
+    def causal_mask(inputs_embeds, input_shape, past_length, attention_mask, head_mask,
+                    output_attentions):
+        if attention_mask is None:
+            attention_mask = torch.ones(input_shape[0], past_length + input_shape[1],
+                                        device=inputs_embeds.device)
+        return (_prepare_4d_causal_attention_mask(attention_mask, input_shape, inputs_embeds,
+                                                  past_length), attention_mask)
+
+    training = decoder.training
+    sdpa = bool(getattr(decoder, "_use_sdpa", False))  # eager attention builds the 4D mask
+    if sdpa:
+        decoder._update_causal_mask = causal_mask
+    if decoder.layerdrop == 0 and not decoder.gradient_checkpointing:
+        decoder.training = False
+    try:
+        yield
+    finally:
+        if sdpa:
+            del decoder._update_causal_mask  # the class's method again
+        decoder.training = training
 
 
 @registry.register_model("lp_blip2_opt")
@@ -134,10 +182,11 @@ class LPBlip2OPT(Blip2LLMBase):
         with self.autocast():
             embeds = torch.cat([inputs_opt, self._embed(ids)], dim=1)  # (B, Nq + L, H)
             full_mask = torch.cat([atts_opt, mask], dim=1)
-            hidden = self._decoder()(
-                inputs_embeds=embeds, attention_mask=full_mask,
-                position_ids=self._positions(full_mask), use_cache=False,
-                return_dict=True).last_hidden_state
+            with sync_free_opt_decoder(self._decoder()):
+                hidden = self._decoder()(
+                    inputs_embeds=embeds, attention_mask=full_mask,
+                    position_ids=self._positions(full_mask), use_cache=False,
+                    return_dict=True).last_hidden_state
             # position Nq - 1 + i predicts text token i (the last query predicts the first token)
             text_hidden = hidden[:, nq - 1:-1]  # (B, L, H)
             loss = self._lm_loss(text_hidden, targets)
@@ -146,14 +195,14 @@ class LPBlip2OPT(Blip2LLMBase):
                               targets=targets if return_logits else None)
 
     def _lm_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy, the LM head applied only where targets are set."""
-        valid = targets != -100
-        if not bool(valid.any()):
-            logger.warning("a training batch has no target tokens (all text truncated or "
-                           "masked); its loss is 0")
-            return hidden.sum() * 0.0
-        logits = self._lm_head()(hidden[valid])  # (n_targets, V)
-        return F.cross_entropy(logits.float(), targets[valid])
+        """Mean next-token cross-entropy over the positions whose target is set (0 when none:
+        every text truncated or masked). hidden (B, L, H), targets (B, L) with -100 elsewhere.
+
+        The LM head runs on every position: selecting the targeted ones by a mask would give a
+        data-dependent size, a host sync on a GPU (and a graph break under ``torch.compile``)."""
+        logits = self._lm_head()(hidden).float().flatten(0, 1)  # (B*L, V)
+        total = F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum")
+        return total / (targets != -100).sum().clamp(min=1)
 
     def _with_prompt(self, text: str) -> str:
         # LAVIS's caption processors already put the prompt in front; do not add it twice
@@ -167,12 +216,14 @@ class LPBlip2OPT(Blip2LLMBase):
         target -100 (LAVIS's recipe). Pairs: ``text_input`` (with BOS, no loss) followed by
         ``" " + text_output + "\\n"``.
         """
+        if LLM_PRETOKENIZED[0] in samples:  # tokenised by the data loader (pretokenize)
+            return tuple(samples[k].to(device, non_blocking=True) for k in LLM_PRETOKENIZED)
         tok, end = self.llm_tokenizer, self.END_TEXT
         texts = as_text_list(samples.get("text_input"), "text_input")
         if samples.get("text_output") is None:
-            enc = tok([self._with_prompt(t) + end for t in texts], return_tensors="pt",
-                      padding="longest", truncation=True, max_length=self.max_txt_len,
-                      padding_side="right").to(device)
+            enc = to_device(tok([self._with_prompt(t) + end for t in texts], return_tensors="pt",
+                                padding="longest", truncation=True, max_length=self.max_txt_len,
+                                padding_side="right"), device)
             targets = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
             if self.prompt:
                 targets[:, :self.prompt_length] = -100
@@ -187,11 +238,17 @@ class LPBlip2OPT(Blip2LLMBase):
         labels = [([-100] * len(i) + a)[:self.max_txt_len] for i, a in zip(ins, answers)]
         width = max(len(r) for r in rows)
         pad = tok.pad_token_id
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        targets = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels],
-                               device=device)
-        return ids, mask, targets
+        enc = {"ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+               "mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+               "targets": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])}
+        enc = to_device(enc, device)
+        return enc["ids"], enc["mask"], enc["targets"]
+
+    def pretokenize(self, samples: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """A training batch's LLM input ids, attention mask and targets (B, L) on the CPU, for
+        the data loader's collate (:mod:`~lavis_plugins.models.text_tokens`); ``forward`` then
+        uses them."""
+        return dict(zip(LLM_PRETOKENIZED, self._training_tokens(samples, torch.device("cpu"))))
 
     # ------------------------------------------------------------------ generation
     def _llm_inputs(self, inputs_opt: torch.Tensor, atts_opt: torch.Tensor,

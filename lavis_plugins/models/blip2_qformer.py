@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from lavis.models.base_model import all_gather_with_grad, concat_all_gather
 from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from transformers import BertConfig
+from transformers import BatchEncoding, BertConfig
 from transformers.modeling_outputs import ModelOutput
 
 from lavis_plugins.common.errors import UserError
@@ -39,12 +39,16 @@ from lavis_plugins.common.local_files import check_checkpoint_source, local_chec
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
 from lavis_plugins.models.arch_check import describe_mismatch, mismatch_message
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig, resolve_bert_path
-from lavis_plugins.models.momentum import Teacher, momentum_targets
+from lavis_plugins.models.momentum import Teacher, momentum_targets, ramped_alpha
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
-from lavis_plugins.models.stage1_losses import cyclip_losses, distill_cross_entropy
+from lavis_plugins.models.stage1_losses import IGNORE, cyclip_losses, distill_cross_entropy
+from lavis_plugins.models.text_tokens import to_device
 from lavis_plugins.paths import config_path
 
 logger = logging.getLogger(__name__)
+
+# the keys ``pretokenize`` adds to a batch: caption ids and attention mask (B, T)
+PRETOKENIZED = ("text_input_ids", "text_attention_mask")
 
 
 @dataclass
@@ -143,6 +147,13 @@ class Blip2Stage1Output(ModelOutput):
         return self.loss_itg
 
 
+class Tokens(NamedTuple):
+    """Caption ids and attention mask (B, T) (what the losses read of a ``BatchEncoding``)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+
+
 class ItcResult(NamedTuple):
     loss: Tensor
     sim_i2t: Tensor  # (B, W*B) local images vs all texts, divided by the temperature
@@ -226,6 +237,9 @@ class LPBlip2Qformer(LPBlip2Base):
             self.tokenizer = self.init_tokenizer(hf_format.folder_tokenizer(
                 hf_folder, hf_format.BERT_TOKENIZER_FILES, lambda: resolve_bert_path(cfg.bert_path),
                 "BERT tokenizer for the Q-Former", "bert_path"))
+        self.text_tokenizer = self.init_text_tokenizer(self.tokenizer)
+        # an int, read once: the tokenizer's property is a graph break under torch.compile
+        self.dec_token_id: int = self.tokenizer.bos_token_id
         init_vision_and_qformer(self, cfg, bert_config)
         # room for [DEC] (transformers' resize, as LAVIS calls it)
         self.Qformer.resize_token_embeddings(len(self.tokenizer))
@@ -279,7 +293,17 @@ class LPBlip2Qformer(LPBlip2Base):
                  truncate: bool = True):
         """Captions -> ``BatchEncoding`` (input_ids, attention_mask) (B, T) on the model's device,
         padded to the longest caption and (``truncate``) truncated to ``max_txt_len`` tokens;
-        without truncation, longer than the Q-Former's position embeddings is a ``UserError``."""
+        without truncation, longer than the Q-Former's position embeddings is a ``UserError``.
+        With ``truncate``, ids already in ``samples`` (``pretokenize``, done by the data loader)
+        are used as they are."""
+        if truncate and samples is not None and PRETOKENIZED[0] in samples:
+            return BatchEncoding({"input_ids": samples[PRETOKENIZED[0]],
+                                  "attention_mask": samples[PRETOKENIZED[1]]}).to(self.device)
+        return to_device(self._encode(texts, samples, truncate), self.device)
+
+    def _encode(self, texts: Sequence[str], samples: Optional[Mapping[str, Any]],
+                truncate: bool) -> BatchEncoding:
+        """``tokenize`` on the CPU (the captions checked first)."""
         if isinstance(texts, str):  # one caption, as LAVIS's tokenizer call accepts
             texts = [texts]
         if not isinstance(texts, Sequence):
@@ -292,14 +316,20 @@ class LPBlip2Qformer(LPBlip2Base):
                 raise UserError(f"sample {i} of the batch{ident} has an empty or non-text caption "
                                 f"({t!r}); fix or drop it in the annotation file")
         if truncate:
-            return self.tokenizer(list(texts), padding="longest", truncation=True,
-                                  max_length=self.max_txt_len, return_tensors="pt").to(self.device)
-        enc = self.tokenizer(list(texts), padding="longest", return_tensors="pt")
+            return self.text_tokenizer(list(texts), padding="longest", truncation=True,
+                                       max_length=self.max_txt_len, return_tensors="pt")
+        enc = self.text_tokenizer(list(texts), padding="longest", return_tensors="pt")
         limit = self.Qformer.config.max_position_embeddings
         if enc.input_ids.shape[1] > limit:
             raise UserError(f"a text of {enc.input_ids.shape[1]} tokens is longer than the "
                             f"Q-Former's {limit} position embeddings; shorten it")
-        return enc.to(self.device)
+        return enc
+
+    def pretokenize(self, samples: Mapping[str, Any]) -> Dict[str, Tensor]:
+        """The training batch's caption ids and mask (B, T) on the CPU, for the data loader's
+        collate (see :mod:`~lavis_plugins.models.text_tokens`); ``forward`` then uses them."""
+        enc = self._encode(samples["text_input"], samples, truncate=True)
+        return dict(zip(PRETOKENIZED, (enc.input_ids, enc.attention_mask)))
 
     # ------------------------------------------------------------------ training
     def forward(self, samples: Mapping[str, Any], match_head: Optional[str] = None
@@ -320,6 +350,17 @@ class LPBlip2Qformer(LPBlip2Base):
         if text.input_ids.shape[0] != image_embeds.shape[0]:
             raise UserError(f"{image_embeds.shape[0]} images but {text.input_ids.shape[0]} "
                             "captions in the batch")
+        alpha = None  # ALBEF's distillation weight, ramped by the batch's place in the epoch
+        if self.cfg.momentum_distill and self.training:
+            alpha = ramped_alpha(self.cfg.distill_alpha, samples, image_embeds.device)
+        return self._train_losses(image_embeds, text.input_ids, text.attention_mask, alpha)
+
+    def _train_losses(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                      alpha: Optional[Tensor]) -> Blip2Stage1Output:
+        """The Q-Former step: every loss from image features (B, N, Dv) and caption ids and mask
+        (B, T). Tensors in, tensors out, no host reads: ``compile_for_training`` compiles it
+        whole (one graph)."""
+        text = Tokens(input_ids, attention_mask)
         image_kv = self.Qformer.bert.image_kv(image_embeds)  # shared by the ITC and ITM passes
         query_hidden, query_kv = self.query_kv_pass(image_embeds, image_kv)  # (B, Nq, D)
         text_hidden, _ = self.Qformer.bert(  # ITC needs only [CLS]
@@ -329,8 +370,8 @@ class LPBlip2Qformer(LPBlip2Base):
         text_feat = F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)  # (B, E) from [CLS]
 
         teacher = None
-        if self.cfg.momentum_distill and self.training:
-            teacher = momentum_targets(self, image_embeds, text, samples)
+        if alpha is not None:
+            teacher = momentum_targets(self, image_embeds, text, alpha)
         itc = self._itc_loss(image_feats, text_feat, teacher)
         loss_itm, acc_itm = self._itm_loss(image_embeds, image_kv, text, itc.sim_i2t, itc.sim_t2i)
         loss_itg = self._itg_loss(text, query_kv, teacher)
@@ -344,6 +385,14 @@ class LPBlip2Qformer(LPBlip2Base):
         # every field at construction: a ModelOutput drops fields set later from its items()
         return Blip2Stage1Output(loss=loss, loss_itc=itc.loss, loss_itm=loss_itm,
                                  loss_itg=loss_itg, acc_itc=itc.acc, acc_itm=acc_itm, **cyclic)
+
+    def compile_for_training(self, backend: str = "inductor") -> None:
+        """``run.compile: true``: ``torch.compile`` the frozen image encoder (fixed shapes) and
+        the Q-Former step :meth:`_train_losses` (dynamic shapes: captions vary in length, and
+        one graph serves them all). In place: parameter names and checkpoints are unchanged."""
+        if self._vit_frozen:
+            self.visual_encoder.compile(dynamic=False, backend=backend)
+        self._train_losses = torch.compile(self._train_losses, dynamic=True, backend=backend)
 
     def _itc_loss(self, image_feats: Tensor, text_feat: Tensor,
                   teacher: Optional[Teacher] = None) -> ItcResult:
@@ -416,32 +465,34 @@ class LPBlip2Qformer(LPBlip2Base):
             input_ids=torch.cat([ids, neg_ids, ids]),
             query_embeds=self.query_tokens.expand(3 * b, -1, -1),
             attention_mask=padding_mask(torch.cat([mask, neg_mask, mask]), self.num_query),
-            image_kv=[image_kv._replace(repeats=2), neg_kv], last_rows=self.num_query)
+            image_kv=[ImageKV(image_kv.layers, repeats=2), neg_kv], last_rows=self.num_query)
         logits = self.itm_head(hidden).mean(dim=1)  # (3B, 2) from the query outputs
-        labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]
-                           ).to(logits.device)
+        # 1 for the B matched rows, 0 for the 2B negatives; made on the device (no host copy)
+        labels = (torch.arange(3 * b, device=logits.device) < b).long()
         acc = (logits.detach().argmax(1) == labels).float().mean()
         return F.cross_entropy(logits, labels), acc
 
     def _itg_logits(self, text, query_kv: List[KV]) -> Tuple[Tensor, Tensor]:
         """[DEC] + caption, each token seeing all queries (their cached keys/values) and the
-        tokens before it: next-token logits (M, V) at the M labelled positions, and labels (M,)."""
+        tokens before it: next-token logits (B*(T-1), V) at every position, and labels (B*(T-1),)
+        with ``IGNORE`` where the next token is padding. (Every position, not only the labelled
+        ones: selecting those by a mask has a data-dependent size, a host sync on a GPU.)"""
         ids = text.input_ids.clone()
-        ids[:, 0] = self.tokenizer.bos_token_id  # [CLS] -> [DEC]
+        ids[:, 0] = self.dec_token_id  # [CLS] -> [DEC]
         hidden, _ = self.Qformer.bert(
             input_ids=ids, attention_mask=causal_text_mask(text.attention_mask, self.num_query),
             past_key_values=query_kv)
-        keep = text.attention_mask[:, 1:].bool()  # padding has no label
-        # LM head on labelled positions only
-        return self.Qformer.cls(hidden[:, :-1][keep]), ids[:, 1:][keep]
+        labels = ids[:, 1:].masked_fill(text.attention_mask[:, 1:] == 0, IGNORE)
+        return self.Qformer.cls(hidden[:, :-1]).flatten(0, 1), labels.flatten()
 
     def _itg_loss(self, text, query_kv: List[KV], teacher: Optional[Teacher] = None) -> Tensor:
         """Caption loss: next-token cross-entropy with label smoothing 0.1 (with a ``teacher``,
         mixed with its next-token distributions: ALBEF's language-model distillation)."""
         logits, target = self._itg_logits(text, query_kv)
         if teacher is None:
-            return F.cross_entropy(logits, target, label_smoothing=0.1)
-        return distill_cross_entropy(logits, target, teacher.itg, teacher.alpha, 0.1)
+            return F.cross_entropy(logits, target, label_smoothing=0.1, ignore_index=IGNORE)
+        return distill_cross_entropy(logits, target, teacher.itg, teacher.alpha, 0.1,
+                                     keep=target != IGNORE)
 
     # ------------------------------------------------------------------ inference
     def forward_image(self, image: Tensor) -> Tuple[Tensor, Tensor]:

@@ -38,6 +38,7 @@ from lavis_plugins.models._blip2_llm import (
     as_text_list,
     join_prompt,
 )
+from lavis_plugins.models.text_tokens import to_device
 from lavis_plugins.paths import config_path
 
 logger = logging.getLogger(__name__)
@@ -133,10 +134,10 @@ class LPBlip2T5(Blip2LLMBase):
         # (B, Nq, H), (B, Nq); a question-aware Q-Former reads the encoder's text
         inputs_t5, atts_t5 = self.visual_prompt(samples["image"], enc_texts)
         tok, device = self.t5_tokenizer, inputs_t5.device
-        enc = tok(enc_texts, padding="longest", truncation=True, max_length=self.max_txt_len,
-                  return_tensors="pt").to(device)
-        dec = tok(dec_texts, padding="longest", truncation=True, max_length=self.max_txt_len,
-                  return_tensors="pt").to(device)
+        enc = to_device(tok(enc_texts, padding="longest", truncation=True,
+                            max_length=self.max_txt_len, return_tensors="pt"), device)
+        dec = to_device(tok(dec_texts, padding="longest", truncation=True,
+                            max_length=self.max_txt_len, return_tensors="pt"), device)
         targets = dec.input_ids.masked_fill(dec.input_ids == tok.pad_token_id, -100)  # (B, L)
         with self.autocast():
             embeds = torch.cat([inputs_t5, self._embed(enc.input_ids)], dim=1)

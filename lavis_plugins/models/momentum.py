@@ -104,7 +104,7 @@ def ramped_alpha(alpha: float, samples: Mapping[str, Any], device: torch.device)
     scale = 1.0
     if epoch is not None and it is not None and n and int(epoch) == 0:
         scale = min(1.0, int(it) / int(n))
-    return torch.tensor(alpha * scale, device=device)
+    return torch.full((), alpha * scale, device=device)  # a fill, not a copy from the host
 
 
 class Teacher(NamedTuple):
@@ -113,16 +113,16 @@ class Teacher(NamedTuple):
     alpha: Tensor  # 0-dim distillation weight (ramped)
     i2t: Tensor  # (B, W*B) softmax of its image-to-text similarities
     t2i: Tensor  # (B, W*B) softmax of its text-to-image similarities
-    itg: Tensor  # (M, V) softmax of its next-token logits at the M labelled positions
+    itg: Tensor  # (B*(T-1), V) softmax of its next-token logits at every text position
 
 
 @torch.no_grad()
-def momentum_targets(model: nn.Module, image_embeds: Tensor, text,
-                     samples: Mapping[str, Any]) -> Teacher:
+def momentum_targets(model: nn.Module, image_embeds: Tensor, text, alpha: Tensor) -> Teacher:
     """Update ``model.momentum_model``, then compute its ITC similarities (max over queries,
     divided by the model's temperature) and ITG next-token distributions on this batch: ALBEF's
-    soft targets. ``image_embeds`` (B, N, Dv): the batch's image features; ``text``: its tokens.
-    Its features are gathered from all ranks, as the model's are."""
+    soft targets. ``image_embeds`` (B, N, Dv): the batch's image features; ``text``: its tokens;
+    ``alpha``: the 0-dim distillation weight (:func:`ramped_alpha`). Its features are gathered
+    from all ranks, as the model's are."""
     model.momentum_model.update(model)
 
     def features(m):  # runs with the EMA weights swapped in
@@ -132,13 +132,12 @@ def momentum_targets(model: nn.Module, image_embeds: Tensor, text,
             last_rows=1)
         return (F.normalize(m.vision_proj(query_hidden), dim=-1),  # (B, Nq, E)
                 F.normalize(m.text_proj(text_hidden[:, 0]), dim=-1),  # (B, E)
-                m._itg_logits(text, query_kv)[0])  # (M, V)
+                m._itg_logits(text, query_kv)[0])  # (B*(T-1), V)
 
     image_m, text_m, itg_logits = model.momentum_model.run(model, features)
     image_m_all, text_m_all = (concat_all_gather(image_m), concat_all_gather(text_m)) \
         if dist_utils.get_world_size() > 1 else (image_m, text_m)
     i2t = (image_m @ text_m_all.t()).max(dim=1).values / model.temp  # (B, W*B)
     t2i = (image_m_all @ text_m.t()).max(dim=1).values.t() / model.temp
-    alpha = ramped_alpha(model.cfg.distill_alpha, samples, image_embeds.device)
     return Teacher(alpha, F.softmax(i2t, dim=1), F.softmax(t2i, dim=1),
                    F.softmax(itg_logits.float(), dim=-1))

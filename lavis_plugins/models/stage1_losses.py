@@ -20,11 +20,13 @@ batch: DDP's average over ranks then equals the single-process loss over the glo
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+IGNORE = -100  # label of a position without a target (cross_entropy's default ignore_index)
 
 
 def cyclip_losses(cos_i2t: Tensor, cos_t2i: Tensor, image_feats: Tensor,
@@ -46,12 +48,19 @@ def cyclip_losses(cos_i2t: Tensor, cos_t2i: Tensor, image_feats: Tensor,
 
 
 def distill_cross_entropy(logits: Tensor, target: Tensor, soft: Tensor, alpha: Tensor,
-                          label_smoothing: float) -> Tensor:
+                          label_smoothing: float, keep: Optional[Tensor] = None) -> Tensor:
     """``(1 - alpha) * CE(logits, target) + alpha * CE(logits, soft)`` (both with BLIP-2's label
     smoothing): ALBEF's loss on targets ``(1 - alpha) * one_hot + alpha * soft``.
 
     logits (N, C), target (N,) class indices, soft (N, C) probabilities (no gradient), alpha a
-    0-dim tensor (a tensor, so the ramp needs no host sync)."""
-    hard = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-    distilled = F.cross_entropy(logits, soft, label_smoothing=label_smoothing)
+    0-dim tensor (a tensor, so the ramp needs no host sync); ``keep`` (N,) bool: average over
+    these rows only (``target`` is ``IGNORE`` at the others)."""
+    if keep is None:
+        hard = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        distilled = F.cross_entropy(logits, soft, label_smoothing=label_smoothing)
+        return (1 - alpha) * hard + alpha * distilled
+    hard = F.cross_entropy(logits, target, label_smoothing=label_smoothing, ignore_index=IGNORE)
+    # probability targets take no ignore_index: a masked mean of the per-row losses
+    rows = F.cross_entropy(logits, soft, label_smoothing=label_smoothing, reduction="none")
+    distilled = (rows * keep).sum() / keep.sum()
     return (1 - alpha) * hard + alpha * distilled

@@ -53,11 +53,12 @@ from torch.utils.data import DataLoader, IterableDataset
 from lavis_plugins.common import dist as dist_utils
 from lavis_plugins.common.errors import UserError, unknown_name
 from lavis_plugins.datasets.validation import one_line
-from lavis_plugins.runners import mixture
+from lavis_plugins.runners import mixture, nonfinite
 from lavis_plugins.runners.checkpoint_io import RunFolder
 from lavis_plugins.runners.checkpointing import CheckpointingMixin
-from lavis_plugins.runners.nonfinite import NonFiniteGuard, grad_norm
+from lavis_plugins.runners.nonfinite import NonFiniteGuard, grad_norm, honours_found_inf
 from lavis_plugins.runners.sampling import EpochSampler, move_to_device
+from lavis_plugins.runners.step_stats import LossSums
 from lavis_plugins.runners.train_stream import MapTrainLoader, TrainStream, map_train_options
 from lavis_plugins.common.progress import progress
 from lavis_plugins.runners import reporting
@@ -70,6 +71,47 @@ LAVIS_SCHEDULER_ALIASES = {
     "linear_warmup_step_lr": "lp_constant",
     "constant_lr": "lp_constant",
 }
+
+
+def fused_adamw_supported(params: List[torch.Tensor]) -> bool:
+    """torch's fused AdamW takes every parameter: floating point, on a device with the fused
+    kernel (CUDA, CPU, ...). It is one kernel per step instead of a dozen, and it takes a
+    found-inf flag, so a non-finite step is dropped without a host sync (``nonfinite``)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return all(p.is_floating_point() and p.device.type in devices for p in params)
+
+
+def compile_model(model: torch.nn.Module) -> None:
+    """``run.compile: true``: the model compiles its own hot parts (``compile_for_training``:
+    the frozen encoder and the Q-Former step of ``lp_blip2_qformer``), in place, so parameter
+    names, checkpoints and DDP are unchanged."""
+    hook = getattr(model, "compile_for_training", None)
+    if not callable(hook):
+        raise UserError(f"run.compile is true but {type(model).__name__} has no "
+                        "compile_for_training (it is implemented for lp_blip2_qformer); "
+                        "remove run.compile")
+    hook()
+
+
+def loader_workers(run) -> Dict[str, Any]:
+    """DataLoader worker settings from ``run:``: ``num_workers``, ``persistent_workers`` (keep
+    the workers across epochs instead of forking new ones; default true when there are
+    workers) and ``prefetch_factor`` (batches each worker loads ahead; torch's default 2)."""
+    workers = int(run.get("num_workers", 0))
+    persistent = run.get("persistent_workers", None)
+    prefetch = run.get("prefetch_factor", None)
+    if workers == 0:
+        for key, value in (("persistent_workers", persistent), ("prefetch_factor", prefetch)):
+            if value:
+                raise UserError(f"run.{key} is {value!r} but run.num_workers is 0 (batches are "
+                                f"loaded in the training process): set run.num_workers > 0 or "
+                                f"remove run.{key}")
+        return {"num_workers": 0}
+    return {"num_workers": workers,
+            "persistent_workers": True if persistent is None else bool(persistent),
+            **({"prefetch_factor": int(prefetch)} if prefetch is not None else {})}
 
 
 @registry.register_runner("lp_runner")
@@ -87,7 +129,9 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
     a message naming the last good checkpoint; "skip": skip the optimizer step, at most
     ``max_nonfinite_skips`` in a row); ``on_bad_sample`` ("fail" or "skip") and
     ``max_bad_fraction``; ``force`` (replace a previous run in the same folder; the CLI's
-    ``--force``). Every key is checked by :mod:`lavis_plugins.common.config_check`.
+    ``--force``); ``persistent_workers`` / ``prefetch_factor`` (``loader_workers``);
+    ``compile`` (``compile_model``). Every key is checked by
+    :mod:`lavis_plugins.common.config_check`.
     """
 
     def __init__(self, cfg, task, model, datasets, job_id):  # noqa: D107 - as RunnerBase
@@ -117,6 +161,8 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
 
         self._device = torch.device(dist_utils.choose_device(self.config.run_cfg.get("device")))
         self._model = model.to(self._device)
+        if run.get("compile", False):
+            compile_model(self._model)
         if self.use_distributed:
             ids = [self._device.index] if self._device.type == "cuda" else None
             self._wrapped_model = DDP(self._model, device_ids=ids,
@@ -201,7 +247,8 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
             logger.info("number of trainable parameters: %d", n_params)
             self._optimizer = torch.optim.AdamW(
                 groups, lr=float(run.init_lr), weight_decay=wd,
-                betas=(float(run.get("beta1", 0.9)), float(run.get("beta2", 0.999))))
+                betas=(float(run.get("beta1", 0.9)), float(run.get("beta2", 0.999))),
+                fused=fused_adamw_supported([p for g in groups for p in g["params"]]) or None)
         return self._optimizer
 
     @property
@@ -266,25 +313,24 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                     raise UserError(f"split {split!r} needs run.batch_size_"
                                     f"{'train' if is_train else 'eval'}")
                 bs = int(bs)
-                num_workers = int(run.get("num_workers", 0))
                 if is_train:  # the same stream as a map-style member of a mixture
                     loaders[split] = MapTrainLoader(
-                        dataset, seed=self.seed, batch_size=bs, num_workers=num_workers,
+                        dataset, seed=self.seed, batch_size=bs, **loader_workers(run),
                         pin_memory=self.device.type == "cuda", name=split,
-                        **map_train_options(run))
+                        pretokenize=self._pretokenize, **map_train_options(run))
                     continue
                 sampler = EpochSampler(len(dataset), shuffle=False, seed=self.seed,
                                        rank=dist_utils.get_rank(),
                                        world_size=dist_utils.get_world_size(),
                                        equal_shards=False)
                 loaders[split] = DataLoader(
-                    dataset, batch_size=bs, sampler=sampler, num_workers=num_workers,
+                    dataset, batch_size=bs, sampler=sampler,
                     collate_fn=getattr(dataset, "collater", None), drop_last=False,
                     pin_memory=self.device.type == "cuda",
                     # its own generator: creating an iterator must not draw from the global RNG
                     # (it would shift dropout randomness between a run and its resume)
                     generator=torch.Generator().manual_seed(self.seed),
-                    worker_init_fn=None, persistent_workers=False)
+                    worker_init_fn=None, **loader_workers(run))
             self._dataloaders = loaders
         return self._dataloaders
 
@@ -307,6 +353,18 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                             f"run.batch_size_train; lower the batch size or add data")
         cap = self.config.run_cfg.get("iters_per_epoch", None)
         return min(n, int(cap)) if cap else n
+
+    @property
+    def _pretokenize(self):
+        """The model's ``pretokenize`` when training batches go to its ``forward`` as they come
+        from the loader (the task's train step is LAVIS's default), else None: a task that
+        rewrites the text before calling the model gets the text, not stale ids."""
+        from lavis.tasks.base_task import BaseTask
+
+        fn = getattr(self._model, "pretokenize", None)
+        if callable(fn) and type(self.task).train_step is BaseTask.train_step:
+            return fn
+        return None
 
     # ------------------------------------------------------------------ training
     @property
@@ -412,6 +470,9 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
         return loss, parts
 
     def train_epoch(self, epoch: int) -> Dict[str, str]:
+        """One epoch of optimizer steps. The step makes no host sync: losses are summed and
+        non-finite values flagged on the device (``step_stats``, ``nonfinite``), and read in one
+        sync every ``run.log_freq`` steps, before a checkpoint and at the end of the epoch."""
         self.model.train()
         loader = self.dataloaders[self.train_splits[0]]
         start = self.start_iter if epoch == self.start_epoch else 0
@@ -420,9 +481,10 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
         accum = self.accum_grad_iters
         sched, optimizer, scaler = self.lr_scheduler, self.optimizer, self.scaler
         max_norm = self.config.run_cfg.get("max_grad_norm", None)
+        ckpt_freq = int(self.config.run_cfg.get("ckpt_freq", 0) or 0)
         guard = self._guard
-        sums: Dict[str, float] = {}
-        count = 0
+        guard.start(self.device)
+        sums = LossSums(self.device)
         bar = None
         if dist_utils.is_main_process():
             bar = progress(n_iters, f"train epoch {epoch}", initial=start)
@@ -454,53 +516,39 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                     if scaler:
                         scaler.unscale_(optimizer)
                     norm = grad_norm(optimizer, max_norm)
-                # the step's one host sync: loss, its components and the gradient norm read at once
-                names = ["loss", *parts]
-                values = torch.stack([loss.detach().float().reshape(()),
-                                      *[v.float().reshape(()) for v in parts.values()],
-                                      *([norm.float()] if norm is not None else [])]).tolist()
-                read = dict(zip(names, values))
                 # fp16 loss scaling makes inf gradients normal: GradScaler skips those steps itself
-                grads_ok = norm is None or scaler is not None or math.isfinite(values[-1])
-                if guard.drop_step(read, grads_ok, last_micro):
-                    optimizer.zero_grad(set_to_none=True)
-                    guard.dropped(f"epoch {epoch}, iteration {i} (optimizer step "
-                                  f"{self.global_step + 1})", self._last_ckpt)
-                    continue
+                counted = guard.micro_batch(loss, None if scaler else norm, last_micro, i,
+                                            self.global_step)
+                sums.add(loss, parts, counted)
                 if last_micro:
-                    if scaler:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    self.global_step += 1
-                    guard.stepped()
-                if not math.isfinite(read["loss"]):
-                    continue  # a micro-batch of a step that will be skipped: keep it out of stats
-                for k, v in read.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
+                    self._optimizer_step(optimizer, scaler, guard)
+                    self.global_step += 1  # counted as taken until the guard is read
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{read['loss']:.4f}", refresh=False)
-                if (i + 1) % self.log_freq == 0 or i + 1 == n_iters:
-                    self._log_train_step(epoch, i, read)
-                ckpt_freq = int(self.config.run_cfg.get("ckpt_freq", 0) or 0)
-                if (ckpt_freq and last_micro and self.global_step % ckpt_freq == 0
-                        and i + 1 < n_iters):
-                    self._save_checkpoint(epoch, is_best=False, next_iter=i + 1)
+                due_log = (i + 1) % self.log_freq == 0 or i + 1 == n_iters
+                # a checkpoint is due by the step count as it stands after the read
+                maybe_ckpt = bool(ckpt_freq and last_micro and i + 1 < n_iters)
+                if due_log or (maybe_ckpt and self.global_step % ckpt_freq == 0):
+                    latest = self._read_step(epoch, sums.latest())
+                    if due_log and latest[-1]:  # a dropped step's losses are not logged
+                        read = dict(zip(sums.names, latest))
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{read['loss']:.4f}", refresh=False)
+                        self._log_train_step(epoch, i, read)
+                    if maybe_ckpt and self.global_step % ckpt_freq == 0:
+                        self._save_checkpoint(epoch, is_best=False, next_iter=i + 1)
         finally:  # cleared before any error line, which then starts its own line
             if bar is not None:
                 bar.close()
         self.start_iter = 0
+        totals = self._read_step(epoch, sums.totals())
         # average over processes
-        keys = sorted(sums)
-        totals = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64)
+        totals = torch.tensor(totals, dtype=torch.float64)
         if self.use_distributed:
             torch.distributed.all_reduce(totals.to(self.device) if self.device.type == "cuda"
                                          else totals)
-        stats = {k: f"{totals[j].item() / max(totals[-1].item(), 1):.6f}" for j, k in enumerate(keys)}
+        stats = {k: f"{totals[j].item() / max(totals[-1].item(), 1):.6f}"
+                 for j, k in sorted(enumerate(sums.names), key=lambda jk: jk[1])}
         stats["lr"] = f"{optimizer.param_groups[0]['lr']:.8f}"
         if self.nonfinite_skipped:
             stats["nonfinite_skipped"] = str(self.nonfinite_skipped)
@@ -509,6 +557,32 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
         if not self.valid_splits:
             self._save_checkpoint(epoch, is_best=False, next_iter=None)
         return stats
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, scaler, guard: NonFiniteGuard
+                        ) -> None:
+        """Apply the accumulated gradients unless the guard flagged the step, without reading
+        the flag on the host where the optimizer takes it as its found-inf input (fused AdamW;
+        GradScaler passes its own, which a non-finite loss also sets)."""
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        elif honours_found_inf(optimizer):
+            optimizer.grad_scale, optimizer.found_inf = None, guard.found_inf
+            optimizer.step()
+        elif not bool(guard.found_inf):  # an optimizer without that input: one sync per step
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _read_step(self, epoch: int, values: torch.Tensor) -> List[float]:
+        """``values`` and the non-finite guard's counters read in one host sync; steps the guard
+        dropped since its last read come off the step count (or the run stops, see
+        ``nonfinite``). Returns ``values`` as floats."""
+        n = values.numel()
+        read = torch.cat([values.to(torch.float64),
+                          self._guard.state().to(values.device, torch.float64)]).tolist()
+        self.global_step -= int(read[n + nonfinite.SKIPPED])  # before settle() may raise
+        self._guard.settle(read[n:], epoch, self._last_ckpt)
+        return read[:n]
 
     def _log_train_step(self, epoch: int, it: int, parts: Dict[str, float]) -> None:
         if not dist_utils.is_main_process():

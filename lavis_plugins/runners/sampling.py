@@ -6,7 +6,7 @@ randomness, that the uninterrupted run would have seen.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -42,8 +42,11 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, idx: int):
-        with seeded_global_rngs(sample_seed(self.seed, self.epoch, idx)):
+    def __getitem__(self, key: Union[int, Tuple[int, int]]):
+        """Sample ``key``: an index (of epoch ``self.epoch``) or ``(epoch, index)``, as
+        ``EpochSampler(with_epoch=True)`` yields them."""
+        epoch, idx = key if isinstance(key, tuple) else (self.epoch, key)
+        with seeded_global_rngs(sample_seed(self.seed, epoch, idx)):
             try:
                 return self.dataset[idx]
             except BadSample as e:
@@ -67,13 +70,16 @@ class EpochSampler(Sampler[int]):
     """Indices of one rank for one epoch: a permutation seeded by ``(seed, epoch)`` (or the
     natural order), sharded ``rank::world_size``; training shards are truncated to equal length
     (as ``DistributedSampler(drop_last=True)``), evaluation shards are not padded, so every sample
-    is evaluated exactly once. ``start`` skips the first indices (resume inside an epoch)."""
+    is evaluated exactly once. ``start`` skips the first indices (resume inside an epoch).
+    ``with_epoch``: yield ``(epoch, index)`` pairs (for :class:`SeededSamples` in workers that
+    outlive an epoch)."""
 
     def __init__(self, num_samples: int, shuffle: bool, seed: int, rank: int, world_size: int,
-                 equal_shards: bool) -> None:
+                 equal_shards: bool, with_epoch: bool = False) -> None:
         self.n, self.shuffle, self.seed = num_samples, shuffle, seed
         self.rank, self.world = rank, world_size
         self.equal_shards = equal_shards
+        self.with_epoch = with_epoch
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -95,8 +101,9 @@ class EpochSampler(Sampler[int]):
         n = (self.n // self.world) * self.world if self.equal_shards else self.n
         return max((n - self.rank + self.world - 1) // self.world, 0)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.start:])
+    def __iter__(self) -> Iterator[Union[int, Tuple[int, int]]]:
+        indices = self._indices()[self.start:]
+        return iter([(self.epoch, i) for i in indices] if self.with_epoch else indices)
 
     def __len__(self) -> int:
         return max(self.num_indices() - self.start, 0)

@@ -18,7 +18,7 @@ under ``run.on_bad_sample: skip`` and otherwise stop at the first.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from lavis_plugins.common import dist as dist_utils
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.datasets.validation import BAD_SAMPLE_KEY
+from lavis_plugins.models.text_tokens import CollateTokens
 from lavis_plugins.runners.sampling import EpochSampler, SeededSamples
 
 logger = logging.getLogger(__name__)
@@ -110,25 +111,37 @@ class MapTrainLoader(TrainStream):
     (:class:`EpochSampler`), bad samples skipped under ``skip_bad`` and counted against
     ``max_bad_fraction``."""
 
-    def __init__(self, dataset: Dataset, *, seed: int, batch_size: int, num_workers: int,
+    def __init__(self, dataset: Dataset, *, seed: int, batch_size: int, num_workers: int = 0,
+                 persistent_workers: bool = False, prefetch_factor: Optional[int] = None,
                  pin_memory: bool = False, skip_bad: bool = False,
-                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-                 name: str = "train") -> None:
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, name: str = "train",
+                 pretokenize: Optional[Callable] = None) -> None:
+        """Worker settings as ``runner.loader_workers`` reads them from ``run:``;
+        ``pretokenize``: the model's, applied in the loader's collate (:class:`CollateTokens`)."""
+        workers: Dict[str, Any] = {"num_workers": int(num_workers)}
+        if workers["num_workers"] > 0:
+            workers["persistent_workers"] = bool(persistent_workers)
+            if prefetch_factor is not None:
+                workers["prefetch_factor"] = int(prefetch_factor)
         self.dataset = dataset  # what the runner's ``datasets`` shows for the split
         self.seeded = SeededSamples(dataset, seed, skip_bad=skip_bad)
+        # indices carry their epoch: persistent workers hold their own copy of the dataset,
+        # which never sees the main process's epoch change
         self.sampler = EpochSampler(len(dataset), shuffle=True, seed=seed,
                                     rank=dist_utils.get_rank(),
-                                    world_size=dist_utils.get_world_size(), equal_shards=True)
+                                    world_size=dist_utils.get_world_size(), equal_shards=True,
+                                    with_epoch=True)
         self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = workers["num_workers"]
+        collate = self.seeded.collater
+        if pretokenize is not None:
+            collate = CollateTokens(collate, pretokenize)
         self.loader = DataLoader(self.seeded, batch_size=self.batch_size, sampler=self.sampler,
-                                 num_workers=self.num_workers, drop_last=True,
-                                 pin_memory=pin_memory, collate_fn=self.seeded.collater,
+                                 drop_last=True, pin_memory=pin_memory, collate_fn=collate,
                                  # its own generator: making an iterator must not draw from the
                                  # global RNG (that would shift dropout between a run and its
                                  # resume)
-                                 generator=torch.Generator().manual_seed(seed),
-                                 persistent_workers=False)
+                                 generator=torch.Generator().manual_seed(seed), **workers)
         self.budget = BadSampleBudget(f"dataset {name!r}", max_bad_fraction,
                                       len(self) * self.batch_size, "run.max_bad_fraction")
 
