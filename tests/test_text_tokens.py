@@ -61,7 +61,7 @@ def test_loader_tokenised_batch_gives_the_raw_text_losses(lp, tmp_path, name, ke
     model, _, _ = load_model_and_preprocess(name, "tiny")
     model.eval()  # no dropout: the two forwards must agree exactly
     runner = make_runner(tmp_path, model, Captions(), name)
-    batch = next(iter(runner.dataloaders["train"]))
+    batch = next(runner.dataloaders["train"].epoch_batches(0))
     assert set(keys) <= set(batch) and batch[keys[0]].dtype == torch.long
     raw = {k: v for k, v in batch.items() if k not in keys}
     with torch.no_grad():
@@ -86,10 +86,10 @@ def test_no_pretokenising_for_a_task_that_rewrites_the_text(lp, tmp_path):
 
     model, _, _ = load_model_and_preprocess("lp_blip2_qformer", "tiny")
     runner = make_runner(tmp_path, model, Captions(), "rewrites")
-    assert "text_input_ids" in next(iter(runner.dataloaders["train"]))
+    assert "text_input_ids" in next(runner.dataloaders["train"].epoch_batches(0))
     runner = PluginRunner(cfg=runner.config, task=Rewrites(), model=model,
                           datasets={"d": {"train": Captions()}}, job_id="rewrites2")
-    assert "text_input_ids" not in next(iter(runner.dataloaders["train"]))
+    assert "text_input_ids" not in next(runner.dataloaders["train"].epoch_batches(0))
 
 
 def test_persistent_workers_see_each_epochs_augmentation(lp, tmp_path):
@@ -106,5 +106,5 @@ def test_persistent_workers_see_each_epochs_augmentation(lp, tmp_path):
     kept = losses("persistent", num_workers=1, persistent_workers=True, prefetch_factor=3)
     assert kept == pytest.approx(ref, rel=1e-6, abs=1e-7)
     runner = _runner(tmp_path, Regressor(), job="opts", num_workers=2, prefetch_factor=3)
-    loader = runner.dataloaders["train"]
+    loader = runner.dataloaders["train"].loader  # the stream's torch DataLoader
     assert loader.persistent_workers and loader.prefetch_factor == 3  # persistent by default
