@@ -1,0 +1,266 @@
+"""``run.strategy: fsdp``: options, wrap plan per model, sharded checkpoints, and 2 gloo processes.
+
+torch 2.5.1's FullyShardedDataParallel runs on the CPU with gloo (``device_id=cpu``; FSDP2
+``fully_shard`` needs CUDA), so the real sharded path is tested here: two forked processes train
+a small model under FSDP and under DDP and log the same losses; a run killed after a sharded
+checkpoint resumes to the uninterrupted run's losses; the checkpoint folder has one shard file
+per process. The runner's own behaviour (schedule, accumulation, ...) is tested in
+``test_runner.py`` with the same regression model.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import run_forked
+from test_runner import NoisyPairs, Regressor, _Cfg
+
+
+class _Block(nn.Module):
+    """A residual block: what FSDP shards as one unit."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, width) -> (B, width)
+        return x + torch.relu(self.fc(self.norm(x)))
+
+
+class BlockRegressor(Regressor):
+    """The runner tests' regressor with two repeated blocks and a frozen part."""
+
+    def __init__(self, dim: int = 6, **kw) -> None:
+        super().__init__(dim=dim, dropout=0.0, **kw)
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.frozen_blocks = nn.ModuleList([_Block(), _Block()]).requires_grad_(False)
+
+    def forward(self, samples):
+        self.calls += 1
+        if self.fail_at_call is not None and self.calls == self.fail_at_call:
+            raise KeyboardInterrupt("simulated kill")
+        h = torch.relu(self.embed(samples["x"]))
+        for b in [*self.frozen_blocks, *self.blocks]:
+            h = b(h)
+        pred = self.head(h)
+        loss_mse = ((pred - samples["y"]) ** 2).mean()
+        return {"loss": loss_mse, "loss_mse": loss_mse}
+
+
+def _runner(tmp_path, model, job, **run):
+    from lavis.tasks.base_task import BaseTask
+
+    from lavis_plugins.runners.runner import PluginRunner
+
+    base = dict(max_epoch=2, init_lr=1e-2, min_lr=1e-4, warmup_steps=2, weight_decay=0.05,
+                batch_size_train=4, num_workers=0, seed=7, output_dir=str(tmp_path),
+                device="cpu", train_splits=["train"], log_freq=1, strategy="fsdp")
+    base.update(run)
+    return PluginRunner(cfg=_Cfg(**base), task=BaseTask(), model=model,
+                        datasets={"pairs": {"train": NoisyPairs(n=32)}}, job_id=job)
+
+
+def _losses(folder: Path):
+    return [json.loads(l)["loss"] for l in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------- options
+@pytest.mark.parametrize("key,value,fragment", [
+    ("strategy", "fsdpp", "did you mean fsdp"),
+    ("strategy", "deepspeed", "one of ddp, fsdp"),
+    ("fsdp_sharding", "full", "one of full_shard, shard_grad_op, hybrid_shard, no_shard"),
+    ("fsdp_mixed_precision", "fp16", "one of none, bf16"),
+    ("fsdp_cpu_offload", "yes", "true or false"),
+])
+def test_bad_option_values_are_one_line(key, value, fragment):
+    from lavis_plugins.common.config_check import check_run
+    from lavis_plugins.common.errors import UserError
+
+    with pytest.raises(UserError, match=fragment):
+        check_run({key: value})
+    check_run({"strategy": "fsdp", "fsdp_sharding": "shard_grad_op",
+               "fsdp_mixed_precision": "bf16", "fsdp_cpu_offload": False})
+
+
+@pytest.mark.parametrize("run,fragment", [
+    ({"fsdp_sharding": "full_shard"}, "run.strategy is 'ddp'"),
+    ({"strategy": "fsdp", "fsdp_cpu_offload": True}, "needs CUDA"),
+    ({"strategy": "fsdp", "amp": True, "amp_dtype": "fp16"}, "run.amp_dtype: bf16"),
+])
+def test_option_combinations_that_cannot_work_are_refused(run, fragment):
+    from lavis_plugins.common.errors import UserError
+    from lavis_plugins.runners.fsdp import FSDPSettings
+
+    with pytest.raises(UserError, match=fragment):
+        FSDPSettings.from_run(run, torch.device("cpu"))
+
+
+def test_settings_defaults_and_ddp():
+    from lavis_plugins.runners.fsdp import FSDPSettings
+
+    assert FSDPSettings.from_run({}, torch.device("cpu")) is None
+    s = FSDPSettings.from_run({"strategy": "FSDP", "fsdp_mixed_precision": "BF16"},
+                              torch.device("cpu"))
+    assert (s.sharding, s.mixed_precision, s.cpu_offload) == ("full_shard", "bf16", False)
+
+
+# ------------------------------------------------------------------------------- wrap plan
+def test_wrap_plan_of_each_blip2_model(lp, tiny_bert_dir, tmp_path):
+    """Units are the repeated blocks: the ViT's blocks and the Q-Former's layers (stage 1, and
+    an unfrozen ViT fine-tune), and the LLM's layers (OPT, FlanT5) in stage 2."""
+    from lavis_plugins.api import load_model
+    from lavis_plugins.common.tiny_llm import make_tiny_opt, make_tiny_t5
+    from lavis_plugins.runners.fsdp import plan
+
+    def names(model):
+        p = plan(model)
+        return sorted(c.__name__ for c in p.unit_classes), p.ignored_names
+
+    stage1 = load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir))
+    assert names(stage1) == (["Block", "QFormerLayer"], [])
+    opt = load_model("lp_blip2_opt", "tiny", bert_path=str(tiny_bert_dir),
+                     opt_model=str(make_tiny_opt(tmp_path / "opt")))
+    assert names(opt) == (["Block", "OPTDecoderLayer", "QFormerLayer"], [])
+    t5 = load_model("lp_blip2_t5", "tiny", bert_path=str(tiny_bert_dir),
+                    t5_model=str(make_tiny_t5(tmp_path / "t5")))
+    assert names(t5) == (["Block", "QFormerLayer", "T5Block"], [])
+
+
+def test_wrap_plan_keeps_frozen_parts_in_another_dtype_whole():
+    """FSDP flattens one unit's weights into one tensor: a frozen half-precision part is left
+    out of sharding; trainable weights in two dtypes are refused with the fix."""
+    from lavis_plugins.common.errors import UserError
+    from lavis_plugins.runners.fsdp import plan
+
+    model = BlockRegressor()
+    model.frozen.half()  # a frozen fp16 leaf at the root, beside fp32 trainable weights
+    # a frozen block with fp16 linears and an fp32 LayerNorm (as LAVIS's vit_precision: fp16):
+    # the larger dtype is sharded, the smaller part kept whole
+    model.frozen_blocks[0].fc.half()
+    p = plan(model)
+    assert [c.__name__ for c in p.unit_classes] == ["_Block"]
+    assert sorted(p.ignored_names) == ["frozen", "frozen_blocks.0.norm"]
+
+    model.head.half()
+    with pytest.raises(UserError, match="trainable weights mix dtypes"):
+        plan(model)
+
+
+# ----------------------------------------------------------------- checkpoints, one process
+def test_one_process_writes_sharded_folders_and_resumes_exactly(lp, tmp_path):
+    """strategy: fsdp in one process trains unwrapped but writes the same checkpoint folders
+    (so a run moves between 1 and N processes), and resumes them exactly."""
+    torch.manual_seed(0)
+    full = _runner(tmp_path, BlockRegressor(), "full", ckpt_freq=4)
+    full.train()
+    ref = _losses(full.output_dir)
+
+    torch.manual_seed(0)
+    killed = _runner(tmp_path, BlockRegressor(fail_at_call=7), "killed", ckpt_freq=4)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    folder = killed.output_dir / "checkpoint_step4.dcp"
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp",
+                                                        "trainer_state.pth"]
+    assert (killed.output_dir / "checkpoint_latest.pth").resolve() == folder.resolve()
+    assert not list(killed.output_dir.glob("*.tmp"))
+
+    torch.manual_seed(0)  # frozen weights are not in checkpoints: they come from the model's files
+    model = BlockRegressor()
+    torch.manual_seed(123)  # a different process state: the checkpoint must restore it all
+    resumed = _runner(tmp_path, model, "resumed", ckpt_freq=4,
+                      resume_ckpt_path=str(killed.output_dir / "checkpoint_latest.pth"))
+    resumed.train()
+    assert _losses(resumed.output_dir) == pytest.approx(ref[4:], rel=1e-6, abs=1e-7)
+
+
+def test_resume_refuses_the_other_strategys_checkpoint_and_unsafe_folders(lp, tmp_path):
+    from lavis_plugins.common.errors import UserError
+
+    torch.manual_seed(0)
+    sharded = _runner(tmp_path, BlockRegressor(), "sharded", max_epoch=1)
+    sharded.train()
+    folder = sharded.output_dir / "checkpoint_0.dcp"
+    plain = _runner(tmp_path, BlockRegressor(), "plain", max_epoch=1, strategy="ddp")
+    plain.train()
+    pth = plain.output_dir / "checkpoint_0.pth"
+
+    with pytest.raises(UserError, match="written by run.strategy: fsdp"):
+        _runner(tmp_path, BlockRegressor(), "a", strategy="ddp",
+                resume_ckpt_path=str(folder)).train()
+    with pytest.raises(UserError, match="not a sharded checkpoint folder"):
+        _runner(tmp_path, BlockRegressor(), "b", resume_ckpt_path=str(pth)).train()
+    with pytest.raises(UserError, match="does not match the model"):
+        _runner(tmp_path, BlockRegressor(dim=5), "c", resume_ckpt_path=str(folder)).train()
+
+    class Boom:  # an index that would run code when unpickled
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (folder / ".metadata").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(UserError, match="not a readable sharded checkpoint.*print"):
+        _runner(tmp_path, BlockRegressor(), "d", resume_ckpt_path=str(folder)).train()
+
+
+# ------------------------------------------------------------------------- two processes
+def _two_process_worker(rank: int, init_file: str, root: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    root_p = Path(root)
+
+    def run(job, make, perturb=False, **kw):
+        torch.manual_seed(0)  # the same weights in every run (frozen ones are not saved)
+        model = make()
+        if perturb:  # another process state: a resume must restore it all
+            torch.manual_seed(123 + rank)
+        r = _runner(root_p, model, job, distributed=True, **kw)
+        return r, r.train()
+
+    run("ddp", BlockRegressor, strategy="ddp")
+    runner, _ = run("fsdp", BlockRegressor, ckpt_freq=2)
+    if rank == 0:  # the sharded path was taken: one unit per block, shards on both ranks
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        units = [m for m in runner.model.modules() if isinstance(m, FullyShardedDataParallel)]
+        (root_p / "units.txt").write_text(str(len(units)))
+    run("fsdp_bf16", BlockRegressor, fsdp_mixed_precision="bf16")
+    run("fsdp_grad_op", BlockRegressor, fsdp_sharding="shard_grad_op", max_grad_norm=0.5)
+    run("ddp_clip", BlockRegressor, strategy="ddp", max_grad_norm=0.5)
+    try:
+        run("killed", lambda: BlockRegressor(fail_at_call=7), ckpt_freq=2)
+    except KeyboardInterrupt:
+        pass
+    run("resumed", BlockRegressor, ckpt_freq=2, perturb=True,
+        resume_ckpt_path=str(root_p / "killed" / "checkpoint_latest.pth"))
+    dist.barrier()
+
+
+def test_two_gloo_processes_fsdp_equals_ddp_and_resumes_exactly(lp, tmp_path):
+    run_forked(_two_process_worker, [(r, str(tmp_path / "init"), str(tmp_path))
+                                     for r in range(2)], timeout=600)
+    assert (tmp_path / "units.txt").read_text() == "5"  # root + 4 blocks
+    ddp, sharded = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
+    assert len(sharded) == len(ddp) == 8  # 2 epochs x 32 samples / (2 ranks x 4)
+    # same data, same averaged gradients; only the order of float sums differs
+    assert sharded == pytest.approx(ddp, rel=1e-5, abs=1e-6)
+    assert _losses(tmp_path / "fsdp_grad_op") == pytest.approx(_losses(tmp_path / "ddp_clip"),
+                                                               rel=1e-5, abs=1e-6)
+    # bf16 compute: close to float32, not equal
+    bf16 = _losses(tmp_path / "fsdp_bf16")
+    assert bf16 == pytest.approx(ddp, rel=3e-2) and bf16 != ddp
+
+    # 4 steps per epoch; killed in epoch 1 at its third batch, after the step-6 checkpoint
+    folder = tmp_path / "killed" / "checkpoint_step6.dcp"
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp",
+                                                        "__1_0.distcp", "trainer_state.pth"]
+    state = torch.load(folder / "trainer_state.pth", weights_only=True)
+    assert (state["global_step"], state["world_size"], len(state["rng"])) == (6, 2, 2)
+    assert _losses(tmp_path / "resumed") == pytest.approx(sharded[6:], rel=1e-6, abs=1e-7)
