@@ -2,8 +2,7 @@
 
 What it is for: fine-tuning with the image encoder unfrozen (ViT-g, 1B parameters, plus its
 AdamW state) and stage 2 with a frozen LLM too large to copy on every GPU (FlanT5-XXL, OPT-6.7B).
-Each repeated transformer block (ViT blocks, Q-Former layers, T5/OPT layers) becomes one FSDP
-unit whose weights, gradients and optimizer state are split across the processes and gathered
+Each repeated transformer block (ViT blocks, T5/OPT layers) becomes one FSDP unit whose weights, gradients and optimizer state are split across the processes and gathered
 only while that block runs.
 
 Why FSDP (``torch.distributed.fsdp.FullyShardedDataParallel``) and not FSDP2
@@ -13,7 +12,9 @@ path is tested on the CPU (2 gloo processes) and used on GPUs.
 
 Decisions a user does not have to make:
 - units: every class that fills an ``nn.ModuleList`` on its own with modules that have
-  children of their own (:func:`block_classes`); the rest of the model is the root unit.
+  children of their own (:func:`block_classes`); the rest of the model (the Q-Former among it,
+  whose layers' weights are read outside their forward) is the root unit, sharded at rest and
+  gathered for the model's forward and backward.
 - FSDP flattens the weights of one unit into one tensor, which needs one dtype. A frozen part
   kept in another dtype (``vit_precision: fp16`` keeps LayerNorms in fp32; an LLM loaded in
   bf16 beside the fp32 Q-Former) is left out of sharding and kept whole on every process, as
@@ -107,10 +108,12 @@ class FSDPSettings:
 # --------------------------------------------------------------------------------- wrapping
 def block_classes(model: nn.Module) -> Set[Type[nn.Module]]:
     """Classes of the model's transformer blocks: those that fill an ``nn.ModuleList`` on their
-    own (one class per list) and have children of their own: the ViT's ``Block``, the
-    Q-Former's layers, ``T5Block``, ``OPTDecoderLayer``. Not a list of plain ``Linear`` heads
-    (code may read their ``.weight`` outside ``forward``, which a shard would break), nor lists
-    of mixed classes (a ``T5Block``'s attention / feed-forward sub-layers)."""
+    own (one class per list) and have children of their own: the ViT's ``Block``,
+    ``T5Block``, ``OPTDecoderLayer``. Not a list of plain ``Linear`` heads (code may read their
+    ``.weight`` outside ``forward``, which a shard would break), nor lists of mixed classes (a
+    ``T5Block``'s attention / feed-forward sub-layers), nor a class that says
+    ``fsdp_unit = False`` (the Q-Former's layers: their weights are read outside their
+    ``forward``; the Q-Former is then sharded as part of the root unit)."""
     containers = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
     found: Set[Type[nn.Module]] = set()
     for m in model.modules():
@@ -118,6 +121,7 @@ def block_classes(model: nn.Module) -> Set[Type[nn.Module]]:
             kinds = {type(c) for c in m}
             first = m[0]
             if len(kinds) == 1 and not isinstance(first, containers) \
+                    and getattr(first, "fsdp_unit", True) \
                     and any(True for _ in first.children()) \
                     and any(True for _ in first.parameters()):
                 found.add(type(first))
@@ -138,11 +142,17 @@ def _own_params(module: nn.Module, units: Set[nn.Module]) -> Iterator[Tuple[str,
 
 @dataclass
 class WrapPlan:
-    """Which modules become FSDP units, and which frozen ones are kept whole on every process."""
+    """Which modules become FSDP units, and which parameters are kept whole on every process."""
 
     unit_classes: Set[Type[nn.Module]]
-    ignored: List[nn.Module]  # frozen modules in a dtype their unit does not share
-    ignored_names: List[str]
+    ignored: List[nn.Parameter]  # frozen weights in a dtype their unit does not share; scalars
+    ignored_names: List[str]  # their modules' (or the scalars' own) names
+
+    @property
+    def replicated(self) -> List[nn.Parameter]:
+        """Ignored parameters that train (scalars such as stage 1's ``temp``): their gradients
+        are averaged across processes by :func:`grad_norm`, as DDP would."""
+        return [p for p in self.ignored if p.requires_grad]
 
 
 def plan(model: nn.Module) -> WrapPlan:
@@ -150,12 +160,17 @@ def plan(model: nn.Module) -> WrapPlan:
 
     A unit's own parameters (those not inside a nested unit) must share one dtype. Where they
     do not: frozen leaf modules in a minority dtype are ignored (kept whole, never sharded);
-    trainable parameters in two dtypes are a ``UserError`` naming them.
+    trainable parameters in two dtypes are a ``UserError`` naming them. FSDP refuses 0-d
+    parameters (stage 1's learned temperature ``temp``): they are ignored too.
     """
     classes = block_classes(model)
     units = {m for m in model.modules() if type(m) in classes}
-    ignored: List[nn.Module] = []
+    ignored: List[nn.Parameter] = []
     ignored_names: List[str] = []
+    for n, p in model.named_parameters():
+        if p.ndim == 0:
+            ignored.append(p)
+            ignored_names.append(n)
     names = {m: n for n, m in model.named_modules()}
     for unit in [model, *sorted(units, key=lambda u: names[u])]:
         params = list(_own_params(unit, units))
@@ -175,7 +190,7 @@ def plan(model: nn.Module) -> WrapPlan:
         for m in _leaf_holders(unit, units):
             own = list(m.parameters(recurse=False))
             if any(p.dtype != keep for p in own):
-                ignored.append(m)
+                ignored.extend(p for p in own if p.ndim > 0)
                 ignored_names.append(names[m])
     return WrapPlan(classes, ignored, ignored_names)
 
@@ -220,12 +235,14 @@ def wrap(model: nn.Module, settings: FSDPSettings, device: torch.device) -> nn.M
     if settings.mixed_precision == "bf16":
         mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                             buffer_dtype=torch.bfloat16, cast_forward_inputs=True)
-    return FullyShardedDataParallel(
+    wrapped = FullyShardedDataParallel(
         model, auto_wrap_policy=ModuleWrapPolicy(p.unit_classes) if p.unit_classes else None,
         sharding_strategy=getattr(ShardingStrategy, settings.sharding.upper()),
         mixed_precision=mp, cpu_offload=CPUOffload(offload_params=settings.cpu_offload),
         ignored_states=p.ignored or None, device_id=device, use_orig_params=True,
         limit_all_gathers=True)
+    wrapped._lp_replicated = p.replicated  # read by grad_norm
+    return wrapped
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -238,9 +255,23 @@ def grad_norm(model: nn.Module, max_norm: Optional[float]) -> torch.Tensor:
     """Total gradient norm over every process's shards (a device tensor: no host sync),
     clipping to ``max_norm`` when set. Equal on every process, so all agree on skipping a
     non-finite step."""
+    _average_replicated_grads(getattr(model, "_lp_replicated", []))
     # FSDP's own clip counts sharded and replicated gradients correctly; with max_norm=inf its
     # clip coefficient is clamped to 1 (gradients multiplied by exactly 1)
     return model.clip_grad_norm_(float(max_norm) if max_norm else math.inf)
+
+
+def _average_replicated_grads(params: List[nn.Parameter]) -> None:
+    """Average the gradients of trainable parameters FSDP does not manage over processes, in
+    one all-reduce (a missing gradient counts as zero, so every process joins)."""
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p).clone()
 
 
 @contextlib.contextmanager
