@@ -10,6 +10,7 @@ per process. The runner's own behaviour (schedule, accumulation, ...) is tested 
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from pathlib import Path
 
@@ -267,6 +268,15 @@ def test_two_gloo_processes_fsdp_equals_ddp_and_resumes_exactly(lp, tmp_path):
     assert (state["global_step"], state["world_size"], len(state["rng"])) == (6, 2, 2)
     assert _losses(tmp_path / "resumed") == pytest.approx(sharded[6:], rel=1e-6, abs=1e-7)
 
+    # the same folder resumes in one process (DCP reshards on load): the run goes on at step 7,
+    # through the rest of epoch 1 (8 batches of 4 per epoch in one process, 2 of them done)
+    torch.manual_seed(0)
+    one = _runner(tmp_path, BlockRegressor(), "one_process", resume_ckpt_path=str(folder))
+    one.train()
+    log = [json.loads(l) for l in (one.output_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(7, 13))
+    assert all(math.isfinite(r["loss"]) for r in log)
+
 
 # ------------------------------------------------------- BLIP-2 models, two processes
 CAPTIONS = ["a red circle", "a blue square on the left", "two green triangles",
@@ -339,3 +349,82 @@ def test_blip2_models_under_fsdp_train_as_under_ddp(lp, tiny_bert_dir, tmp_path)
         assert ddp[1] != ddp[0]  # the first step changed the weights
         torch.testing.assert_close(sharded, ddp, rtol=1e-5, atol=1e-6,
                                    msg=f"{name}: fsdp {sharded.tolist()} ddp {ddp.tolist()}")
+
+
+# ------------------------------------------------------------------- the CLI (public API)
+def test_cli_train_with_strategy_fsdp_writes_sharded_checkpoint(lp, tmp_path, tiny_bert_dir,
+                                                                shapes_home, capsys):
+    """``lavis-plugins train --options run.strategy=fsdp``: the YAML path, one process; a bad
+    value is one line and exit status 2."""
+    from test_cli_train import _yaml
+
+    from lavis_plugins.cli import main
+
+    cfg = str(_yaml(tmp_path, tiny_bert_dir, iters=2))
+    assert main(["train", "--cfg-path", cfg, "--options", "run.strategy=fsdpp"]) == 2
+    assert "run.strategy is 'fsdpp'" in capsys.readouterr().err
+    assert main(["train", "--cfg-path", cfg, "--job-id", "fsdp",
+                 "--options", "run.strategy=fsdp"]) == 0
+    folder = tmp_path / "out" / "fsdp" / "checkpoint_0.dcp"
+    assert {".metadata", "__0_0.distcp", "trainer_state.pth"} == {p.name for p in folder.iterdir()}
+    state = torch.load(folder / "trainer_state.pth", weights_only=True)
+    assert state["config"]["run"]["strategy"] == "fsdp" and state["global_step"] == 2
+
+
+def _torchrun(tmp_path, cfg: str, job: str, *options: str, nproc: int = 2):
+    """``torchrun -m lavis_plugins.cli train`` with ``--options``; the run's logged losses."""
+    import os
+    import subprocess
+    import sys
+
+    from test_cli_train import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m",
+           "lavis_plugins.cli", "train", "--cfg-path", cfg, "--job-id", job, "--options",
+           *options]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _losses(tmp_path / "out" / job)
+
+
+def _check_torchrun_fsdp(tmp_path, tiny_bert_dir, device: str) -> None:
+    """2 processes: fsdp logs DDP's losses (bf16: close), and a second launch resumed from the
+    mid-epoch sharded checkpoint logs the uninterrupted run's losses."""
+    from test_cli_train import _yaml
+
+    cfg = str(_yaml(tmp_path, tiny_bert_dir, iters=4))
+    common = (f"run.device={device}", "run.ckpt_freq=2")
+    ddp = _torchrun(tmp_path, cfg, "ddp", *common)
+    full = _torchrun(tmp_path, cfg, "full", "run.strategy=fsdp", *common)
+    # stage 1's ITM draws hard negatives from softmaxed similarities: a last-bit difference in
+    # them can pick another negative, so the tolerance is looser than for the regressor
+    assert full == pytest.approx(ddp, rel=1e-3, abs=1e-4)
+    folder = tmp_path / "out" / "full" / "checkpoint_step2.dcp"
+    assert {p.name for p in folder.iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                  "trainer_state.pth"}
+    resumed = _torchrun(tmp_path, cfg, "resumed", "run.strategy=fsdp", *common,
+                        f"run.resume_ckpt_path={folder}")
+    assert resumed == pytest.approx(full[2:], rel=1e-6, abs=1e-7)
+    if device == "cuda":  # the options that need CUDA or only matter there
+        bf16 = _torchrun(tmp_path, cfg, "bf16_offload", "run.strategy=fsdp", *common,
+                         "run.fsdp_mixed_precision=bf16", "run.fsdp_cpu_offload=true")
+        assert bf16 == pytest.approx(ddp, rel=5e-2)
+
+
+@pytest.mark.slow
+def test_cli_torchrun_two_processes_fsdp_resume(tiny_bert_dir, shapes_home, tmp_path):
+    """``torchrun --nproc_per_node=2 -m lavis_plugins.cli train`` with run.strategy=fsdp on
+    the CPU (gloo)."""
+    _check_torchrun_fsdp(tmp_path, tiny_bert_dir, "cpu")
+
+
+@pytest.mark.gpu
+def test_cli_torchrun_two_gpus_fsdp(tiny_bert_dir, shapes_home, tmp_path):
+    """The same on 2 GPUs (NCCL), plus bf16 mixed precision with CPU offload
+    (``run_scripts/fsdp_gpu_check.sh``)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    _check_torchrun_fsdp(tmp_path, tiny_bert_dir, "cuda")

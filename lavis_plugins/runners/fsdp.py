@@ -224,6 +224,8 @@ def wrap(model: nn.Module, settings: FSDPSettings, device: torch.device) -> nn.M
                                         ShardingStrategy)
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+    if device.type == "cuda" and device.index is None:  # run.device: cuda under torchrun
+        device = torch.device("cuda", torch.cuda.current_device())
     p = plan(model)
     logger.info("fsdp: units %s, sharding %s, mixed precision %s%s",
                 sorted(c.__name__ for c in p.unit_classes), settings.sharding,
