@@ -317,6 +317,13 @@ def _blip2_worker(rank: int, init_file: str, models: dict, out: str) -> None:
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.detach())
             result[(name, strategy)] = torch.stack(losses)
+            if strategy == "fsdp":  # the sharded state of every weight (query_tokens (1, ...))
+                from torch.distributed.checkpoint.state_dict import get_state_dict
+
+                from lavis_plugins.runners.sharded_checkpoint import _options
+
+                model_sd, optim_sd = get_state_dict(wrapped, opt, options=_options())
+                assert "query_tokens" in model_sd and optim_sd["state"]
     if rank == 0:
         torch.save(result, Path(out) / "blip2.pt")
     dist.barrier()

@@ -242,9 +242,28 @@ def wrap(model: nn.Module, settings: FSDPSettings, device: torch.device) -> nn.M
         sharding_strategy=getattr(ShardingStrategy, settings.sharding.upper()),
         mixed_precision=mp, cpu_offload=CPUOffload(offload_params=settings.cpu_offload),
         ignored_states=p.ignored or None, device_id=device, use_orig_params=True,
-        limit_all_gathers=True)
+        limit_all_gathers=True, device_mesh=_mesh(settings, device))
     wrapped._lp_replicated = p.replicated  # read by grad_norm
     return wrapped
+
+
+def _mesh(settings: FSDPSettings, device: torch.device):
+    """The process mesh. Given one, FSDP's sharded state dicts hold DTensors: with its default
+    ShardedTensors, torch 2.5.1's ``get_state_dict`` fails on a process that holds no part of a
+    weight whose first dimension is below the number of processes (``query_tokens`` (1, 32,
+    768): "Only single local shard is supported"). hybrid_shard: (nodes, processes per node)."""
+    import os
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = torch.distributed.get_world_size()
+    if settings.sharding != "hybrid_shard":
+        return init_device_mesh(device.type, (world,))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world % per_node:
+        raise UserError(f"run.fsdp_sharding: hybrid_shard needs the same number of processes "
+                        f"on every node (WORLD_SIZE={world}, LOCAL_WORLD_SIZE={per_node})")
+    return init_device_mesh(device.type, (world // per_node, per_node))
 
 
 def is_fsdp(model: nn.Module) -> bool:
