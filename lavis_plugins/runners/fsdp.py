@@ -33,7 +33,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Type
+from typing import Any, Iterator, List, Mapping, Optional, Set, Tuple, Type
 
 import torch
 from torch import nn
