@@ -49,6 +49,11 @@ class Key:
 
 
 POS_INT, NONNEG_INT = Key("int", lo=1), Key("int", lo=0)
+
+# run.strategy and its fsdp_ options (lavis_plugins/runners/fsdp.py; the first is the default)
+STRATEGIES = ("ddp", "fsdp")
+FSDP_SHARDING = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")
+FSDP_MIXED_PRECISION = ("none", "bf16")
 NONNEG = Key("float", lo=0)
 SPLITS = Key("splits")
 
@@ -77,6 +82,10 @@ RUN_KEYS: Dict[str, Key] = {
     "rank": NONNEG_INT, "gpu": NONNEG_INT, "dist_backend": Key("str"),
     "dist_timeout_s": Key("float", lo=0, lo_open=True),
     "find_unused_parameters": Key("bool"), "use_dist_eval_sampler": Key("bool"),
+    "strategy": Key("str", choices=STRATEGIES),
+    "fsdp_sharding": Key("str", choices=FSDP_SHARDING),
+    "fsdp_mixed_precision": Key("str", choices=FSDP_MIXED_PRECISION),
+    "fsdp_cpu_offload": Key("bool"),
     "on_nonfinite": Key("str", choices=("stop", "skip")), "max_nonfinite_skips": POS_INT,
     "on_bad_sample": Key("str", choices=("fail", "skip")),
     "max_bad_fraction": Key("float", lo=0, hi=1),

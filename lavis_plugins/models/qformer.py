@@ -194,6 +194,10 @@ class QFormerAttention(nn.Module):
 
 
 class QFormerLayer(nn.Module):
+    # not an FSDP unit (run.strategy: fsdp): image_kv reads crossattention's weights before the
+    # layers run, outside this module's forward, where a unit's weights are still sharded
+    fsdp_unit = False
+
     def __init__(self, config: BertConfig, has_cross_attention: bool):
         super().__init__()
         self.attention = QFormerAttention(config, config.hidden_size)

@@ -63,7 +63,7 @@ def unpack_rng(state: Dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _write_error(path: Path, err: BaseException) -> UserError:
+def write_error(path: Path, err: BaseException) -> UserError:
     reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:200]
     full = isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space" in str(err)
     fix = ("free disk space or set run.output_dir on a larger disk" if full
@@ -83,7 +83,7 @@ def save_checkpoint_file(obj: Dict[str, Any], path: Path) -> None:
             tmp.unlink(missing_ok=True)
         except OSError:
             logger.warning("could not remove the partial file %s", tmp)
-        raise _write_error(path, e) from None
+        raise write_error(path, e) from None
 
 
 def point_latest(folder: Path, target: str) -> None:
@@ -103,11 +103,26 @@ def point_latest(folder: Path, target: str) -> None:
         logger.warning("could not update %s (%s); the checkpoint itself is %s", latest, e, target)
 
 
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Put the complete folder ``tmp`` at ``folder`` (a sharded checkpoint). A rename cannot
+    replace a non-empty folder, so an old one (``checkpoint_best``) is renamed aside first and
+    removed after: a kill in between leaves the new folder under its temp name."""
+    old = folder.with_name(folder.name + ".old" + TMP_SUFFIX)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def clean_stale_tmp(folder: Path) -> None:
-    """Remove temp files a killed run left (``*.tmp``); only called while holding the lock."""
+    """Remove temp files and folders a killed run left (``*.tmp``); only called while holding
+    the lock."""
     for p in list(folder.glob("*" + TMP_SUFFIX)) + list(folder.glob(".*" + TMP_SUFFIX)):
         logger.warning("removing %s, left by an interrupted run", p)
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------ run folder

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lavis_plugins.common import dist as dist_utils
 from lavis_plugins.common.errors import UserError, unknown_name
 from lavis_plugins.datasets.validation import one_line
-from lavis_plugins.runners import mixture, nonfinite
+from lavis_plugins.runners import fsdp, mixture, nonfinite
 from lavis_plugins.runners.checkpoint_io import RunFolder
 from lavis_plugins.runners.checkpointing import CheckpointingMixin
 from lavis_plugins.runners.nonfinite import NonFiniteGuard, grad_norm, honours_found_inf
@@ -161,9 +161,15 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
 
         self._device = torch.device(dist_utils.choose_device(self.config.run_cfg.get("device")))
         self._model = model.to(self._device)
-        if run.get("compile", False):
+        # run.strategy: fsdp (None: ddp); its checkpoints are sharded folders even in one process
+        self.fsdp_settings = fsdp.FSDPSettings.from_run(run, self._device)
+        if run.get("compile", False):  # (FSDPSettings refuses it with fsdp)
             compile_model(self._model)
-        if self.use_distributed:
+        if self.use_distributed and self.fsdp_settings is not None:
+            if not self.evaluate_only:
+                self.optimizer  # noqa: B018 - groups read p.ndim, which sharding flattens to 1-D
+            self._wrapped_model = fsdp.wrap(self._model, self.fsdp_settings, self._device)
+        elif self.use_distributed:
             ids = [self._device.index] if self._device.type == "cuda" else None
             self._wrapped_model = DDP(self._model, device_ids=ids,
                                       find_unused_parameters=bool(
@@ -403,17 +409,20 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
             if self.valid_splits:
                 for split_name in self.valid_splits:
                     val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
+                    is_best = False
                     if val_log is not None and dist_utils.is_main_process():
                         agg = val_log.get("agg_metrics")
                         if agg is None:
                             raise UserError(f"task {type(self.task).__name__} returned no "
                                             f"'agg_metrics' for split {split_name!r}")
                         if agg > best_agg_metric and split_name == "val":
-                            best_epoch, best_agg_metric = cur_epoch, agg
-                            self._save_checkpoint(cur_epoch, is_best=True)
+                            best_epoch, best_agg_metric, is_best = cur_epoch, agg, True
                         val_log.update({"best_epoch": best_epoch})
                         self.log_stats(val_log, split_name)
                         self._tensorboard_scalars(split_name, val_log)
+                    # rank 0 decides; every process saves (saving gathers RNG, fsdp shards)
+                    if dist_utils.all_gather_object(is_best)[0]:
+                        self._save_checkpoint(cur_epoch, is_best=True)
             if self.evaluate_only:
                 break
             if dist_utils.is_main_process():
@@ -515,7 +524,8 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
                 if last_micro:
                     if scaler:
                         scaler.unscale_(optimizer)
-                    norm = grad_norm(optimizer, max_norm)
+                    norm = (fsdp.grad_norm(self.model, max_norm) if fsdp.is_fsdp(self.model)
+                            else grad_norm(optimizer, max_norm))
                 # fp16 loss scaling makes inf gradients normal: GradScaler skips those steps itself
                 counted = guard.micro_batch(loss, None if scaler else norm, last_micro, i,
                                             self.global_step)
@@ -603,19 +613,22 @@ class PluginRunner(CheckpointingMixin, RunnerBase):
         model = self.unwrap_dist_model(self.model)
         if not skip_reload and cur_epoch == "best":
             model = self._reload_best_model(model)
-        model.eval()
-        self.task.before_evaluation(model=model, dataset=self.datasets[split_name])
-        try:
-            results = self.task.evaluation(model, loader, cuda_enabled=self.cuda_enabled)
-        except UserError as e:  # e.g. a BadSample raised in a worker: drop the traceback
-            raise type(e)(one_line(e)) from None
+        # fsdp: gathered weights, evaluated without collectives (the model itself otherwise)
+        with fsdp.full_params(self.model) as full:
+            model = self.unwrap_dist_model(full)
+            model.eval()
+            self.task.before_evaluation(model=model, dataset=self.datasets[split_name])
+            try:
+                results = self.task.evaluation(model, loader, cuda_enabled=self.cuda_enabled)
+            except UserError as e:  # e.g. a BadSample raised in a worker: drop the traceback
+                raise type(e)(one_line(e)) from None
         if results is not None:
             return self.task.after_evaluation(val_result=results, split_name=split_name,
                                               epoch=cur_epoch)
         return None
 
     def unwrap_dist_model(self, model):
-        return model.module if isinstance(model, DDP) else model
+        return model.module if isinstance(model, DDP) or fsdp.is_fsdp(model) else model
 
     def log_stats(self, stats, split_name):
         if dist_utils.is_main_process() and isinstance(stats, dict):
