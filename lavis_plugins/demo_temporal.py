@@ -3,8 +3,8 @@
 Four evaluations of the VQA-fine-tuned model on :mod:`lavis_plugins.datasets.shapes_temporal`
 (every question about a shape visible in 3 of 24 frames): open-ended (generate, rank) and
 multiple choice (option log-likelihood), each with ``TEMPORAL_K`` uniformly sampled frames and
-with ``TEMPORAL_K`` frames chosen among all 24 by the stage-1 Q-Former's ITM score against the
-question. The report shows each accuracy beside its chance level, and how often the frames the
+with ``TEMPORAL_K`` frames chosen among all 24 by the answering model itself: its LLM's
+probability of "yes" to SeViLA's localizer prompt about each frame and the question (``llm``). The report shows each accuracy beside its chance level, and how often the frames the
 model read showed the asked-about shape.
 """
 from __future__ import annotations
@@ -15,7 +15,11 @@ from typing import Any, Dict, List, Tuple
 
 TEMPORAL_K = 2  # frames the model reads, in both rows
 CANDIDATES = 24  # frames selection chooses from (every frame of the 24-frame clips)
-SELECTOR = "itm"  # the stage-1 Q-Former's matching head (ITC found the shape half as often)
+# the answering LLM's "yes" to SeViLA's localizer prompt. Measured 2026-12-05 on one demo run
+# (stage 1 with itm_negatives: mixed), % of questions whose 2 read frames show the asked-about
+# shape: llm 86, itc 32, itm 26, uniform 25 (the earlier stage 1, whose ITM head learned almost
+# nothing, gave itm 71-84 and itc 35); llm also needs no stage-1 checkpoint
+SELECTOR = "llm"
 # stage key -> (dataset name, selects frames)
 TEMPORAL_STAGES = {
     "temporal_uniform": ("lp_shapes_temporal_qa", False),
@@ -31,8 +35,9 @@ def temporal_options(key: str, stage1_ckpt: str) -> List[str]:
     n = CANDIDATES if select else TEMPORAL_K
     opts = [f"datasets.{dataset}.vis_processor.eval.n_frms={n}"]
     if select:
-        opts += [f"model.frame_selection={SELECTOR}", f"model.selection_k={TEMPORAL_K}",
-                 f"model.selector_checkpoint={stage1_ckpt}"]
+        opts += [f"model.frame_selection={SELECTOR}", f"model.selection_k={TEMPORAL_K}"]
+        if SELECTOR in ("itc", "itm"):  # scored by the stage-1 Q-Former
+            opts.append(f"model.selector_checkpoint={stage1_ckpt}")
     return opts
 
 
