@@ -113,3 +113,19 @@ def test_iterating_shards_leaves_the_callers_rng_streams_alone(lp, tmp_path):
     torch.manual_seed(7), random.seed(7), np.random.seed(7)
     assert len(list(ds)) == 2
     assert draws() == expected
+
+
+def test_a_truncated_jpeg_is_an_error_not_grey_rows(lp):
+    """LAVIS turns on PIL's LOAD_TRUNCATED_IMAGES when imported (``lp`` imports it), which would
+    decode a cut JPEG silently with its missing rows grey; a shard's sample must fail instead
+    (the dataset counts it as bad), and the global setting is left as it was."""
+    from PIL import ImageFile
+
+    from lavis_plugins.datasets.webdataset_caption import decode_image
+
+    data = _jpeg(64, 48)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES  # as LAVIS leaves it
+    decode_image(data, None)  # the whole file decodes
+    with pytest.raises(OSError, match="truncated"):
+        decode_image(data[: len(data) // 2], None)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES

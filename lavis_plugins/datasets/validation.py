@@ -12,8 +12,9 @@ traceback at the first batch (or a silent wrong run).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from lavis_plugins.common.errors import UserError
 
@@ -52,7 +53,7 @@ def check_image_file(path: str) -> None:
 def load_checked_image(path: str):
     """``path`` as an RGB PIL image, decoded once with the checks of :func:`check_image_file`
     (a dataset that reads the image itself uses this instead of checking, then decoding again)."""
-    from PIL import Image, ImageFile
+    from PIL import Image
 
     if not os.path.isfile(path):
         raise BadSample(f"image {path} does not exist (named by the annotation); restore it or "
@@ -60,10 +61,8 @@ def load_checked_image(path: str):
     if os.path.getsize(path) == 0:
         raise BadSample(f"image {path} is empty (0 bytes); restore it or set "
                         "run.on_bad_sample: skip")
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # LAVIS sets it globally; here a cut file must fail
     try:
-        with Image.open(path) as im:
+        with strict_pil_decoding(), Image.open(path) as im:
             im.load()
             return im.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
@@ -71,6 +70,19 @@ def load_checked_image(path: str):
         raise BadSample(f"image {path} cannot be decoded ({reason}): "
                         "a truncated or non-image file; restore it or set run.on_bad_sample: "
                         "skip") from None
+
+
+@contextlib.contextmanager
+def strict_pil_decoding() -> Iterator[None]:
+    """PIL raises on a truncated image inside the block: LAVIS sets
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` globally on import, which fills a cut file's missing
+    rows with grey silently."""
+    from PIL import ImageFile
+
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 

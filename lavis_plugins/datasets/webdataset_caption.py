@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lavis_plugins.common.seeding import caller_rngs_kept, sample_seed, seed_global_rngs
-from lavis_plugins.datasets.validation import BadSample  # message names shard and key
+from lavis_plugins.datasets.validation import BadSample, strict_pil_decoding  # (shard, key)
 from lavis_plugins.datasets.shard_plan import (
     Segment,
     ShardSet,
@@ -124,7 +124,8 @@ def decode_image(data: bytes, min_side: Optional[int] = None) -> Any:
     img = Image.open(io.BytesIO(data))
     if min_side and img.format == "JPEG":
         img.draft("RGB", (min_side, min_side))  # a no-op unless both sides stay >= min_side
-    img.load()
+    with strict_pil_decoding():  # a truncated file is a bad sample, not grey rows
+        img.load()
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
