@@ -140,3 +140,22 @@ def test_tensorboard_logger_writes_every_number(lp, tmp_path):
     got = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
     assert got["val/agg_metrics"] == [(7, 1.5)] and got["val/generate.accuracy"] == [(7, 50.0)]
     assert got["val/lr"][0][0] == 7 and abs(got["val/lr"][0][1] - 0.001) < 1e-9
+
+def test_two_runs_started_in_the_same_second_get_two_folders(monkeypatch, tmp_path):
+    """The automatic job id is the time to the second; a second run in that second must not be
+    refused because the first run's folder holds a finished run."""
+    from datetime import datetime
+
+    from lavis_plugins.cli import experiment
+
+    class FrozenClock:
+        @staticmethod
+        def now():
+            return datetime(2026, 12, 5, 10, 30, 40)
+
+    monkeypatch.setattr(experiment, "datetime", FrozenClock)
+    assert experiment.fresh_job_id(tmp_path) == "20261205103040"
+    (tmp_path / "20261205103040").mkdir()
+    assert experiment.fresh_job_id(tmp_path) == "20261205103040-2"
+    (tmp_path / "20261205103040-2").mkdir()
+    assert experiment.fresh_job_id(tmp_path) == "20261205103040-3"

@@ -155,6 +155,18 @@ def _setup_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def fresh_job_id(output_root: Path) -> str:
+    """A job id (the run folder's name under ``run.output_dir``) from the time to the second,
+    with ``-2``, ``-3``... when a run started in the same second already took that folder
+    (a second run would otherwise be refused as "already holds a finished run")."""
+    stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+    job_id, n = stamp, 1
+    while (output_root / job_id).exists():
+        n += 1
+        job_id = f"{stamp}-{n}"
+    return job_id
+
+
 def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional[str] = None,
         force: bool = False):
     """Build task, datasets, model and runner from the YAML and train or evaluate.
@@ -185,7 +197,7 @@ def run(cfg_path: str, options: List[str], evaluate_only: bool, job_id: Optional
     setup_logger()
     _setup_seeds(int(run_cfg.get("seed", 42)) + info.rank)
     if job_id is None:
-        job_id = datetime.now().strftime("%Y%m%d%H%M%S")
+        job_id = fresh_job_id(Path(str(run_cfg.get("output_dir", "output"))).expanduser())
         if info.distributed:  # every rank must write into the same folder
             job_id = dist_utils.all_gather_object(job_id)[0]
     task = setup_task(cfg)
