@@ -51,6 +51,31 @@ def _alternate(rec, key: str, rounds: int, run: Callable[[str], Dict[str, Any]],
     return rec.data[key]
 
 
+# the LAVIS side in this one process: LAVIS 1.0.2 under the carried transformers 4.46 with its
+# OPT key/value cache restored (bench_stage2's "lavis446" side; as installed it reads ``past``
+# and recomputes every token, which would flatter ours)
+LAVIS_SIDE = "lavis446"
+
+
+def _side(impl: str) -> str:
+    return LAVIS_SIDE if impl == "lavis" else impl
+
+
+def _timed_and_memory(run_impl: Callable[[argparse.Namespace], dict], ns: argparse.Namespace,
+                      impl: str, phases: Dict[str, Any]) -> dict:
+    """One side's timed run, then its memory runs (``phases``: result key -> ``--memory-run``
+    value), each building the model afresh, as the benchmark scripts' own processes do."""
+    ns.impl, ns.memory_run = _side(impl), None
+    out = dict(run_impl(ns))
+    for key, phase in phases.items():
+        free()
+        ns.memory_run = phase
+        mem = run_impl(ns)
+        out[key] = mem.get("peak_mb", float("nan"))
+    ns.memory_run = None
+    return out
+
+
 def _median(runs: List[dict], key: str) -> float:
     return statistics.median(x for r in runs for x in r[key])
 
@@ -85,9 +110,8 @@ def check_c(rec, dry_run: bool) -> None:
             ns.bert_dir = str(bench_stage1.make_bert(ns, Path(tmp)))
 
         def run(impl):
-            ns.impl = impl
             with keep_cwd(), building_on(dev):
-                return bench_stage1.run_impl(ns)
+                return _timed_and_memory(bench_stage1.run_impl, ns, impl, {"peak_mb": True})
 
         _alternate(rec, "stage1", _rounds(dry_run, "c"), run, summarise)
         feature_cache(rec, ns, dev)
@@ -181,10 +205,10 @@ def check_d(rec, dry_run: bool) -> None:
                "precision": "fp16 frozen parts, fp16 autocast" if not dry_run else "fp32"}
         for impl, rs in runs.items():
             if rs:
-                t, g = _median(rs, "train_times"), _median(rs, "gen_times")
+                t, g = _median(rs, "train_times"), _median(rs, "gen_times_1")
                 out[impl] = {"step_ms": round(t * 1e3, 2), "images_per_s": round(ns.batch / t, 2),
                              "train_peak_mb": round(max(r["train_peak_mb"] for r in rs), 1),
-                             "gen_tokens_per_s": round(rs[0]["tokens_per_call"] / g, 2),
+                             "gen_tokens_per_s": round(ns.gen_batch * ns.new_tokens / g, 2),
                              "gen_peak_mb": round(max(r["gen_peak_mb"] for r in rs), 1),
                              "rounds": len(rs)}
         if runs["ours"] and runs["lavis"]:
@@ -199,10 +223,12 @@ def check_d(rec, dry_run: bool) -> None:
             bench_stage2.make_folders(ns, Path(tmp))  # OPT-2.7B shapes are made on the GPU
         ns.work_dir = tmp
 
+        ns.beam_list = [1]  # greedy: LAVIS's beam search fails under transformers 4.46
+
         def run(impl):
-            ns.impl = impl
             with keep_cwd(), building_on(dev):
-                return bench_stage2.run_impl(ns)
+                return _timed_and_memory(bench_stage2.run_impl, ns, impl,
+                                         {"train_peak_mb": "train", "gen_peak_mb": "generate"})
 
         _alternate(rec, "stage2", _rounds(dry_run, "d"), run, summarise)
 
