@@ -146,6 +146,7 @@ def check_b(rec, dry_run: bool) -> None:
 
 # f's parts: the run: option each needs, and whether it runs under torchrun
 PARTS = {"compile": ({"compile": True}, False), "fsdp": ({"strategy": "fsdp"}, True)}
+SKIP_PARTS_ENV = "LP_GPU_CHECK_SKIP_PARTS"  # set by gpu_check --skip-parts
 
 
 def check_f(rec, dry_run: bool) -> None:
@@ -156,7 +157,11 @@ def check_f(rec, dry_run: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         inputs = None
+        skipped = os.environ.get(SKIP_PARTS_ENV, "").split(",")
         for part, (option, torchrun) in PARTS.items():
+            if part in skipped:
+                rec.put(part, {"status": "skipped", "reason": "gpu_check --skip-parts"})
+                continue
             try:
                 check_run(option)
             except UserError as e:  # the key has not landed on this branch

@@ -80,9 +80,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="override one check's budget, e.g. --budget c=150")
     p.add_argument("--in-process", action="store_true",
                    help="run the checks in this process, without budgets (the test's dry run)")
+    p.add_argument("--skip-parts", default="",
+                   help="comma-separated parts of check f to skip (compile, fsdp): the default "
+                        "suite's dry run skips compile, whose CPU compilation takes minutes")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child: run this check
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)  # child: its JSON file
     args = p.parse_args(argv)
+    skip = [x.strip() for x in args.skip_parts.split(",") if x.strip()]
+    from check_launch import PARTS, SKIP_PARTS_ENV  # the parts of check f
+
+    if any(x not in PARTS for x in skip):
+        p.error(f"--skip-parts {args.skip_parts!r}: the parts are {', '.join(PARTS)}")
+    if skip:  # children inherit it; check f reads it
+        os.environ[SKIP_PARTS_ENV] = ",".join(skip)
     args.only = [x.strip() for x in args.only.split(",") if x.strip()] or list(CHECKS)
     unknown = [x for x in args.only if x not in CHECKS]
     if unknown:
