@@ -152,9 +152,9 @@ class MapTrainLoader(TrainStream):
     def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Dict[str, Any]]:
         """The rank's batches of ``epoch`` from batch ``start`` on; a batch whose samples were
         all left out comes as ``{}``, so batch positions (and resume) stay those of the epoch."""
-        # set before the iterator exists: worker processes copy the dataset when it is made
+        # the sampler's indices carry the epoch to SeededSamples (in workers too, persistent or
+        # not), so the dataset itself holds no epoch to set
         self.sampler.set_epoch(epoch, start * self.batch_size)
-        self.seeded.epoch = epoch
         self.budget.start_epoch(epoch)
         for batch in self.loader:
             bad = batch.pop(BAD_SAMPLE_KEY, 0) if isinstance(batch, dict) else 0
