@@ -86,13 +86,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--one", help=argparse.SUPPRESS)  # child: run this check
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)  # child: its JSON file
     args = p.parse_args(argv)
-    skip = [x.strip() for x in args.skip_parts.split(",") if x.strip()]
-    from check_launch import PARTS, SKIP_PARTS_ENV  # the parts of check f
+    from check_launch import PARTS  # the parts of check f
 
-    if any(x not in PARTS for x in skip):
-        p.error(f"--skip-parts {args.skip_parts!r}: the parts are {', '.join(PARTS)}")
-    if skip:  # children inherit it; check f reads it
-        os.environ[SKIP_PARTS_ENV] = ",".join(skip)
+    args.skip_parts = [x.strip() for x in args.skip_parts.split(",") if x.strip()]
+    if any(x not in PARTS for x in args.skip_parts):
+        p.error(f"--skip-parts {','.join(args.skip_parts)!r}: the parts are {', '.join(PARTS)}")
     args.only = [x.strip() for x in args.only.split(",") if x.strip()] or list(CHECKS)
     unknown = [x for x in args.only if x not in CHECKS]
     if unknown:
@@ -196,6 +194,10 @@ def run_in_process(name: str, dry_run: bool, result_path: Path) -> Dict[str, Any
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.skip_parts:  # children inherit it; check f reads it
+        from check_launch import SKIP_PARTS_ENV
+
+        os.environ[SKIP_PARTS_ENV] = ",".join(args.skip_parts)
     if args.one:  # child process of one check
         data = run_in_process(args.one, args.dry_run, args.result)
         return 0 if data["status"] in ("ok", "skipped") else 1
