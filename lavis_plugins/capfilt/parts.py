@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
+from lavis_plugins.capfilt.config import SCORE_HEADS
 from lavis_plugins.common.errors import UserError
 
 STATE = "capfilt_state.json"
@@ -124,26 +125,31 @@ class PartWriter:
         self.close()
 
 
-def merge(out: Path, n_batches: int, entries: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+def merge(out: Path, n_batches: int, total: int,
+          entries: Optional[Sequence[Mapping[str, Any]]]) -> List[Dict[str, Any]]:
     """Write ``capfilt.json`` and ``capfilt_flat.json`` from the part files, in input order;
-    return the merged entries. ``entries``: the input's images (``annotation`` fields)."""
+    return the merged entries. ``entries``: the input's images (``annotation`` fields), or None
+    when each record carries its ``annotation`` (shard input). A sample that could not be read
+    is an entry without captions whose ``capfilt`` holds ``bad`` (the problem)."""
     done = done_batches(out)
     missing = sorted(set(range(n_batches)) - set(done))
     if missing:
         raise RuntimeError(f"CapFilt batches {missing[:10]} were written by no rank")
-    records = [r for b in range(n_batches) for r in done[b]]
-    if [r["index"] for r in records] != list(range(len(entries))):
-        raise RuntimeError("CapFilt part files do not hold each input image once, in order")
+    records = sorted((r for b in range(n_batches) for r in done[b]), key=lambda r: r["index"])
+    if [r["index"] for r in records] != list(range(total)):
+        raise RuntimeError("CapFilt part files do not hold each input image once")
     merged, flat = [], []
-    for rec, entry in zip(records, entries):
+    for i, rec in enumerate(records):
         cands = rec["candidates"]
-        kept = [cands[i] for i in rec["kept"]]
-        ann = dict(entry["annotation"])
-        merged.append(dict(ann, caption=[c["caption"] for c in kept],
-                           capfilt={"candidates": cands, "kept": rec["kept"]}))
+        kept = [cands[k] for k in rec["kept"]]
+        ann = dict(entries[i]["annotation"] if entries is not None else rec.get("annotation", {}))
+        info = {"candidates": cands, "kept": rec["kept"]}
+        if "bad" in rec:
+            info["bad"] = rec["bad"]
+        merged.append(dict(ann, caption=[c["caption"] for c in kept], capfilt=info))
         for c in kept:
             flat.append(dict(ann, caption=c["caption"], capfilt_source=c["source"],
-                             **{f"capfilt_{k}": c[k] for k in ("itm", "itc") if k in c}))
+                             **{f"capfilt_{k}": c[k] for k in SCORE_HEADS if k in c}))
     write_json_atomic(out / FLAT, flat)
     write_json_atomic(out / MERGED, merged)  # last: its presence marks a finished run
     return merged

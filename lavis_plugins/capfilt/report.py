@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from lavis_plugins.capfilt.candidates import SYNTHETIC, WEB
+from lavis_plugins.capfilt.config import SCORE_HEADS
+
+ImageLoader = Callable[[int, Mapping[str, Any]], Any]  # (input index, merged entry) -> PIL image
 
 REPORT_DIR = "report"
 
@@ -19,8 +22,12 @@ REPORT_DIR = "report"
 def summarise(merged: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     """Counts over the merged entries (``capfilt.json``)."""
     c = {"images": len(merged), "images_without_caption": 0, "web_captions": 0, "web_kept": 0,
-         "synthetic_captions": 0, "synthetic_kept": 0, "images_web_replaced": 0}
+         "synthetic_captions": 0, "synthetic_kept": 0, "images_web_replaced": 0,
+         "bad_samples": 0}
     for e in merged:
+        if "bad" in e["capfilt"]:  # unreadable: not processed
+            c["bad_samples"] += 1
+            continue
         cands, kept = e["capfilt"]["candidates"], set(e["capfilt"]["kept"])
         web = [i for i, x in enumerate(cands) if x["source"] == WEB]
         syn = [i for i, x in enumerate(cands) if x["source"] == SYNTHETIC]
@@ -46,7 +53,7 @@ def _plt():
 
 def plot_histogram(merged: Sequence[Mapping[str, Any]], path: Path) -> Optional[Path]:
     """One panel per computed score: web / synthetic captions, kept / dropped, stacked."""
-    heads = [h for h in ("itm", "itc") if any(h in c for e in merged
+    heads = [h for h in SCORE_HEADS if any(h in c for e in merged
                                                for c in e["capfilt"]["candidates"])]
     if not heads:
         return None
@@ -62,7 +69,8 @@ def plot_histogram(merged: Sequence[Mapping[str, Any]], path: Path) -> Optional[
                     groups.setdefault(key, []).append(c[head])
         names = sorted(groups)
         ax.hist([groups[k] for k in names], bins=30, stacked=True, label=names)
-        ax.set_xlabel({"itm": "ITM matched probability", "itc": "ITC similarity"}[head])
+        ax.set_xlabel({"itm": "ITM matched probability", "itc": "ITC similarity",
+                       "clip": "CLIP similarity"}[head])
         ax.set_ylabel("captions")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -71,27 +79,26 @@ def plot_histogram(merged: Sequence[Mapping[str, Any]], path: Path) -> Optional[
     return path
 
 
-def plot_examples(merged: Sequence[Mapping[str, Any]], image_root: Path, path: Path,
+def plot_examples(merged: Sequence[Mapping[str, Any]], load_image: ImageLoader, path: Path,
                   k: int) -> Optional[Path]:
     """``k`` images (spread over the input), each beside its candidates with scores; kept ones
-    marked ``*``."""
-    if k <= 0 or not merged:
+    marked ``*``. ``load_image(index, entry)``: the PIL image of input image ``index``."""
+    good = [i for i, e in enumerate(merged) if "bad" not in e["capfilt"]]
+    if k <= 0 or not good:
         return None
-    from PIL import Image
-
     plt = _plt()
-    step = max(len(merged) // k, 1)
-    picked = list(merged)[::step][:k]
+    step = max(len(good) // k, 1)
+    picked = good[::step][:k]
     fig, axes = plt.subplots(len(picked), 2, figsize=(10, 2.2 * len(picked)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 4]})
-    for (ax_img, ax_txt), e in zip(axes, picked):
-        with Image.open(image_root / e["image"]) as im:
-            ax_img.imshow(im.convert("RGB"))
+    for (ax_img, ax_txt), i in zip(axes, picked):
+        e = merged[i]
+        ax_img.imshow(load_image(i, e))
         ax_img.axis("off")
         kept = set(e["capfilt"]["kept"])
         lines = []
         for i, c in enumerate(e["capfilt"]["candidates"]):
-            scores = " ".join(f"{h}={c[h]:.2f}" for h in ("itm", "itc") if h in c)
+            scores = " ".join(f"{h}={c[h]:.2f}" for h in SCORE_HEADS if h in c)
             mark = "*" if i in kept else " "
             text = textwrap.shorten(c["caption"], 70)
             lines.append(f"{mark} [{c['source'][:3]}] {scores}  {text}")
@@ -106,20 +113,22 @@ def plot_examples(merged: Sequence[Mapping[str, Any]], image_root: Path, path: P
 
 
 def write_report(out: Path, merged: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
-                 image_root: Path, examples: int) -> Path:
-    """Write ``report/`` (see the module doc); return ``report.md``'s path."""
+                 load_image: ImageLoader, examples: int) -> Path:
+    """Write ``report/`` (see the module doc); return ``report.md``'s path. ``load_image``: see
+    :func:`plot_examples`."""
     folder = out / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(dict(summary), indent=1) + "\n")
     hist = plot_histogram(merged, folder / "scores_hist.png")
-    grid = plot_examples(merged, image_root, folder / "examples.png", examples)
+    grid = plot_examples(merged, load_image, folder / "examples.png", examples)
     s = summary
     md = ["# CapFilt report", "",
           f"{s['images']} images; web captions kept {s['web_kept']} of {s['web_captions']} "
           f"(removed {s['web_removed']}); synthetic captions kept {s['synthetic_kept']} of "
           f"{s['synthetic_captions']}; images whose web captions were all replaced by synthetic "
           f"ones: {s['images_web_replaced']}; images left without a caption: "
-          f"{s['images_without_caption']}; captions kept per image: {s['kept_per_image']}.", ""]
+          f"{s['images_without_caption']}; captions kept per image: {s['kept_per_image']}; "
+          f"unreadable samples skipped: {s['bad_samples']}.", ""]
     for title, img in (("Filter scores", hist), ("Examples", grid)):
         if img is not None:
             md += [f"## {title}", "", f"![{title}]({img.name})", ""]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.datasets.validation import load_checked_image
@@ -65,3 +65,29 @@ class CapFiltInputDataset(Dataset):
     def __getitem__(self, index: int) -> Dict[str, Any]:
         image = load_checked_image(str(self.image_root / self.entries[index]["image"]))
         return {"image": self.vis_processor(image), "index": index}
+
+    def work_plan(self, batch_size: int, world: int) -> List[Tuple[List[int], int]]:
+        """``(indices, rank)`` per batch: runs of ``batch_size`` consecutive images, batch ``b``
+        to rank ``b % world``."""
+        n = len(self)
+        return [(list(range(s, min(s + batch_size, n))), (s // batch_size) % world)
+                for s in range(0, n, batch_size)]
+
+    def iter_batches(self, batches: Sequence[int], plan: Sequence[Tuple[List[int], int]],
+                     num_workers: int = 0) -> Iterator[Tuple[int, Dict[str, Any]]]:
+        """``(b, batch)`` for the batches ``batches`` (in order): ``image`` (B, 3, H, W),
+        ``index`` (B), ``web`` (B caption lists), ``bad`` (always empty: an unreadable image
+        file stops the run with its name)."""
+        loader = DataLoader(self, batch_sampler=[plan[b][0] for b in batches],
+                            num_workers=num_workers)
+        for b, batch in zip(batches, loader):
+            idx = batch["index"].tolist()
+            yield b, {"image": batch["image"], "index": idx,
+                      "web": [self.entries[i]["web"] for i in idx], "bad": []}
+
+    def example_image(self, index: int, entry: Mapping[str, Any]):
+        """The PIL image of image ``index`` (for the report's example grid)."""
+        from PIL import Image
+
+        with Image.open(self.image_root / entry["image"]) as im:
+            return im.convert("RGB")

@@ -3,13 +3,14 @@
 Run as an evaluation (``lavis-plugins capfilt --cfg-path projects/capfilt/<x>.yaml``): the
 ``model:`` is the filter, ``run.capfilt.captioner`` the captioner (empty: the filter model
 captions, as ``lp_blip2_qformer`` can with its ITG decoder), the ``lp_capfilt_input`` dataset
-the images and web captions (split ``input``). Settings: :class:`~lavis_plugins.capfilt.config.
+the images and web captions (split ``input``; a caption JSON file or shards). Settings: :class:`~lavis_plugins.capfilt.config.
 CapFiltConfig`.
 
-The input is cut into batches of ``run.batch_size_eval`` consecutive images; batch ``b`` goes to
-rank ``b % world_size`` (distributed as evaluation is), its captions are sampled under a seed of
-(``run.seed``, b), and its records are appended to the rank's part file when done
-(:mod:`lavis_plugins.capfilt.parts`). A run into a folder with finished batches skips them, so a
+The input is cut into batches of ``run.batch_size_eval`` consecutive images: from a JSON file,
+batch ``b`` goes to rank ``b % world_size``; from shards, batches never cross a shard and shard
+``s``'s go to rank ``s % world_size`` (:mod:`lavis_plugins.capfilt.shard_input`). A batch's
+captions are sampled under a seed of (``run.seed``, b), and its records are appended to the
+rank's part file when done (:mod:`lavis_plugins.capfilt.parts`). A run into a folder with finished batches skips them, so a
 killed run continues where it stopped and writes the same files as an uninterrupted one. When
 every batch is done, rank 0 merges the parts into ``capfilt.json`` / ``capfilt_flat.json``,
 writes the report and, with ``run.capfilt.shards``, a shard set.
@@ -24,7 +25,6 @@ from typing import Any, Dict, List, Optional
 import torch
 from lavis.common.registry import registry
 from lavis.tasks.base_task import BaseTask
-from torch.utils.data import DataLoader
 
 from lavis_plugins.capfilt.candidates import batch_seed, check_captioner, process_batch
 from lavis_plugins.capfilt.config import CapFiltConfig
@@ -49,14 +49,16 @@ def build_captioner(cfg: CapFiltConfig, device: torch.device):
 def run_capfilt(filter_model, captioner, dataset, cfg: CapFiltConfig, batch_size: int,
                 seed: int, num_workers: int = 0, force: bool = False) -> Dict[str, Any]:
     """CapFilt over ``dataset`` (a :class:`~lavis_plugins.datasets.capfilt_input.
-    CapFiltInputDataset`) on this rank's share of batches; returns the summary counts (rank 0:
-    of the merged output, other ranks: ``{}``)."""
+    CapFiltInputDataset` or a :class:`~lavis_plugins.capfilt.shard_input.CapFiltShardInput`) on
+    this rank's share of batches; returns the summary counts (rank 0: of the merged output,
+    other ranks: ``{}``)."""
     check_captioner(captioner, cfg)
     out = Path(cfg.output).expanduser().absolute()
     n = len(dataset)
     if n == 0:
         raise UserError("CapFilt input holds no image")
-    n_batches = (n + batch_size - 1) // batch_size
+    rank, world = dist.get_rank(), dist.get_world_size()
+    plan = dataset.work_plan(batch_size, world)
     state = {"format": parts.STATE_FORMAT, "input": str(dataset.source), "images": n,
              "batch_size": batch_size, "seed": seed, "settings": cfg.settings()}
     finished = False
@@ -65,56 +67,68 @@ def run_capfilt(filter_model, captioner, dataset, cfg: CapFiltConfig, batch_size
             parts.check_shards_folder(out, Path(cfg.shards).expanduser().absolute(), force)
         finished = parts.prepare_output(out, state, force)
     finished = dist.all_gather_object(finished)[0]  # also: the folder is ready for every rank
-    rank, world = dist.get_rank(), dist.get_world_size()
     if not finished:
         done = parts.done_batches(out)
-        todo = [b for b in range(rank, n_batches, world) if b not in done]
+        # the owner of a batch is fixed by the plan (by batch, or by shard for shard input),
+        # so that a rank streams its shards once; any rank count continues any earlier run
+        todo = [b for b, (_, owner) in enumerate(plan) if owner == rank and b not in done]
         if len(done):
             logger.info("CapFilt: %d of %d batches already in %s; rank %d does %d", len(done),
-                        n_batches, out, rank, len(todo))
-        _process(filter_model, captioner, dataset, cfg, todo, batch_size, seed, num_workers,
-                 out, rank)
+                        len(plan), out, rank, len(todo))
+        _process(filter_model, captioner, dataset, cfg, plan, todo, seed, num_workers, out, rank)
     dist.all_gather_object(rank)  # every rank's batches are written
     if not dist.is_main_process():
         return {}
     if not finished:
-        merged = parts.merge(out, n_batches, [dataset.entries[i] for i in range(n)])
+        merged = parts.merge(out, len(plan), n, dataset.entries)
     else:
         merged = parts.read_merged(out)
     from lavis_plugins.capfilt.report import summarise, write_report
 
     summary = summarise(merged)
-    write_report(out, merged, summary, Path(dataset.image_root), cfg.report_examples)
+    write_report(out, merged, summary, dataset.example_image, cfg.report_examples)
     if cfg.shards:
-        index = parts.write_shards(out, Path(cfg.shards).expanduser().absolute(),
-                                   Path(dataset.image_root), cfg.shard_size, force)
+        shards = Path(cfg.shards).expanduser().absolute()
+        if dataset.entries is None:  # shard input: the images are copied from the input shards
+            from lavis_plugins.capfilt.shard_input import write_shards_from_input
+
+            parts.check_shards_folder(out, shards, force)
+            index = write_shards_from_input(dataset, merged, shards, cfg.shard_size,
+                                            str(out / parts.FLAT))
+        else:
+            index = parts.write_shards(out, shards, Path(dataset.image_root), cfg.shard_size,
+                                       force)
         summary["shards"] = len(index["shards"]) if index else 0
     logger.info("CapFilt: %s", summary)
     return summary
 
 
-def _process(filter_model, captioner, dataset, cfg: CapFiltConfig, todo: List[int],
-             batch_size: int, seed: int, num_workers: int, out: Path, rank: int) -> None:
+def _process(filter_model, captioner, dataset, cfg: CapFiltConfig, plan, todo: List[int],
+             seed: int, num_workers: int, out: Path, rank: int) -> None:
     from lavis_plugins.common.progress import progress
 
-    n = len(dataset)
-    index_lists = [list(range(b * batch_size, min((b + 1) * batch_size, n))) for b in todo]
-    loader = DataLoader(dataset, batch_sampler=index_lists, num_workers=num_workers)
     device = next(filter_model.parameters()).device
-    images_todo = sum(len(ix) for ix in index_lists)
+    images_todo = sum(len(plan[b][0]) for b in todo)
     bar = progress(images_todo, f"capfilt rank {rank}", unit="image")
     t0, n_done = time.monotonic(), 0
     text_processor = getattr(dataset, "text_processor", None)
     with parts.PartWriter(out, rank) as writer:
         try:
-            for b, batch in zip(todo, loader):
-                idx = batch["index"].tolist()
-                web = [dataset.entries[i]["web"] for i in idx]
-                records = process_batch(captioner, filter_model, batch["image"].to(device), web,
-                                        cfg, batch_seed(seed, b), text_processor)
-                writer.write(b, [dict(r, index=i) for i, r in zip(idx, records)])
-                n_done += len(idx)
-                bar.update(len(idx))
+            for b, batch in dataset.iter_batches(todo, plan, num_workers):
+                records = []
+                if batch["index"]:
+                    records = process_batch(captioner, filter_model, batch["image"].to(device),
+                                            batch["web"], cfg, batch_seed(seed, b),
+                                            text_processor)
+                anns = batch.get("annotation") or [None] * len(records)
+                records = [dict(r, index=i, **({"annotation": a} if a is not None else {}))
+                           for i, r, a in zip(batch["index"], records, anns)]
+                for i, problem in batch["bad"]:  # counted in the report, logged one line each
+                    logger.warning("CapFilt: sample %d skipped: %s", i, problem)
+                    records.append({"index": i, "bad": problem, "candidates": [], "kept": []})
+                writer.write(b, sorted(records, key=lambda r: r["index"]))
+                n_done += len(plan[b][0])
+                bar.update(len(plan[b][0]))
                 bar.set_postfix(images_per_s=f"{n_done / max(time.monotonic() - t0, 1e-9):.2f}")
         finally:
             bar.close()
