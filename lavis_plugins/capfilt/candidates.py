@@ -27,6 +27,7 @@ class Candidate:
     source: str  # WEB or SYNTHETIC
     itm: Optional[float] = None  # ITM matched probability
     itc: Optional[float] = None  # ITC cosine similarity (max over the queries)
+    clip: Optional[float] = None  # CLIP image-text cosine similarity (the ranker's)
 
     def as_dict(self) -> Dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -46,6 +47,12 @@ def check_captioner(captioner, cfg: CapFiltConfig) -> None:
     if cfg.num_captions and cfg.prompt is not None and not hasattr(captioner, "prompt"):
         raise UserError(f"run.capfilt.prompt is set but the captioner "
                         f"{type(captioner).__name__} takes no prompt; remove it")
+    if cfg.num_captions and cfg.prompt is not None and type(captioner).__module__.startswith(
+            "lavis.models.blip_models"):
+        # LAVIS's BLIP captioner generates after (and strips) its own ``prompt`` and would
+        # ignore the one passed with the samples
+        raise UserError("run.capfilt.prompt: LAVIS's blip_caption reads its prompt from its "
+                        "model config; set run.capfilt.captioner.prompt instead")
 
 
 @torch.no_grad()
@@ -98,16 +105,22 @@ def _pair_scores(model, images: Tensor, texts: List[str], head: str) -> Tensor:
 
 @torch.no_grad()
 def score_pairs(model, images: Tensor, owner: Tensor, texts: List[str],
-                heads: Sequence[str]) -> Dict[str, Tensor]:
+                heads: Sequence[str], ranker=None) -> Dict[str, Tensor]:
     """Filter scores of M captions ``texts`` against their images ``images[owner]``.
 
     images (B, 3, H, W), owner (M,) image index of each caption. Returns ``{head: (M,)}``.
     A stage-1 BLIP-2 model (``lp_blip2_qformer``) encodes each image once and reads the query
     features once per image; any other model is scored pair by pair through its
-    ``match_head`` forward.
+    ``match_head`` forward. The "clip" head is the ``ranker``'s (a LAVIS CLIP).
     """
     if not texts:
         return {h: torch.zeros(0) for h in heads}
+    if "clip" in heads:
+        from lavis_plugins.capfilt.clip_ranker import clip_scores
+
+        rest = [h for h in heads if h != "clip"]
+        out = score_pairs(model, images, owner, texts, rest) if rest else {}
+        return dict(out, clip=clip_scores(ranker, images, owner, texts).cpu())
     if not all(hasattr(model, a) for a in ("encode_image", "itm_logits", "query_output",
                                            "forward_text", "tokenize")):
         if not hasattr(model, "forward"):
@@ -139,12 +152,13 @@ def select(cands: Sequence[Candidate], cfg: CapFiltConfig) -> List[int]:
 
 def process_batch(captioner, filter_model, images: Tensor, web: Sequence[Sequence[str]],
                   cfg: CapFiltConfig, seed: int,
-                  text_processor: Optional[Callable[[str], str]] = None) -> List[Dict[str, Any]]:
+                  text_processor: Optional[Callable[[str], str]] = None,
+                  ranker=None) -> List[Dict[str, Any]]:
     """Generate, score and select for B images with their web captions ``web`` (B lists).
 
     Returns one record per image: ``{"candidates": [Candidate dicts], "kept": [indices]}``.
     ``text_processor`` (the dataset's caption cleaner) is applied to the texts that are scored,
-    not to the texts that are written.
+    not to the texts that are written. ``ranker``: the CLIP of the "clip" score.
     """
     synthetic = generate_captions(captioner, images, cfg, seed)
     cands = [candidates_of(w, s) for w, s in zip(web, synthetic)]
@@ -153,7 +167,7 @@ def process_batch(captioner, filter_model, images: Tensor, web: Sequence[Sequenc
     texts = [c.caption for cs in cands for c in cs]
     if text_processor is not None:
         texts = [text_processor(t) for t in texts]
-    scores = score_pairs(filter_model, images, owner, texts, cfg.scores)
+    scores = score_pairs(filter_model, images, owner, texts, cfg.scores, ranker)
     flat = [c for cs in cands for c in cs]
     for head, values in scores.items():
         for c, v in zip(flat, values.tolist()):

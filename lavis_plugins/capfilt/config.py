@@ -7,7 +7,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from lavis_plugins.common.errors import UserError
 
-SCORE_HEADS = ("itm", "itc")  # ITM matched probability, ITC similarity (max over queries)
+# ITM matched probability, ITC similarity (max over queries) of the filter model; CLIP image-text
+# cosine similarity of the ranker (BLIP-2 ranked by CLIP ViT-L/14)
+SCORE_HEADS = ("itm", "itc", "clip")
 
 
 @dataclass
@@ -30,6 +32,9 @@ class CapFiltConfig:
     # the captioner's model config ({arch, model_type, other model keys}); empty: the filter model
     captioner: Dict[str, Any] = field(default_factory=dict)
     scores: List[str] = field(default_factory=lambda: ["itm", "itc"])  # filter scores computed
+    # the CLIP model of the "clip" score (lavis_plugins.capfilt.clip_ranker): {arch:
+    # clip_feature_extractor, model_type, pretrained, model_config}; empty: no CLIP
+    ranker: Dict[str, Any] = field(default_factory=dict)
     rank_by: str = "itc"  # the score top_k keeps the best of (BLIP-2: image-text similarity)
     top_k: Optional[int] = 2  # captions kept per image (BLIP-2: 2); null: no limit
     itm_threshold: Optional[float] = None  # drop captions whose ITM probability is below (BLIP)
@@ -62,7 +67,7 @@ class CapFiltConfig:
                             + (f" (did you mean {hints}?)" if hints else "")
                             + f". Accepted: {accepted}")
         values = dict(cfg)
-        for key in ("captioner",):
+        for key in ("captioner", "ranker"):
             if values.get(key) is None:
                 values[key] = {}
         out = cls(**values)
@@ -105,6 +110,13 @@ class CapFiltConfig:
         if not isinstance(self.scores, list) or not self.scores or any(
                 s not in SCORE_HEADS for s in self.scores):
             raise bad("scores", f"must be a non-empty list of {list(SCORE_HEADS)}")
+        if not isinstance(self.ranker, Mapping):
+            raise bad("ranker", "must be a CLIP model config (arch, model_type, pretrained) or "
+                                "empty")
+        if ("clip" in self.scores) != bool(self.ranker):
+            raise UserError("run.capfilt: the clip score needs run.capfilt.ranker (a CLIP model "
+                            "config) and a ranker needs clip in run.capfilt.scores; set both or "
+                            "neither")
         if self.rank_by not in self.scores:
             raise bad("rank_by", f"must be one of the computed scores {self.scores}")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):

@@ -47,12 +47,15 @@ def build_captioner(cfg: CapFiltConfig, device: torch.device):
 
 
 def run_capfilt(filter_model, captioner, dataset, cfg: CapFiltConfig, batch_size: int,
-                seed: int, num_workers: int = 0, force: bool = False) -> Dict[str, Any]:
+                seed: int, num_workers: int = 0, force: bool = False,
+                ranker=None) -> Dict[str, Any]:
     """CapFilt over ``dataset`` (a :class:`~lavis_plugins.datasets.capfilt_input.
     CapFiltInputDataset` or a :class:`~lavis_plugins.capfilt.shard_input.CapFiltShardInput`) on
     this rank's share of batches; returns the summary counts (rank 0: of the merged output,
-    other ranks: ``{}``)."""
+    other ranks: ``{}``). ``ranker``: the CLIP model of the "clip" score (``cfg.ranker``)."""
     check_captioner(captioner, cfg)
+    if "clip" in cfg.scores and ranker is None:
+        raise UserError("run.capfilt.scores has clip but no ranker model was built")
     out = Path(cfg.output).expanduser().absolute()
     n = len(dataset)
     if n == 0:
@@ -75,7 +78,8 @@ def run_capfilt(filter_model, captioner, dataset, cfg: CapFiltConfig, batch_size
         if len(done):
             logger.info("CapFilt: %d of %d batches already in %s; rank %d does %d", len(done),
                         len(plan), out, rank, len(todo))
-        _process(filter_model, captioner, dataset, cfg, plan, todo, seed, num_workers, out, rank)
+        _process(filter_model, captioner, dataset, cfg, plan, todo, seed, num_workers, out, rank,
+                 ranker)
     dist.all_gather_object(rank)  # every rank's batches are written
     if not dist.is_main_process():
         return {}
@@ -104,7 +108,7 @@ def run_capfilt(filter_model, captioner, dataset, cfg: CapFiltConfig, batch_size
 
 
 def _process(filter_model, captioner, dataset, cfg: CapFiltConfig, plan, todo: List[int],
-             seed: int, num_workers: int, out: Path, rank: int) -> None:
+             seed: int, num_workers: int, out: Path, rank: int, ranker=None) -> None:
     from lavis_plugins.common.progress import progress
 
     device = next(filter_model.parameters()).device
@@ -119,7 +123,7 @@ def _process(filter_model, captioner, dataset, cfg: CapFiltConfig, plan, todo: L
                 if batch["index"]:
                     records = process_batch(captioner, filter_model, batch["image"].to(device),
                                             batch["web"], cfg, batch_seed(seed, b),
-                                            text_processor)
+                                            text_processor, ranker)
                 anns = batch.get("annotation") or [None] * len(records)
                 records = [dict(r, index=i, **({"annotation": a} if a is not None else {}))
                            for i, r, a in zip(batch["index"], records, anns)]
@@ -144,6 +148,7 @@ class CapFiltTask(BaseTask):
         self.capfilt = cfg
         self.seed, self.force, self.num_workers = seed, force, num_workers
         self._captioner = None
+        self._ranker = None
 
     @classmethod
     def setup_task(cls, cfg=None, **kwargs) -> "CapFiltTask":
@@ -169,9 +174,13 @@ class CapFiltTask(BaseTask):
         if self._captioner is None:
             self._captioner = (build_captioner(self.capfilt, device) if self.capfilt.captioner
                                else model)
+        if self._ranker is None and self.capfilt.ranker:
+            from lavis_plugins.capfilt.clip_ranker import build_clip_ranker
+
+            self._ranker = build_clip_ranker(self.capfilt.ranker, device)
         batch = int(getattr(data_loader, "batch_size", None) or 1)
         return run_capfilt(model, self._captioner, dataset, self.capfilt, batch, self.seed,
-                           self.num_workers, self.force)
+                           self.num_workers, self.force, self._ranker)
 
     def after_evaluation(self, val_result, split_name=None, epoch=None, **kwargs):
         return val_result
