@@ -277,3 +277,19 @@ def test_bad_ranker_settings_are_one_clear_line(lp, clip_files, data, tiny_bert_
     assert len(err.splitlines()) == 1 and err.startswith("lavis-plugins: error:"), err
     assert message in err, err
     assert not (tmp_path / "capfilt" / "capfilt.json").exists()
+
+
+def test_project_yamls_hold_valid_capfilt_settings(lp):
+    """Every shipped CapFilt YAML's run.capfilt passes CapFiltConfig's checks."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from lavis_plugins.capfilt.config import CapFiltConfig
+
+    paths = sorted((Path(__file__).parent.parent / "projects" / "capfilt").glob("*.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
+        cfg = CapFiltConfig.from_mapping(OmegaConf.load(path).run.capfilt)
+        if "clip" in cfg.scores:
+            assert cfg.ranker["arch"] == "clip_feature_extractor", path
