@@ -6,6 +6,9 @@ caption(s), and the top-k and/or those above an ITM threshold are kept. The piec
 
 - :mod:`~lavis_plugins.capfilt.config`: every setting (``run.capfilt:`` of a YAML) and its checks;
 - :mod:`~lavis_plugins.capfilt.candidates`: generation, scoring and selection of one batch;
+- :mod:`~lavis_plugins.capfilt.clip_ranker`: the CLIP model of the ``clip`` score (BLIP-2's ranker);
+- :mod:`~lavis_plugins.capfilt.shard_input`: input read from webdataset shards, and the shard set
+  written from it;
 - :mod:`~lavis_plugins.capfilt.parts`: per-rank partial outputs, resume, and the merged files;
 - :mod:`~lavis_plugins.capfilt.report`: counts, score histogram and example grid.
 
