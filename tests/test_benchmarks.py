@@ -85,3 +85,22 @@ def test_run_all_knows_every_script():
                          capture_output=True, text=True, check=True).stdout
     assert "stage1_coco: .venv/bin/python benchmarks/bench_stage1.py --captions coco" in out
     assert run_all.last_table("round 0\n\ntable\nrow\n") == "table\nrow"
+
+
+def test_stage1_profile_names_every_part_of_a_step(tmp_path):
+    """profile_stage1 attributes the step's work to the four Q-Former passes in their order, the
+    image keys/values, backward and AdamW, and counts FLOPs only where its counter is given."""
+    import profile_stage1 as prof
+
+    args = prof.bench.parse_args(["--impl", "ours", "--hidden", "32", "--layers", "2",
+                                  "--vit-width", "32", "--vit-depth", "1", "--batch", "2",
+                                  "--steps", "1", "--warmup", "0", "--bert-dir",
+                                  str(tmp_path / "bert-base-uncased")])
+    prof.bench.make_bert(args, tmp_path)
+    out = prof.run_impl(args)
+    assert set(out["gflop"]) == set(prof.PARTS)  # no fifth pass, nothing unnamed
+    assert out["gflop"]["ITM"] > out["gflop"]["ITC text"] > 0
+    assert out["gflop"]["backward"] > out["gflop"]["ITM"]
+    assert out["gflop"]["AdamW"] == 0  # the counter sees no matrix products in the update
+    (times,) = out["times"]
+    assert set(times) == set(prof.PARTS) and all(t >= 0 for t in times.values())

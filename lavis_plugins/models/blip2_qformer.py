@@ -28,16 +28,16 @@ import torch.nn.functional as F
 from lavis.common import dist_utils
 from lavis.common.registry import registry
 from lavis.models.base_model import all_gather_with_grad, concat_all_gather
-from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from transformers import BatchEncoding, BertConfig
 from transformers.modeling_outputs import ModelOutput
 
 from lavis_plugins.common.errors import UserError
-from lavis_plugins.common.local_files import check_checkpoint_source, local_checkpoint
-from lavis_plugins.common.safe_load import load_weights, state_dict_of
-from lavis_plugins.models.arch_check import describe_mismatch, mismatch_message
+from lavis_plugins.common.local_files import check_checkpoint_source
+from lavis_plugins.models._qformer_checkpoint import QformerCheckpointMixin
+from lavis_plugins.models._qformer_features import QformerFeaturesMixin
+from lavis_plugins.models._qformer_generation import QformerGenerationMixin
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig, resolve_bert_path
 from lavis_plugins.models.momentum import Teacher, momentum_targets, ramped_alpha
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
@@ -200,12 +200,15 @@ def init_vision_and_qformer(model: LPBlip2Base, cfg: Any,
 
 
 @registry.register_model("lp_blip2_qformer")
-class LPBlip2Qformer(LPBlip2Base):
+class LPBlip2Qformer(QformerFeaturesMixin, QformerGenerationMixin, QformerCheckpointMixin,
+                     LPBlip2Base):
     """BLIP-2 first stage: frozen image encoder + Q-Former trained with ITC, ITM and ITG.
 
     Model types: "pretrain" (EVA ViT-g), "pretrain_vitL" (CLIP ViT-L), "coco" (retrieval
     fine-tuning, 364 px, unfrozen encoder) and "tiny" (tests and demos). Weights are local files:
     ``vit_path`` for the encoder, ``pretrained`` / ``finetuned`` for LAVIS checkpoints.
+    Inference (features, ITM, retrieval), captioning and checkpoint loading live in the mixins
+    of ``_qformer_features``, ``_qformer_generation`` and ``_qformer_checkpoint``.
     """
 
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -493,230 +496,3 @@ class LPBlip2Qformer(LPBlip2Base):
             return F.cross_entropy(logits, target, label_smoothing=0.1, ignore_index=IGNORE)
         return distill_cross_entropy(logits, target, teacher.itg, teacher.alpha, 0.1,
                                      keep=target != IGNORE)
-
-    # ------------------------------------------------------------------ inference
-    def forward_image(self, image: Tensor) -> Tuple[Tensor, Tensor]:
-        """(B, 3, H, W) -> query last hidden state (B, Nq, D) and image features (B, N, Dv)."""
-        image_embeds = self.encode_image(image)
-        return self.query_output(image_embeds), image_embeds
-
-    def forward_text(self, text_tokens) -> Tensor:
-        """Tokenized text -> [CLS] last hidden state (B, D)."""
-        hidden, _ = self.Qformer.bert(input_ids=text_tokens.input_ids,
-                                      attention_mask=padding_mask(text_tokens.attention_mask),
-                                      last_rows=1)
-        return hidden[:, 0]
-
-    def itm_logits(self, image_embeds: Tensor, text_ids: Tensor, text_atts: Tensor,
-                   image_kv: Optional[ImageKV] = None) -> Tensor:
-        """Matching logits (B, 2) (index 1: matched) for image features (B, N, Dv) and text
-        (B, T): the ITM head on each query output, averaged over the queries."""
-        return self.itm_head(
-            self.query_text_output(image_embeds, text_ids, text_atts, image_kv)).mean(1)
-
-    def compute_itm(self, image_inputs: Tensor, text_ids: Tensor, text_atts: Tensor) -> Tensor:
-        """LAVIS's ITM score: the matched logit averaged over the queries, (B,)."""
-        return self.itm_logits(image_inputs, text_ids, text_atts)[:, 1]
-
-    def compute_sim_matrix(self, data_loader, task_cfg: Optional[Mapping[str, Any]] = None):
-        """Retrieval scores ``(score_i2t, score_t2i)`` as LAVIS's ``retrieval`` task asks for;
-        see :func:`lavis_plugins.tasks.retrieval.compute_retrieval_scores`."""
-        from lavis_plugins.tasks.retrieval import DEFAULT_K_TEST, compute_retrieval_scores
-
-        return compute_retrieval_scores(self, data_loader,
-                                        int((task_cfg or {}).get("k_test", DEFAULT_K_TEST)))
-
-    @torch.no_grad()
-    def extract_features(self, samples: Mapping[str, Any], mode: str = "multimodal"
-                         ) -> BlipOutputFeatures:
-        """LAVIS's features, same fields and shapes.
-
-        mode "image": image_embeds (B, Nq, D) query outputs, image_embeds_proj (B, Nq, E)
-        normalised; "text": text_embeds (B, T, D), text_embeds_proj (B, T, E) normalised;
-        "multimodal": multimodal_embeds (B, Nq, D), query outputs of the image-grounded pass.
-        T is the longest text's token count: as LAVIS's ``Blip2Qformer.extract_features``, texts
-        are not truncated to ``max_txt_len`` here (training truncates them).
-        """
-        if mode not in ("image", "text", "multimodal"):
-            raise UserError(f"extract_features mode {mode!r}: choose image, text or multimodal")
-        image, caption = samples.get("image"), samples.get("text_input")
-        if mode in ("image", "multimodal") and image is None:
-            raise UserError(f"extract_features mode {mode!r} needs samples['image']")
-        if mode in ("text", "multimodal") and caption is None:
-            raise UserError(f"extract_features mode {mode!r} needs samples['text_input']")
-        out = {}
-        if mode == "image":
-            hidden = self.query_output(self.encode_image(image))
-            out.update(image_embeds=hidden,
-                       image_embeds_proj=F.normalize(self.vision_proj(hidden), dim=-1))
-        elif mode == "text":
-            text = self.tokenize(caption, samples, truncate=False)
-            hidden, _ = self.Qformer.bert(input_ids=text.input_ids,
-                                          attention_mask=padding_mask(text.attention_mask))
-            out.update(text_embeds=hidden,
-                       text_embeds_proj=F.normalize(self.text_proj(hidden), dim=-1))
-        else:
-            text = self.tokenize(caption, samples, truncate=False)
-            out.update(multimodal_embeds=self.query_text_output(
-                self.encode_image(image), text.input_ids, text.attention_mask))
-        return BlipOutputFeatures(**out)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        samples: Mapping[str, Any],
-        use_nucleus_sampling: bool = False,
-        num_beams: int = 3,
-        max_length: int = 30,
-        min_length: int = 10,
-        top_p: float = 0.9,
-        repetition_penalty: float = 1.0,
-    ) -> List[str]:
-        """Q-Former captions for samples["image"] (B, 3, H, W): B strings.
-
-        Beam search (``num_beams``) or nucleus sampling (``top_p``, and transformers' default
-        top-k 50, as LAVIS's call to ``generate`` gets). Lengths count the [DEC] start token.
-        The queries run once per image; the beams share their cached keys/values.
-        """
-        from transformers.generation.logits_process import (
-            LogitsProcessorList,
-            MinLengthLogitsProcessor,
-            RepetitionPenaltyLogitsProcessor,
-        )
-
-        max_pos = self.Qformer.config.max_position_embeddings
-        if not 1 < max_length <= max_pos:
-            raise UserError(f"max_length {max_length}: must be in 2..{max_pos}")
-        _, query_kv = self.query_kv_pass(self.encode_image(samples["image"]))
-        processors = LogitsProcessorList()
-        if repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-        if min_length > 0:
-            processors.append(MinLengthLogitsProcessor(min_length, self.tokenizer.sep_token_id))
-        if use_nucleus_sampling or num_beams == 1:
-            ids = self._sample(query_kv, processors, max_length, top_p, use_nucleus_sampling)
-        else:
-            ids = self._beam_search(query_kv, processors, max_length, num_beams)
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-    def _decode_step(self, last_ids: Tensor, past: List[KV]) -> Tuple[Tensor, List[KV]]:
-        """Next-token logits (N, V) for the last tokens (N, 1) after the cached rows."""
-        hidden, past = self.Qformer.bert(input_ids=last_ids, past_key_values=past)
-        return self.Qformer.cls(hidden[:, -1]).float(), past
-
-    def _start(self, query_kv: List[KV], copies: int) -> Tuple[Tensor, List[KV]]:
-        past = [(k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0))
-                for k, v in query_kv]
-        ids = torch.full((past[0][0].shape[0], 1), self.tokenizer.bos_token_id,
-                         dtype=torch.long, device=past[0][0].device)
-        return ids, past
-
-    def _sample(self, query_kv, processors, max_length, top_p, sample: bool) -> Tensor:
-        """Nucleus sampling (``sample``) or greedy decoding; finished rows continue as padding."""
-        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-
-        eos, pad = self.tokenizer.sep_token_id, self.tokenizer.pad_token_id
-        ids, past = self._start(query_kv, 1)
-        unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-        while ids.shape[1] < max_length and unfinished.any():
-            logits, past = self._decode_step(ids[:, -1:], past)
-            scores = processors(ids, logits)
-            if sample:
-                scores = TopPLogitsWarper(top_p)(ids, TopKLogitsWarper(50)(ids, scores))
-                nxt = torch.multinomial(F.softmax(scores, dim=-1), 1).squeeze(1)
-            else:
-                nxt = scores.argmax(-1)
-            nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            unfinished &= nxt != eos
-        return ids
-
-    def _beam_search(self, query_kv, processors, max_length, num_beams) -> Tensor:
-        """transformers' beam search (length penalty 1, no early stopping) on our cache."""
-        from transformers.generation.beam_search import BeamSearchScorer
-
-        eos, pad = self.tokenizer.sep_token_id, self.tokenizer.pad_token_id
-        b = query_kv[0][0].shape[0]
-        ids, past = self._start(query_kv, num_beams)
-        scorer = BeamSearchScorer(b, num_beams, ids.device, max_length=max_length)
-        beam_scores = torch.zeros(b, num_beams, device=ids.device)
-        beam_scores[:, 1:] = -1e9  # all beams start equal: expand the first only
-        beam_scores = beam_scores.view(-1)
-        while True:
-            logits, past = self._decode_step(ids[:, -1:], past)
-            scores = processors(ids, F.log_softmax(logits, dim=-1)) + beam_scores[:, None]
-            vocab = scores.shape[-1]
-            top, flat = scores.view(b, num_beams * vocab).topk(2 * num_beams, dim=1)
-            out = scorer.process(ids, top, flat % vocab, flat // vocab, pad_token_id=pad,
-                                 eos_token_id=eos, decoder_prompt_len=1)
-            beam_scores, beam_idx = out["next_beam_scores"], out["next_beam_indices"]
-            ids = torch.cat([ids[beam_idx], out["next_beam_tokens"][:, None]], dim=1)
-            past = [(k[beam_idx], v[beam_idx]) for k, v in past]
-            if scorer.is_done or ids.shape[1] >= max_length:
-                break
-        return scorer.finalize(ids, beam_scores, out["next_beam_tokens"], beam_idx,
-                               max_length=max_length, pad_token_id=pad, eos_token_id=eos,
-                               decoder_prompt_len=1)["sequences"]
-
-    # ------------------------------------------------------------------ checkpoints
-    def load_checkpoint(self, url_or_filename: str):
-        """Load a LAVIS-format checkpoint ({"model": state_dict} or a state dict) by name.
-
-        Keys absent from the file (e.g. the image encoder, which a LAVIS run does not save when
-        frozen) and keys the model lacks are logged. A file without the trained stage-1 weights
-        (``TRAINED_PREFIXES``) or with differently shaped ones is another model: ``UserError``.
-        """
-        path = local_checkpoint(url_or_filename, "pretrained")
-        # weights-only: a downloaded file must not run code (lavis_plugins.common.safe_load)
-        state = state_dict_of(load_weights(path, "checkpoint"), path, "checkpoint")
-        return self.load_checked_state(state, path)
-
-    def load_checked_state(self, state: Mapping[str, Tensor], path: str):
-        """``load_checkpoint``'s checks and load, of a state dict already read from ``path``
-        (named in the messages)."""
-        own = self.state_dict()
-        wrong_shape = [f"{k} {tuple(state[k].shape)} (model: {tuple(own[k].shape)})"
-                       for k in state if k in own and state[k].shape != own[k].shape]
-        absent = [k for k, _ in self.named_parameters()
-                  if k.startswith(self.TRAINED_PREFIXES) and k not in state]
-        # trained weights the model has no place for would be dropped: another architecture
-        dropped = [k for k in state if k not in own and k.startswith(self.TRAINED_PREFIXES)]
-        if wrong_shape or absent or dropped:
-            differs = describe_mismatch(state, own, self.vit_setting())
-            if differs:
-                raise UserError(mismatch_message(f"checkpoint {path!r}", differs, ""))
-        if dropped:
-            raise UserError(f"checkpoint {path!r} holds {len(dropped)} trained weight(s) "
-                            f"lp_blip2_qformer with this config has no place for (e.g. "
-                            f"{dropped[:3]}); loading would drop them. Build the model with the "
-                            "settings the checkpoint was trained with.")
-        if wrong_shape or absent:
-            raise UserError(
-                f"checkpoint {path!r} does not fit lp_blip2_qformer with this config: "
-                + (f"{len(absent)} trained weights missing (e.g. {absent[:3]}); " if absent else "")
-                + (f"{len(wrong_shape)} with other shapes (e.g. {wrong_shape[:3]})"
-                   if wrong_shape else "")
-                + ". Is it a stage-1 (blip2 / blip2_feature_extractor) checkpoint of the same "
-                  "sizes (num_query_token, embed_dim, BERT)?")
-        msg = self.load_state_dict(state, strict=False)
-        if msg.missing_keys:
-            logger.info("checkpoint %s: %d keys not in the file, kept as built (e.g. %s)", path,
-                        len(msg.missing_keys), msg.missing_keys[:3])
-        if msg.unexpected_keys:
-            logger.warning("checkpoint %s: %d unexpected keys ignored: %s", path,
-                           len(msg.unexpected_keys), msg.unexpected_keys[:10])
-        logger.info("loaded checkpoint %s", path)
-        return msg
-
-    load_from_pretrained = load_checkpoint  # what LAVIS calls for `pretrained`
-
-    def load_checkpoint_from_config(self, cfg: Mapping[str, Any], **kwargs) -> None:
-        """LAVIS's keys: ``load_finetuned`` + ``finetuned``, else ``load_pretrained`` +
-        ``pretrained``; a flag set without its path is a ``UserError``."""
-        for flag, key in (("load_finetuned", "finetuned"), ("load_pretrained", "pretrained")):
-            if cfg.get(flag, False):
-                if not cfg.get(key):
-                    raise UserError(f"model.{flag} is true but model.{key} is empty: give a "
-                                    "local checkpoint path")
-                self.load_checkpoint(cfg[key])
-                return
