@@ -1,13 +1,23 @@
 """``lp_runner``'s training loop (a mixin of ``PluginRunner``): one epoch of optimizer steps
 with gradient accumulation, DDP ``no_sync``, autocast, clipping and the non-finite guard, and no
 per-step host sync (losses and flags stay on the device and are read at log steps).
+
+A batch whose samples were all left out (``run.on_bad_sample: skip``) is skipped in one process.
+Under DDP or FSDP every rank must take the same collectives (the gradient all-reduce, and any
+all-gather inside the model's forward), and the other ranks cannot know that this rank's batch
+is empty without a collective and a host sync per step. So that rank runs a stand-in batch with
+loss weight 0 instead (:class:`EpochBatches`): its collectives match the other ranks', its
+gradients add nothing, its loss is not counted, and the step is the same optimizer step on every
+rank. What remains of the stand-in is the forward's side effects (features it contributes to an
+in-forward all-gather, e.g. stage 1's ITC negatives, and the randomness it draws).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-from typing import Dict, List
+from collections import deque
+from typing import Any, Deque, Dict, Iterator, List, Optional
 
 import torch
 
@@ -21,6 +31,66 @@ from lavis_plugins.runners.sampling import move_to_device
 from lavis_plugins.runners.step_stats import LossSums
 
 logger = logging.getLogger(__name__)
+
+
+def _is_empty(batch: Any) -> bool:
+    """A batch whose samples were all left out: the streams yield ``{}`` for it."""
+    return isinstance(batch, dict) and not batch
+
+
+class EpochBatches:
+    """One rank's batches of an epoch (``TrainStream.epoch_batches``), able to lend a stand-in
+    for a batch whose samples were all left out (see the module doc).
+
+    The stand-in is the rank's next non-empty batch of the epoch, read ahead and still trained
+    on at its own step (a resumed run picks the same one); at the end of the epoch, the last
+    non-empty batch read. Nothing is read ahead unless a stand-in is asked for.
+    """
+
+    def __init__(self, batches: Iterator[Any], start: int, end: int) -> None:
+        self._batches = batches
+        self._ahead: Deque[Any] = deque()  # read from the stream, not handed out yet
+        self._last: Optional[Any] = None  # the last non-empty batch handed out
+        self._next = start  # index in the epoch of the next batch read from the stream
+        self._end = end  # batches the loop runs this epoch (run.iters_per_epoch caps it)
+
+    def _read(self) -> Any:
+        try:
+            batch = next(self._batches)
+        except UserError as e:  # raised in a worker: drop the traceback it is wrapped in
+            raise type(e)(one_line(e)) from None
+        self._next += 1
+        return batch
+
+    def __iter__(self) -> "EpochBatches":
+        return self
+
+    def __next__(self) -> Any:
+        batch = self._ahead.popleft() if self._ahead else self._read()
+        if not _is_empty(batch):
+            self._last = batch
+        return batch
+
+    def stand_in(self, it: int, epoch: int) -> Any:
+        """A non-empty batch to run with loss weight 0 in place of empty batch ``it``."""
+        for batch in self._ahead:
+            if not _is_empty(batch):
+                return batch
+        while self._next < self._end:
+            try:
+                batch = self._read()
+            except StopIteration:
+                break
+            self._ahead.append(batch)
+            if not _is_empty(batch):
+                return batch
+        if self._last is not None:
+            return self._last
+        raise UserError(
+            f"rank {dist_utils.get_rank()}: every sample of batch {it} of epoch {epoch} and of "
+            "each batch after it in the epoch could not be read, and this process has read no "
+            "good batch since it started, so it has nothing to take part in the other "
+            "processes' gradient all-reduce with; fix or drop the bad data")
 
 
 class TrainLoopMixin:
@@ -66,7 +136,7 @@ class TrainLoopMixin:
         loader = self.dataloaders[self.train_splits[0]]
         start = self.start_iter if epoch == self.start_epoch else 0
         n_iters = self.iters_per_epoch
-        data_iter = loader.epoch_batches(epoch, start)
+        batches = EpochBatches(loader.epoch_batches(epoch, start), start, n_iters)
         accum = self.accum_grad_iters
         sched, optimizer, scaler = self.lr_scheduler, self.optimizer, self.scaler
         max_norm = self.config.run_cfg.get("max_grad_norm", None)
@@ -80,13 +150,14 @@ class TrainLoopMixin:
         try:
             for i in range(start, n_iters):
                 try:
-                    samples = next(data_iter)
+                    samples = next(batches)
                 except StopIteration:
                     break
-                except UserError as e:  # raised in a worker: drop the traceback it is wrapped in
-                    raise type(e)(one_line(e)) from None
-                if isinstance(samples, dict) and not samples:
-                    continue  # every sample of the batch was left out (counted by the stream)
+                stand_in = _is_empty(samples)  # every sample was left out (the stream counted)
+                if stand_in and not self.use_distributed:
+                    continue
+                if stand_in:  # the other ranks wait for this one's gradients (module doc)
+                    samples = batches.stand_in(i, epoch)
                 samples = move_to_device(samples, self.device)
                 if isinstance(samples, dict):
                     samples.update({"epoch": epoch, "num_iters_per_epoch": n_iters, "iters": i})
@@ -98,6 +169,8 @@ class TrainLoopMixin:
                     sync = self.model.no_sync()
                 with sync:
                     loss, parts = self._forward_loss(samples)
+                    if stand_in:
+                        loss = loss * 0.0
                     scaled = loss / accum
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 norm = None
@@ -109,6 +182,8 @@ class TrainLoopMixin:
                 # fp16 loss scaling makes inf gradients normal: GradScaler skips those steps itself
                 counted = guard.micro_batch(loss, None if scaler else norm, last_micro, i,
                                             self.global_step)
+                if stand_in:  # not a batch of this rank's: not in its loss statistics
+                    counted = torch.zeros_like(counted)
                 sums.add(loss, parts, counted)
                 if last_micro:
                     self._optimizer_step(optimizer, scaler, guard)
