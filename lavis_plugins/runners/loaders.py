@@ -4,7 +4,7 @@ other splits as plain loaders sharded across ranks without padding.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import torch
 from lavis.datasets.data_utils import concat_datasets, reorg_datasets_by_split
@@ -14,26 +14,8 @@ from lavis_plugins.common import dist as dist_utils
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.runners import mixture
 from lavis_plugins.runners.sampling import EpochSampler
-from lavis_plugins.runners.train_stream import MapTrainLoader, TrainStream, map_train_options
-
-
-def loader_workers(run) -> Dict[str, Any]:
-    """DataLoader worker settings from ``run:``: ``num_workers``, ``persistent_workers`` (keep
-    the workers across epochs instead of forking new ones; default true when there are
-    workers) and ``prefetch_factor`` (batches each worker loads ahead; torch's default 2)."""
-    workers = int(run.get("num_workers", 0))
-    persistent = run.get("persistent_workers", None)
-    prefetch = run.get("prefetch_factor", None)
-    if workers == 0:
-        for key, value in (("persistent_workers", persistent), ("prefetch_factor", prefetch)):
-            if value:
-                raise UserError(f"run.{key} is {value!r} but run.num_workers is 0 (batches are "
-                                f"loaded in the training process): set run.num_workers > 0 or "
-                                f"remove run.{key}")
-        return {"num_workers": 0}
-    return {"num_workers": workers,
-            "persistent_workers": True if persistent is None else bool(persistent),
-            **({"prefetch_factor": int(prefetch)} if prefetch is not None else {})}
+from lavis_plugins.runners.train_stream import (MapTrainLoader, TrainStream, loader_workers,
+                                                 train_stream_options)
 
 
 class LoadersMixin:
@@ -45,12 +27,14 @@ class LoadersMixin:
         if self._dataloaders is None:
             run = self.config.run_cfg
             by_split = reorg_datasets_by_split(self.datasets)
+            # every train stream (alone or a mixture member) takes the same options
+            stream_options = train_stream_options(run, pin_memory=self.device.type == "cuda",
+                                                  pretokenize=self._pretokenize)
             # train splits with shard (webdataset) datasets or mixing ratios are streamed
             # (LAVIS's concat_datasets refuses generic iterable datasets)
             loaders = mixture.build_train_streams(
                 self.datasets, getattr(self.config, "datasets_cfg", None) or {}, by_split,
-                self.train_splits, seed=self.seed, run_cfg=run,
-                pin_memory=self.device.type == "cuda")
+                self.train_splits, seed=self.seed, run_cfg=run, options=stream_options)
             by_split = concat_datasets(by_split)
             self.datasets = {**by_split, **{k: getattr(v, "dataset", v) for k, v in loaders.items()}}
             for split, dataset in by_split.items():
@@ -67,10 +51,8 @@ class LoadersMixin:
                                     f"{'train' if is_train else 'eval'}")
                 bs = int(bs)
                 if is_train:  # the same stream as a map-style member of a mixture
-                    loaders[split] = MapTrainLoader(
-                        dataset, seed=self.seed, batch_size=bs, **loader_workers(run),
-                        pin_memory=self.device.type == "cuda", name=split,
-                        pretokenize=self._pretokenize, **map_train_options(run))
+                    loaders[split] = MapTrainLoader(dataset, seed=self.seed, batch_size=bs,
+                                                    name=split, **stream_options)
                     continue
                 sampler = EpochSampler(len(dataset), shuffle=False, seed=self.seed,
                                        rank=dist_utils.get_rank(),

@@ -57,13 +57,13 @@ from lavis_plugins.datasets.validation import one_line
 from lavis_plugins.runners import fsdp, reporting
 from lavis_plugins.runners.checkpoint_io import RunFolder
 from lavis_plugins.runners.checkpointing import CheckpointingMixin
-from lavis_plugins.runners.loaders import LoadersMixin, loader_workers
+from lavis_plugins.runners.loaders import LoadersMixin
 from lavis_plugins.runners.nonfinite import NonFiniteGuard
 from lavis_plugins.runners.optimization import (LAVIS_SCHEDULER_ALIASES, OptimizationMixin,
                                                 fused_adamw_supported)
 from lavis_plugins.runners.sampling import EpochSampler
 from lavis_plugins.runners.train_loop import TrainLoopMixin
-from lavis_plugins.runners.train_stream import MapTrainLoader, TrainStream
+from lavis_plugins.runners.train_stream import MapTrainLoader, TrainStream, loader_workers
 
 # the runner's public names, importable from here as before the split into mixins
 __all__ = ["PluginRunner", "compile_model", "loader_workers", "fused_adamw_supported",
@@ -100,7 +100,8 @@ class PluginRunner(TrainLoopMixin, OptimizationMixin, LoadersMixin, Checkpointin
     a message naming the last good checkpoint; "skip": skip the optimizer step, at most
     ``max_nonfinite_skips`` in a row); ``on_bad_sample`` ("fail" or "skip") and
     ``max_bad_fraction``; ``force`` (replace a previous run in the same folder; the CLI's
-    ``--force``); ``persistent_workers`` / ``prefetch_factor`` (``loader_workers``);
+    ``--force``); ``persistent_workers`` / ``prefetch_factor``
+    (``train_stream.loader_workers``);
     ``compile`` (``compile_model``). Every key is checked by
     :mod:`lavis_plugins.common.config_check`.
     """
