@@ -36,9 +36,11 @@ run:
 
 
 def test_tiny_stage1_learns_itc(lp, tmp_path, shapes_home):
-    """3 epochs (375 steps, ~40 s): contrastive retrieval is far above chance; ITM (trained on
-    hard negatives) still sits at chance this early — the slow test below trains long enough."""
-    _train_and_check(tmp_path, epochs=3, check_itm=False)
+    """1 epoch (125 steps, ~14 s of CPU): contrastive retrieval is far above chance (12 of 32
+    held-out images right at seed 42, against 1 by chance and 5 asked; 2 epochs: 21, 3: 28);
+    ITM (trained on hard negatives) still sits at chance this early — the slow test below
+    trains long enough."""
+    _train_and_check(tmp_path, epochs=1, check_itm=False)
 
 
 @pytest.mark.slow

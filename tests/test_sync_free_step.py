@@ -58,10 +58,11 @@ def syncs_per_step(runner, monkeypatch) -> List[List[str]]:
     from torch.utils.data.dataloader import _BaseDataLoaderIter
 
     from lavis_plugins.runners import runner as runner_module
+    from lavis_plugins.runners import train_loop
 
     marks: List[int] = []
     with count_syncs() as counter:
-        real_move, real_next = runner_module.move_to_device, _BaseDataLoaderIter.__next__
+        real_move, real_next = train_loop.move_to_device, _BaseDataLoaderIter.__next__
 
         def move(samples, device):  # the step starts when its batch goes to the device
             marks.append(len(counter.calls))
@@ -72,7 +73,7 @@ def syncs_per_step(runner, monkeypatch) -> List[List[str]]:
             with counter.paused():
                 return real_next(self)
 
-        monkeypatch.setattr(runner_module, "move_to_device", move)
+        monkeypatch.setattr(train_loop, "move_to_device", move)
         monkeypatch.setattr(_BaseDataLoaderIter, "__next__", next_batch)
         runner_module.PluginRunner._save_checkpoint, saved = (
             lambda self, *a, **k: None, runner_module.PluginRunner._save_checkpoint)

@@ -72,7 +72,7 @@ def _shard_dataset(tmp_path, n=40, bad=(), max_bad_fraction=None):
                                shuffle_buffer=8, max_bad_fraction=max_bad_fraction, name="web")
 
 
-def _runner(tmp_path, job, datasets, run=None, datasets_cfg=None):
+def _runner(tmp_path, job, datasets, run=None, datasets_cfg=None, model=None):
     from lavis.tasks.base_task import BaseTask
     from omegaconf import OmegaConf
 
@@ -91,7 +91,8 @@ def _runner(tmp_path, job, datasets, run=None, datasets_cfg=None):
             return OmegaConf.to_container(self.config)
 
     torch.manual_seed(0)
-    return PluginRunner(cfg=Cfg(), task=BaseTask(), model=Toy(), datasets=datasets, job_id=job)
+    return PluginRunner(cfg=Cfg(), task=BaseTask(), model=model or Toy(), datasets=datasets,
+                        job_id=job)
 
 
 def _epoch_stats(folder):
@@ -156,15 +157,15 @@ def test_shard_dataset_own_bound_overrides_the_runs(lp, tmp_path):
     from lavis_plugins.runners.shard_loader import ShardTrainLoader
 
     own = _shard_dataset(tmp_path, bad={1, 2}, max_bad_fraction=0.1)
-    assert len(list(ShardTrainLoader(own, seed=0, batch_size=4, num_workers=0,
+    assert len(list(ShardTrainLoader(own, seed=0, batch_size=4,
                                      max_bad_fraction=0.0).epoch_batches(0))) == 10
     runs = _shard_dataset(tmp_path, bad={1, 2})
     with pytest.raises(UserError, match="max_bad_fraction=0.01 of the 40"):
-        list(ShardTrainLoader(runs, seed=0, batch_size=4, num_workers=0,
+        list(ShardTrainLoader(runs, seed=0, batch_size=4,
                               max_bad_fraction=0.01).epoch_batches(0))
     runs.shards.bad, runs.shards.problems = 5, ["shard x.tar is missing (5 samples lost)"]
     with pytest.raises(UserError, match="5 of 45 samples are lost in missing or truncated"):
-        ShardTrainLoader(runs, seed=0, batch_size=4, num_workers=0, max_bad_fraction=0.1)
+        ShardTrainLoader(runs, seed=0, batch_size=4, max_bad_fraction=0.1)
 
 
 def test_run_max_bad_fraction_out_of_range_is_refused(lp):
@@ -194,7 +195,7 @@ def test_lengths_draw_no_permutation(lp, tmp_path, monkeypatch):
     """len(MapTrainLoader) and the runner's iters_per_epoch come from arithmetic."""
     from lavis_plugins.runners.mixture import MapTrainLoader
 
-    loader = MapTrainLoader(MapCaptions(n=41), seed=0, batch_size=4, num_workers=0)
+    loader = MapTrainLoader(MapCaptions(n=41), seed=0, batch_size=4)
     runner = _runner(tmp_path, "len", {"d": {"train": MapCaptions(n=41)}})
 
     def no_randperm(*a, **k):

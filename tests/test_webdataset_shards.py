@@ -197,7 +197,7 @@ def test_bad_samples_are_counted_skipped_and_named(tmp_path, lp, caplog):
                 del sample["txt"]
             sink.write(sample)
     ds = _dataset(str(path), max_bad_fraction=0.2)
-    loader = ShardTrainLoader(ds, seed=0, batch_size=4, num_workers=0)
+    loader = ShardTrainLoader(ds, seed=0, batch_size=4)
     with caplog.at_level(logging.WARNING):
         batches = list(loader.epoch_batches(0))
     assert sum(len(b["text_input"]) for b in batches) == 10
@@ -206,7 +206,7 @@ def test_bad_samples_are_counted_skipped_and_named(tmp_path, lp, caplog):
     assert "bad-000000.tar key k4: corrupt image" in log and "key k7: no caption" in log
     ds.max_bad_fraction = 0.1  # 2 bad of 12 is more than 10%: a clear error
     with pytest.raises(UserError, match="max_bad_fraction=0.1"):
-        list(ShardTrainLoader(ds, seed=0, batch_size=4, num_workers=0).epoch_batches(0))
+        list(ShardTrainLoader(ds, seed=0, batch_size=4).epoch_batches(0))
 
 
 def test_missing_and_truncated_shards_are_counted_and_skipped(caption_folder, shards, tmp_path,
@@ -230,7 +230,7 @@ def test_missing_and_truncated_shards_are_counted_and_skipped(caption_folder, sh
     from lavis_plugins.runners.shard_loader import ShardTrainLoader
 
     ds = _dataset(f"{folder}/train-{{000000..000007}}.tar", max_bad_fraction=0.2)
-    loader = ShardTrainLoader(ds, seed=0, batch_size=2, num_workers=2)
+    loader = ShardTrainLoader(ds, seed=0, batch_size=2, workers={"num_workers": 2})
     keys = [k for b in loader.epoch_batches(0) for k in b["sample_key"]]
     # the cut shard's last readable sample may have lost its image: counted bad when read
     bad = loader.budget.bad
@@ -251,7 +251,7 @@ def test_missing_and_truncated_shards_are_counted_and_skipped(caption_folder, sh
     assert s.sizes[1] == 6 and s.bad == 5 - s.sizes[0]
     # a shard that delivers fewer samples than planned: the missing positions are bad when read
     ds = _dataset(str(img2ds / "00001.tar"), max_bad_fraction=0.5)
-    loader = ShardTrainLoader(ds, seed=0, batch_size=2, num_workers=0)
+    loader = ShardTrainLoader(ds, seed=0, batch_size=2)
     with caplog.at_level(logging.WARNING):
         got = sum(len(b["text_input"]) for b in loader.epoch_batches(0))
     assert got == 5 and loader.budget.bad == 1 and "ended early" in caplog.text

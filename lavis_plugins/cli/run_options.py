@@ -32,7 +32,7 @@ RUN_OPTIONS: Tuple[Tuple[str, str, str], ...] = (
     ("fsdp_mixed_precision", "none", "fsdp: none (float32) or bf16 (compute, fp32 reduce)"),
     ("fsdp_cpu_offload", "false", "fsdp: sharded weights in CPU memory (CUDA only)"),
     ("num_workers", "0", "data-loading processes"),
-    ("persistent_workers", "true with workers", "keep loader workers across epochs"),
+    ("persistent_workers", "true with workers", "keep loader workers across epochs (not shards)"),
     ("prefetch_factor", "2", "batches each loader worker prepares ahead"),
     ("compile", "false", "torch.compile the frozen encoder and Q-Former step (lp_blip2_qformer)"),
     ("seed", "42", "seed (each rank adds its rank)"),

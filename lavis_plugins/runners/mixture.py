@@ -23,7 +23,7 @@ from lavis_plugins.common.errors import UserError
 from lavis_plugins.common.seeding import sample_seed
 from lavis_plugins.datasets.webdataset_caption import ShardCaptionDataset
 from lavis_plugins.runners.shard_loader import ShardTrainLoader
-from lavis_plugins.runners.train_stream import MapTrainLoader, TrainStream, map_train_options
+from lavis_plugins.runners.train_stream import MapTrainLoader, TrainStream
 
 
 def mixture_choices(probs: Sequence[float], seed: int, epoch: int, steps: int) -> np.ndarray:
@@ -124,9 +124,12 @@ def mixture_ratios(names: Sequence[str], datasets_cfg: Mapping, run_cfg) -> Opti
 
 def build_train_streams(datasets: Mapping[str, Mapping[str, Any]], datasets_cfg: Mapping,
                         by_split: Dict[str, list], train_splits: Sequence[str], *, seed: int,
-                        run_cfg, pin_memory: bool) -> Dict[str, TrainStream]:
+                        run_cfg, options: Mapping[str, Any]) -> Dict[str, TrainStream]:
     """Streams for the train splits that need one (a shard dataset, or ratios); those splits are
-    removed from ``by_split`` (what LAVIS's ``concat_datasets`` gets)."""
+    removed from ``by_split`` (what LAVIS's ``concat_datasets`` gets). ``options``: the run's
+    stream options (``train_stream.train_stream_options``), the same as a lone map-style train
+    split's, so every member is read as the same dataset alone (bad data, workers,
+    pretokenising)."""
     streams: Dict[str, TrainStream] = {}
     for split in list(by_split):
         members: List[Tuple[str, Any]] = [(n, d[split]) for n, d in datasets.items() if split in d]
@@ -141,10 +144,7 @@ def build_train_streams(datasets: Mapping[str, Mapping[str, Any]], datasets_cfg:
         bs = run_cfg.get("batch_size_train")
         if not bs:
             raise UserError(f"split {split!r} needs run.batch_size_train")
-        # the runner's own options for a map-style train split (skip_bad, max_bad_fraction):
-        # a JSON member of a mixture is read exactly as the same dataset alone
-        kw = dict(map_train_options(run_cfg), seed=seed, batch_size=int(bs),
-                  num_workers=int(run_cfg.get("num_workers", 0)), pin_memory=pin_memory)
+        kw = dict(options, seed=seed, batch_size=int(bs))
         loaders: List[Union[MapTrainLoader, ShardTrainLoader]] = []
         for k, (name, ds) in enumerate(members):
             # each member its own seed: two datasets never share augmentation streams

@@ -18,7 +18,7 @@ under ``run.on_bad_sample: skip`` and otherwise stop at the first.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -34,11 +34,39 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BAD_FRACTION = 0.01  # run.max_bad_fraction when unset
 
 
-def map_train_options(run_cfg) -> Dict[str, Any]:
-    """The run's bad-data options, as :class:`MapTrainLoader` (and ``ShardTrainLoader``, which
-    ignores ``skip_bad``) take them: read here once for a lone train split and for a mixture."""
+def loader_workers(run_cfg) -> Dict[str, Any]:
+    """DataLoader worker settings from ``run:``: ``num_workers``, ``persistent_workers`` (keep
+    the workers across epochs instead of forking new ones; default true when there are
+    workers) and ``prefetch_factor`` (batches each worker loads ahead; torch's default 2).
+    The one place where persistence and prefetch are tied to having workers: every loader of
+    the run (train streams, mixture members, evaluation) takes these keyword arguments as is."""
+    workers = int(run_cfg.get("num_workers", 0))
+    persistent = run_cfg.get("persistent_workers", None)
+    prefetch = run_cfg.get("prefetch_factor", None)
+    if workers == 0:
+        for key, value in (("persistent_workers", persistent), ("prefetch_factor", prefetch)):
+            if value:
+                raise UserError(f"run.{key} is {value!r} but run.num_workers is 0 (batches are "
+                                f"loaded in the training process): set run.num_workers > 0 or "
+                                f"remove run.{key}")
+        return {"num_workers": 0}
+    return {"num_workers": workers,
+            "persistent_workers": True if persistent is None else bool(persistent),
+            **({"prefetch_factor": int(prefetch)} if prefetch is not None else {})}
+
+
+def train_stream_options(run_cfg, *, pin_memory: bool = False,
+                         pretokenize: Optional[Callable] = None) -> Dict[str, Any]:
+    """The run's options for a train stream, as :class:`MapTrainLoader` and
+    ``ShardTrainLoader`` (which ignores ``skip_bad``) take them; read here once for a lone
+    train split and for every member of a mixture, so a dataset is read the same either way:
+    bad data (``run.on_bad_sample``, ``run.max_bad_fraction``), loader workers
+    (:func:`loader_workers`), pinned memory and the model's ``pretokenize`` (applied in the
+    loader's collate, see :class:`~lavis_plugins.models.text_tokens.CollateTokens`)."""
     return {"skip_bad": run_cfg.get("on_bad_sample", "fail") == "skip",
-            "max_bad_fraction": float(run_cfg.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION))}
+            "max_bad_fraction": float(run_cfg.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)),
+            "workers": loader_workers(run_cfg), "pin_memory": bool(pin_memory),
+            "pretokenize": pretokenize}
 
 
 class TrainStream:
@@ -111,18 +139,14 @@ class MapTrainLoader(TrainStream):
     (:class:`EpochSampler`), bad samples skipped under ``skip_bad`` and counted against
     ``max_bad_fraction``."""
 
-    def __init__(self, dataset: Dataset, *, seed: int, batch_size: int, num_workers: int = 0,
-                 persistent_workers: bool = False, prefetch_factor: Optional[int] = None,
-                 pin_memory: bool = False, skip_bad: bool = False,
-                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, name: str = "train",
-                 pretokenize: Optional[Callable] = None) -> None:
-        """Worker settings as ``runner.loader_workers`` reads them from ``run:``;
-        ``pretokenize``: the model's, applied in the loader's collate (:class:`CollateTokens`)."""
-        workers: Dict[str, Any] = {"num_workers": int(num_workers)}
-        if workers["num_workers"] > 0:
-            workers["persistent_workers"] = bool(persistent_workers)
-            if prefetch_factor is not None:
-                workers["prefetch_factor"] = int(prefetch_factor)
+    def __init__(self, dataset: Dataset, *, seed: int, batch_size: int,
+                 workers: Optional[Mapping[str, Any]] = None, pin_memory: bool = False,
+                 skip_bad: bool = False, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+                 name: str = "train", pretokenize: Optional[Callable] = None) -> None:
+        """``workers``: DataLoader worker settings as :func:`loader_workers` gives them (None:
+        loaded in this process); ``pretokenize``: the model's, applied in the loader's collate
+        (:class:`CollateTokens`)."""
+        workers = dict(workers or {"num_workers": 0})
         self.dataset = dataset  # what the runner's ``datasets`` shows for the split
         self.seeded = SeededSamples(dataset, seed, skip_bad=skip_bad)
         # indices carry their epoch: persistent workers hold their own copy of the dataset,
@@ -132,7 +156,7 @@ class MapTrainLoader(TrainStream):
                                     world_size=dist_utils.get_world_size(), equal_shards=True,
                                     with_epoch=True)
         self.batch_size = int(batch_size)
-        self.num_workers = workers["num_workers"]
+        self.num_workers = int(workers.get("num_workers", 0))
         collate = self.seeded.collater
         if pretokenize is not None:
             collate = CollateTokens(collate, pretokenize)
