@@ -2,7 +2,8 @@
 captioning / VQA by the LLM's ``generate``, and ranking candidate answers by log-likelihood."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import contextlib
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,6 +74,13 @@ class Blip2LLMGeneration:
         """Extra ``generate`` arguments of the LLM family (e.g. its stop token)."""
         return {}
 
+    def _generation_context(self, copies: int, new_tokens: int) -> ContextManager[None]:
+        """What the LLM family changes around one ``generate`` call whose inputs transformers
+        repeats ``copies`` times (beams, or samples per image) and that makes at most
+        ``new_tokens`` tokens, e.g. a prefill shared by the copies
+        (:mod:`~lavis_plugins.models._shared_prefill`)."""
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def generate(self, samples: Dict[str, Any], use_nucleus_sampling: bool = False,
                  num_beams: int = 5, max_length: int = 30, min_length: int = 1,
@@ -111,7 +119,9 @@ class Blip2LLMGeneration:
         sampling = dict(top_p=top_p, temperature=temperature) if use_nucleus_sampling else {}
         if num_beams > 1:  # the same for length_penalty and beams
             sampling["length_penalty"] = length_penalty
-        with self.autocast():
+        # generate repeats each input row for the beams (beam search) or the samples
+        copies = num_captions if use_nucleus_sampling else num_beams
+        with self.autocast(), self._generation_context(copies, max_length):
             embeds, mask = self._llm_inputs(inputs_llm, atts_llm, prompts, max_length)
             out = self.llm.generate(
                 inputs_embeds=embeds, attention_mask=mask, do_sample=use_nucleus_sampling,
