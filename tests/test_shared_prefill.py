@@ -46,7 +46,7 @@ def _generate(opt, inputs, shared: bool, new_tokens: int = 12, **kw):
     copies = kw.get("num_return_sequences", 1) if kw.get("do_sample") else kw["num_beams"]
     embeds, mask = inputs
     torch.manual_seed(5)  # the same draws for sampling
-    with torch.no_grad(), (shared_prefill(opt.llm, copies, new_tokens) if shared
+    with torch.no_grad(), (shared_prefill(opt.llm, len(PROMPTS), copies, new_tokens) if shared
                            else contextlib.nullcontext()):
         return opt.llm.generate(inputs_embeds=embeds, attention_mask=mask, output_scores=True,
                                 return_dict_in_generate=True, **opt._generation_kwargs(), **kw)
@@ -100,7 +100,7 @@ def test_prefill_runs_once_per_image_and_no_cache_is_concatenated(opt, inputs, m
 def test_model_is_restored_after_the_call_even_on_error(opt, inputs):
     llm = opt.llm
     with pytest.raises(RuntimeError, match="boom"):
-        with shared_prefill(llm, 5, 4):
+        with shared_prefill(llm, 4, 5, 4):
             assert "forward" in vars(llm)
             raise RuntimeError("boom")
     attns = [layer.self_attn for layer in llm.get_decoder().layers]
@@ -112,7 +112,7 @@ def test_other_llms_run_as_they_are():
     from torch import nn
 
     other = nn.Linear(2, 2)
-    with shared_prefill(other, 5):
+    with shared_prefill(other, 4, 5):
         assert "forward" not in vars(other)
 
 
@@ -130,5 +130,26 @@ def test_public_generate_and_vqa_equal_without_sharing(opt, monkeypatch):
 
     shared = run()
     monkeypatch.setattr(type(opt), "_generation_context",
-                        lambda self, copies, new_tokens: contextlib.nullcontext())
+                        lambda self, rows, copies, new_tokens: contextlib.nullcontext())
     assert run() == shared
+
+
+def test_a_batch_of_another_size_is_not_shared(opt, inputs):
+    """Told 3 inputs x 5 beams, a generate call of 4 x 5 rows runs as it is (picking every 5th
+    row of it would mix images)."""
+    rows = []
+    hook = opt.llm.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(kwargs["inputs_embeds"].shape[0])
+        if kwargs.get("inputs_embeds") is not None else None, with_kwargs=True)
+    embeds, mask = inputs
+    kw = SETTINGS["beam5_vqa"]
+    try:
+        with torch.no_grad():
+            plain = opt.llm.generate(inputs_embeds=embeds, attention_mask=mask,
+                                     **opt._generation_kwargs(), **kw)
+            with shared_prefill(opt.llm, len(PROMPTS) - 1, 5, 12):
+                other = opt.llm.generate(inputs_embeds=embeds, attention_mask=mask,
+                                         **opt._generation_kwargs(), **kw)
+    finally:
+        hook.remove()
+    assert rows == [5 * len(PROMPTS)] * 2 and torch.equal(plain, other)

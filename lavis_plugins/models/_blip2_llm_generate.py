@@ -74,10 +74,11 @@ class Blip2LLMGeneration:
         """Extra ``generate`` arguments of the LLM family (e.g. its stop token)."""
         return {}
 
-    def _generation_context(self, copies: int, new_tokens: int) -> ContextManager[None]:
-        """What the LLM family changes around one ``generate`` call whose inputs transformers
-        repeats ``copies`` times (beams, or samples per image) and that makes at most
-        ``new_tokens`` tokens, e.g. a prefill shared by the copies
+    def _generation_context(self, rows: int, copies: int, new_tokens: int
+                            ) -> ContextManager[None]:
+        """What the LLM family changes around one ``generate`` call of ``rows`` inputs that
+        transformers repeats ``copies`` times (beams, or samples per image) and that makes at
+        most ``new_tokens`` tokens, e.g. a prefill shared by the copies
         (:mod:`~lavis_plugins.models._shared_prefill`)."""
         return contextlib.nullcontext()
 
@@ -121,7 +122,8 @@ class Blip2LLMGeneration:
             sampling["length_penalty"] = length_penalty
         # generate repeats each input row for the beams (beam search) or the samples
         copies = num_captions if use_nucleus_sampling else num_beams
-        with self.autocast(), self._generation_context(copies, max_length):
+        with self.autocast(), self._generation_context(
+                inputs_llm.shape[0], copies, max_length):
             embeds, mask = self._llm_inputs(inputs_llm, atts_llm, prompts, max_length)
             out = self.llm.generate(
                 inputs_embeds=embeds, attention_mask=mask, do_sample=use_nucleus_sampling,

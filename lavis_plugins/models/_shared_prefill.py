@@ -108,10 +108,13 @@ def _sdpa_decode_forward(attn: nn.Module, index: int, state: Dict[str, Any]):
 
 
 @contextlib.contextmanager
-def shared_prefill(llm: nn.Module, copies: int, new_tokens: int = 0) -> Iterator[None]:
-    """Within the block, ``llm``'s ``generate`` computes each group of ``copies`` identical input
-    rows once and keeps its cache in growing buffers (see the module docstring). ``new_tokens``:
-    the most tokens the call generates (sizes the buffers; more still works). Models other than
+def shared_prefill(llm: nn.Module, rows: int, copies: int, new_tokens: int = 0
+                   ) -> Iterator[None]:
+    """Within the block, ``llm``'s ``generate`` of ``rows`` inputs, which it repeats ``copies``
+    times, computes each group of identical rows once and keeps its cache in growing buffers
+    (see the module docstring). ``new_tokens``: the most tokens the call generates (sizes the
+    buffers; more still works). A first forward of any other batch size runs as it is. Models
+    other than
     transformers' ``OPTForCausalLM`` run as they are; OPT attention other than SDPA keeps its
     own cache."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -129,7 +132,7 @@ def shared_prefill(llm: nn.Module, copies: int, new_tokens: int = 0) -> Iterator
     def forward(*args: Any, **kwargs: Any):
         embeds = kwargs.get("inputs_embeds")
         if (args or embeds is None or kwargs.get("past_key_values") is not None
-                or embeds.shape[0] % copies):  # not generate's first forward
+                or embeds.shape[0] != rows * copies):  # not generate's first forward
             return plain_forward(*args, **kwargs)
 
         def one_per_group(t):  # (B * copies, ...) -> (B, ...): generate's repeat_interleave

@@ -272,10 +272,10 @@ class LPBlip2OPT(Blip2LLMBase):
         return {"eos_token_id": self.eos_token_id,
                 "pad_token_id": self.llm_tokenizer.pad_token_id}
 
-    def _generation_context(self, copies: int, new_tokens: int):
+    def _generation_context(self, rows: int, copies: int, new_tokens: int):
         """The prompt's prefill runs once per image, not once per beam or sample, and the cache
         grows in place."""
-        return shared_prefill(self.llm, copies, new_tokens)
+        return shared_prefill(self.llm, rows, copies, new_tokens)
 
     # ------------------------------------------------------------------ answer ranking
     def _candidate_tokens(self, answers: Sequence[str]) -> List[List[int]]:
