@@ -1,33 +1,22 @@
 """What BLIP-2's two stage-2 models share: frozen image encoder -> Q-Former -> linear projection ->
-soft visual prompt for a frozen LLM, their config, and checkpoint loading.
+soft visual prompt for a frozen LLM, and their config.
 
 ``lp_blip2_opt`` (decoder-only LLM) and ``lp_blip2_t5`` (encoder-decoder LLM) subclass
 :class:`Blip2LLMBase`; they differ in how text is fed and scored. The LLMs are transformers' own
 ``OPTForCausalLM`` / ``T5ForConditionalGeneration`` (LAVIS vendors old copies of both), loaded
 from a local folder, frozen, and kept in fp16/bf16 on GPU (fp32 when no GPU is visible).
 
-Checkpoints, in the state-dict names of LAVIS's ``blip2_opt`` / ``blip2_t5`` (``Qformer.*``,
-``query_tokens``, ``opt_proj.*``/``t5_proj.*``, ``ln_vision.*``, ``visual_encoder.*``,
-``opt_model.*``/``t5_model.*``):
-- ``stage1_checkpoint``: a stage-1 (``blip2`` / ``lp_blip2``) ``.pth``; initialises the Q-Former,
-  the query tokens and ``ln_vision`` (and the ViT when the file has it); the stage-1 text branch
-  (LM head, word/position embeddings, text FFNs, ITC/ITM heads) is dropped, as stage 2 has none.
-- ``pretrained`` / ``finetuned`` (LAVIS's keys): a LAVIS ``.pth`` (file or URL), loaded as it is, or
-  a transformers ``Blip2ForConditionalGeneration`` folder (``config.json`` + weights), converted by
-  :func:`hf_to_lavis_state_dict`. A transformers folder also supplies the LLM (architecture from
-  its ``text_config``, weights, and its tokenizer when it has one).
-Every load checks what it loaded: keys the model does not have and missing trainable weights are
-errors, frozen parts the file lacks (the LLM, the ViT in LAVIS's released files) are logged.
+Checkpoint loading is in :mod:`lavis_plugins.models._blip2_llm_checkpoint`, generation and
+answer ranking in :mod:`lavis_plugins.models._blip2_llm_generate` (mixed into
+:class:`Blip2LLMBase`).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -35,25 +24,20 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from lavis_plugins.common.errors import UserError
-from lavis_plugins.common.local_files import (
-    check_checkpoint_source,
-    is_url,
-    local_checkpoint,
-    local_hf_folder,
+from lavis_plugins.common.local_files import local_hf_folder
+from lavis_plugins.models._blip2_llm_checkpoint import Blip2LLMCheckpoints, load_pth
+from lavis_plugins.models._blip2_llm_generate import (
+    Blip2LLMGeneration,
+    as_text_list,
+    join_prompt,
 )
-from lavis_plugins.common.safe_load import load_weights, state_dict_of
-from lavis_plugins.models.arch_check import describe_mismatch, mismatch_message
 from lavis_plugins.models.blip2_base import VIT_MODELS, LPBlip2Base, TinyVitConfig
 from lavis_plugins.models.blip2_qformer import init_vision_and_qformer
-from lavis_plugins.models.hf_format import (
-    apply_folder_sizes,
-    folder_model_type,
-    folder_tokenizer,
-    hf_to_lavis_state_dict,
-    qformer_bert_config,
-    read_config,
-    read_hf_state_dict,
-)
+from lavis_plugins.models.hf_format import folder_tokenizer, qformer_bert_config, read_config
+
+# names importable from here before the split into checkpoint / generation modules
+__all__ = ["LLM_DTYPES", "TINY_LLM", "Blip2LLMBase", "Blip2LLMConfig", "Blip2LLMOutput",
+           "as_text_list", "join_prompt", "load_pth"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,29 +146,7 @@ class Blip2LLMOutput(ModelOutput):
     targets: Optional[torch.Tensor] = None
 
 
-def load_pth(url_or_path: str) -> Dict[str, torch.Tensor]:
-    """The ``model`` state dict of a LAVIS-format checkpoint (a local file; a URL only when the
-    user allowed downloads, see :mod:`lavis_plugins.common.local_files`)."""
-    if is_url(url_or_path):
-        url_or_path = local_checkpoint(url_or_path, "pretrained")
-    if not os.path.isfile(url_or_path):
-        raise UserError(f"checkpoint not found: {url_or_path}. Give a LAVIS .pth file, a URL, or "
-                        "a transformers Blip2ForConditionalGeneration folder")
-    # weights-only: a downloaded file must not run code (lavis_plugins.common.safe_load)
-    return state_dict_of(load_weights(url_or_path, "checkpoint"), url_or_path, "checkpoint")
-
-
-# stage-1 keys that no stage-2 model has a module for: the LM head, the ITC/ITM heads and the
-# momentum (EMA) model of the momentum_distill option
-_STAGE1_HEADS = re.compile(
-    r"^(Qformer\.cls\.|vision_proj\.|text_proj\.|itm_head\.|temp$|momentum_model\.)")
-# the Q-Former's text branch, which stage 2 keeps only with qformer_text_input
-_QFORMER_TEXT_BRANCH = re.compile(
-    r"^Qformer\.bert\.(embeddings\.(word_embeddings|position_embeddings)\.|"
-    r"encoder\.layer\.\d+\.(intermediate|output)\.)")
-
-
-class Blip2LLMBase(LPBlip2Base):
+class Blip2LLMBase(Blip2LLMCheckpoints, Blip2LLMGeneration, LPBlip2Base):
     """Image -> soft visual prompt (B, Nq, H_llm) for a frozen LLM. Subclasses add the LLM."""
 
     CONFIG_CLASS = Blip2LLMConfig
@@ -441,370 +403,3 @@ class Blip2LLMBase(LPBlip2Base):
         if samples.get("text_output") is None:
             return [self.prompt] * len(texts)
         return texts
-
-    def _unused_key(self, key: str) -> bool:
-        """Checkpoint keys this model has no module for (dropped before loading)."""
-        return bool(_STAGE1_HEADS.match(key) or (
-            not self.cfg.qformer_text_input and _QFORMER_TEXT_BRANCH.match(key)))
-
-    # ------------------------------------------------------------------ checkpoints
-    @classmethod
-    def from_config(cls, cfg) -> "Blip2LLMBase":
-        arch = cls.arch_name()
-        mcfg = cls.CONFIG_CLASS.from_cfg(cfg, arch)
-        path = mcfg.finetuned if mcfg.load_finetuned else (
-            mcfg.pretrained if mcfg.load_pretrained else None)
-        if mcfg.load_finetuned and not mcfg.finetuned:
-            raise UserError(f"model.load_finetuned is true but model.finetuned is not set ({arch})")
-        folder_type = folder_model_type(path)
-        hf_folder = path if folder_type in cls.HF_MODEL_TYPES else None
-        if path and os.path.isdir(path) and hf_folder is None:
-            raise UserError(f"{path} is a folder but not one {arch} loads (config.json with "
-                            f"model_type in {list(cls.HF_MODEL_TYPES)}; it has {folder_type!r}); "
-                            "give a LAVIS .pth or such a transformers folder")
-        # a URL or a missing file is refused before the encoders and the LLM are built (seconds)
-        check_checkpoint_source(path, "finetuned" if mcfg.load_finetuned else "pretrained")
-        check_checkpoint_source(mcfg.stage1_checkpoint, "stage1_checkpoint")
-        if hf_folder is not None:  # every size comes from the folder's config.json
-            mcfg = apply_folder_sizes(mcfg, hf_folder)
-            if mcfg.qformer_text_input and folder_type == "blip-2" and not read_config(
-                    hf_folder)["qformer_config"].get("use_qformer_text_input"):
-                raise UserError(f"model.qformer_text_input is set, but {hf_folder} holds no "
-                                "Q-Former text branch (its qformer_config has no "
-                                "use_qformer_text_input); load it without qformer_text_input, "
-                                "or load an InstructBLIP folder")
-        model = cls(dataclasses.replace(mcfg, vit_precision="fp32"), hf_folder=hf_folder)
-        if mcfg.stage1_checkpoint:
-            model.load_stage1(mcfg.stage1_checkpoint)
-        if path:
-            if hf_folder:
-                model.load_hf_blip2(hf_folder)
-            else:
-                model.load_lavis(path)
-        model.cast_vision_encoder(mcfg.vit_precision)  # after loading: see its docstring
-        return model
-
-    def load_checkpoint_from_config(self, cfg, **kwargs) -> None:
-        """LAVIS's hook (used by some LAVIS code paths): load ``finetuned``/``pretrained``."""
-        mcfg = self.CONFIG_CLASS.from_cfg(cfg, self.arch_name())
-        path = mcfg.finetuned if mcfg.load_finetuned else mcfg.pretrained
-        if path:
-            self.load_checkpoint(path)
-
-    def load_checkpoint(self, url_or_filename: str) -> None:
-        """What LAVIS's ``lavis.models.load_model(..., checkpoint=X)`` calls: the same checked
-        loading as ``pretrained`` (LAVIS's own loads anything with strict=False, so a stage-1
-        file would load silently and leave the projection random)."""
-        if folder_model_type(url_or_filename) in self.HF_MODEL_TYPES:
-            self.load_hf_blip2(url_or_filename)
-        else:
-            self.load_lavis(url_or_filename)
-
-    def load_stage1(self, url_or_path: str) -> None:
-        """Initialise Q-Former, query tokens, ``ln_vision`` (and the ViT if present) from a
-        stage-1 checkpoint; everything stage 2 has no module for is dropped."""
-        state = {k: v for k, v in load_pth(url_or_path).items() if not self._unused_key(k)}
-        keep = ("Qformer.", "query_tokens", "ln_vision.", "visual_encoder.")
-        extra = sorted(k for k in state if not k.startswith(keep))
-        if extra:
-            raise UserError(f"stage1_checkpoint {url_or_path} has weights a BLIP-2 stage-1 model "
-                            f"does not: {extra[:8]}. Is it a stage-1 (blip2 / lp_blip2) file?")
-        self._load_checked(state, url_or_path, required=("Qformer.", "query_tokens"))
-
-    def load_lavis(self, url_or_path: str) -> None:
-        """Load a LAVIS ``blip2_opt``/``blip2_t5`` (or this plugin's) ``.pth`` as it is."""
-        state = {k: v for k, v in load_pth(url_or_path).items() if not self._unused_key(k)}
-        self._check_projection(state, url_or_path)
-        self._load_checked(state, url_or_path,
-                           required=("Qformer.", "query_tokens", self.PROJ_NAME + "."))
-
-    def load_hf_blip2(self, folder: str) -> None:
-        """Load a transformers ``Blip2ForConditionalGeneration`` folder (weights renamed); the
-        model must have been built at the folder's sizes (``from_config`` does that). Every
-        weight the model has must be in the folder."""
-        state = hf_to_lavis_state_dict(read_hf_state_dict(folder), self.PROJ_NAME, self.LLM_NAME)
-        state = {k: v for k, v in state.items() if not self._unused_key(k)}
-        self._check_projection(state, folder)
-        self._load_checked(state, folder, required=(
-            "Qformer.", "query_tokens", self.PROJ_NAME + ".", self.LLM_NAME + ".",
-            "visual_encoder.", "ln_vision."))
-
-    def _check_projection(self, state: Dict[str, torch.Tensor], source: str) -> None:
-        w = state.get(self.PROJ_NAME + ".weight")
-        if w is None:
-            return
-        ours = self.llm_proj.weight
-        if w.shape[0] != ours.shape[0]:
-            raise UserError(
-                f"{source}: its {self.PROJ_NAME} maps to an LLM of width {w.shape[0]}, but the "
-                f"LLM folder loaded (model.{self.LLM_NAME}) has hidden size {ours.shape[0]}. "
-                f"Point model.{self.LLM_NAME} at the LLM this checkpoint was trained with.")
-        if w.shape[1] != ours.shape[1]:
-            raise UserError(
-                f"{source}: its {self.PROJ_NAME} reads Q-Former outputs of width {w.shape[1]}, "
-                f"this model's Q-Former has width {ours.shape[1]} (from model.bert_path).")
-
-    def _load_checked(self, state: Dict[str, torch.Tensor], source: str,
-                      required: Iterable[str]) -> None:
-        """``load_state_dict`` that fails on unknown keys, wrong shapes, and missing keys under
-        ``required`` prefixes; missing frozen parts are logged."""
-        own = self.state_dict()
-        unknown = sorted(k for k in state if k not in own)
-        bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-               if k in own and tuple(v.shape) != tuple(own[k].shape)]
-        differs = describe_mismatch(state, own, self.vit_setting()) if unknown or bad else []
-        if differs:  # name the setting, not the tensor
-            raise UserError(mismatch_message(source, differs, ""))
-        if unknown:
-            raise UserError(f"{source}: {len(unknown)} weight(s) this model does not have, e.g. "
-                            f"{unknown[:6]}. Is it a checkpoint of {type(self).__name__}'s "
-                            "architecture?")
-        if bad:
-            raise UserError(f"{source}: weight shapes differ from this model's (name, file, "
-                            f"model): {bad[:6]}. Check vit_model, bert_path, num_query_token.")
-        required = tuple(required)
-        params = {k for k, _ in self.named_parameters()}  # buffers (position_ids) not required
-        # the text branch of a question-aware Q-Former may come from BERT or a stage-1 file
-        missing_required = sorted(k for k in params if k.startswith(required) and k not in state
-                                  and not _QFORMER_TEXT_BRANCH.match(k))
-        if missing_required:
-            raise UserError(f"{source}: lacks {len(missing_required)} weight(s) it must provide, "
-                            f"e.g. {missing_required[:6]}")
-        self.load_state_dict(state, strict=False)
-        absent = sorted({k.split(".")[0] for k in own if k not in state})
-        logger.info("loaded %d tensors from %s; kept as built (not in the file): %s",
-                    len(state), source, absent or "nothing")
-
-    # ------------------------------------------------------------------ prompts
-    @staticmethod
-    def batch_prompts(prompt: Any, batch_size: int, field: str = "prompt") -> List[str]:
-        """A prompt for each sample: a string is repeated; a list must have one per sample."""
-        if isinstance(prompt, str):
-            return [prompt] * batch_size
-        prompts = list(prompt)
-        if len(prompts) != batch_size:
-            raise UserError(f"samples[{field!r}] has {len(prompts)} prompts for {batch_size} "
-                            "images; give one string or one per image")
-        return prompts
-
-    def postprocess_answers(self, answers: List[str]) -> List[str]:
-        """Generated answers, lemmatised when ``apply_lemmatizer`` (LAVIS's OK-VQA protocol)."""
-        if not self.cfg.apply_lemmatizer:
-            return answers
-        nlp = self._lemmatizer()
-        return [" ".join(t.lemma_ if t.pos_ in ("NOUN", "VERB") else t.text for t in nlp(a))
-                for a in answers]
-
-    def _lemmatizer(self):
-        if getattr(self, "_spacy", None) is None:
-            try:
-                import spacy
-
-                self._spacy = spacy.load("en_core_web_sm")
-            except (ImportError, OSError) as e:
-                raise UserError(
-                    "model.apply_lemmatizer needs spaCy and its en_core_web_sm model: "
-                    "`pip install spacy && python -m spacy download en_core_web_sm`, or set "
-                    f"model.apply_lemmatizer: false ({e})") from e
-        return self._spacy
-
-    @staticmethod
-    def format_questions(questions: Any, prompt: str) -> List[str]:
-        """Questions put in ``prompt`` ("Question: {} Answer:"); "" keeps them as they are."""
-        if isinstance(questions, str):
-            questions = [questions]
-        if prompt and "{}" not in prompt:
-            raise UserError(f"the VQA prompt {prompt!r} has no '{{}}' where the question goes")
-        return [prompt.format(q) for q in questions] if prompt else list(questions)
-
-    # ------------------------------------------------------------------ generation
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """The LLM's input embeddings of token ids (B, L) -> (B, L, H)."""
-        return self.llm.get_input_embeddings()(ids)
-
-    def _llm_inputs(self, inputs_llm: torch.Tensor, atts_llm: torch.Tensor,
-                    prompts: Sequence[str], max_new_tokens: int = 0
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
-        """``[visual prompt][prompt tokens]`` embeddings (B, Nq + P, H) and mask (B, Nq + P),
-        checked against ``context_length`` (with room for ``max_new_tokens`` where generated
-        tokens share that context)."""
-        raise NotImplementedError
-
-    def _generation_kwargs(self) -> Dict[str, Any]:
-        """Extra ``generate`` arguments of the LLM family (e.g. its stop token)."""
-        return {}
-
-    @torch.no_grad()
-    def generate(self, samples: Dict[str, Any], use_nucleus_sampling: bool = False,
-                 num_beams: int = 5, max_length: int = 30, min_length: int = 1,
-                 top_p: float = 0.9, repetition_penalty: float = 1.0,
-                 length_penalty: float = 1.0, num_captions: int = 1,
-                 temperature: float = 1.0) -> List[str]:
-        """Captions (or prompted text) for a batch of images.
-
-        Args:
-            samples: ``image`` (B, 3, H, W); optional ``prompt``: one string or B strings
-                (default ``model.prompt``).
-            use_nucleus_sampling: sample with ``top_p`` / ``temperature`` (else beam search).
-            num_beams: beam width (1 = greedy); ignored when sampling.
-            max_length / min_length: most / fewest new tokens.
-            num_captions: outputs per image (<= num_beams for beam search).
-        Returns:
-            B * num_captions strings, the captions of image i at ``i*num_captions ...``.
-        """
-        image = samples["image"]
-        prompts = self.batch_prompts(samples.get("prompt", self.prompt), image.shape[0])
-        inputs_llm, atts_llm = self.visual_prompt(image, prompts)
-        return self._generate(inputs_llm, atts_llm, prompts, use_nucleus_sampling, num_beams,
-                              max_length, min_length, top_p, repetition_penalty, length_penalty,
-                              num_captions, temperature)
-
-    def _generate(self, inputs_llm, atts_llm, prompts, use_nucleus_sampling, num_beams,
-                  max_length, min_length, top_p, repetition_penalty, length_penalty,
-                  num_captions, temperature) -> List[str]:
-        if use_nucleus_sampling:
-            num_beams = 1
-        elif num_captions > num_beams:
-            raise UserError(f"num_captions ({num_captions}) > num_beams ({num_beams}): beam "
-                            "search returns at most num_beams sequences; raise num_beams or "
-                            "use nucleus sampling")
-        # top_p / temperature only mean something when sampling (transformers warns otherwise)
-        sampling = dict(top_p=top_p, temperature=temperature) if use_nucleus_sampling else {}
-        if num_beams > 1:  # the same for length_penalty and beams
-            sampling["length_penalty"] = length_penalty
-        with self.autocast():
-            embeds, mask = self._llm_inputs(inputs_llm, atts_llm, prompts, max_length)
-            out = self.llm.generate(
-                inputs_embeds=embeds, attention_mask=mask, do_sample=use_nucleus_sampling,
-                num_beams=num_beams, **sampling,
-                max_new_tokens=max_length, min_new_tokens=min_length,
-                **self._generation_kwargs(),
-                repetition_penalty=repetition_penalty,
-                num_return_sequences=num_captions)
-        # with inputs_embeds, a decoder-only LLM's generate returns only the new tokens
-        return [t.strip() for t in self.llm_tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-    @torch.no_grad()
-    def predict_answers(self, samples: Dict[str, Any], num_beams: int = 5,
-                        inference_method: str = "generate", max_len: int = 10,
-                        min_len: int = 1, num_ans_candidates: int = 128,
-                        answer_list: Optional[Sequence[str]] = None,
-                        prompt: Optional[str] = None, length_penalty: float = -1.0,
-                        **kwargs: Any) -> List[str]:
-        """Answers to ``samples["text_input"]`` (B questions) about ``samples["image"]``.
-
-        ``prompt`` holds each question (default: ``PREDICT_PROMPT``, which is LAVIS's default of
-        the same method where LAVIS has one, else the paper's ``VQA_PROMPT``); ``inference_method`` "generate" runs beam search, "rank" picks from
-        ``answer_list`` (see rank_answers).
-        """
-        prompt = self.default_predict_prompt() if prompt is None else prompt
-        if inference_method == "rank":
-            return self.rank_answers(samples, answer_list, num_ans_candidates, prompt)
-        if inference_method != "generate":
-            raise UserError(f"inference_method {inference_method!r}: use 'generate' or 'rank'")
-        questions = self.format_questions(samples["text_input"], prompt)
-        if len(questions) != samples["image"].shape[0]:
-            raise UserError(f"{len(questions)} questions for {samples['image'].shape[0]} images")
-        inputs_llm, atts_llm = self.visual_prompt(samples["image"], questions)
-        answers = self._generate(inputs_llm, atts_llm, questions, False, num_beams, max_len,
-                                 min_len, 1.0, 1.0, length_penalty, 1, 1.0)
-        return self.postprocess_answers(answers)
-
-    # ------------------------------------------------------------------ answer ranking
-    VQA_PROMPT = ""  # subclasses: BLIP-2's zero-shot VQA prompt for their LLM
-    # predict_answers' prompt when none is given; None: VQA_PROMPT. Subclasses whose LAVIS
-    # counterpart has predict_answers set LAVIS's default, so ported client code answers alike
-    PREDICT_PROMPT: Optional[str] = None
-
-    def default_predict_prompt(self) -> str:
-        return self.VQA_PROMPT if self.PREDICT_PROMPT is None else self.PREDICT_PROMPT
-    RANK_CHUNK = 64  # candidates scored per LLM call in ranking
-
-    @torch.no_grad()
-    def rank_answers(self, samples: Dict[str, Any], answer_list: Optional[List[str]],
-                     num_ans_candidates: int = 128, prompt: Optional[str] = None) -> List[str]:
-        """Each question's most likely answer from ``answer_list`` (LLM log-likelihood ranking,
-        the protocol InstructBLIP reports for video QA).
-
-        Candidates are first pre-selected by the log-probability of their first token (the
-        ``num_ans_candidates`` best, as BLIP's VQA ranking does; all when the list is shorter),
-        then scored by the summed log-probability of all their tokens, end-of-answer included.
-
-        Args:
-            samples: ``image`` (B, 3, H, W), ``text_input`` (B questions).
-            answer_list: the candidate answers (shared by the batch).
-            num_ans_candidates: how many survive the first-token pre-selection.
-            prompt: question template (default: the model's VQA prompt).
-        """
-        scores, idx = self._rank(samples, answer_list, num_ans_candidates, prompt)
-        best = idx.gather(1, scores.argmax(1, keepdim=True))[:, 0]
-        return [answer_list[i] for i in best.tolist()]
-
-    @torch.no_grad()
-    def score_candidates(self, samples: Dict[str, Any], candidates: List[str],
-                         prompt: Optional[str] = None) -> torch.Tensor:
-        """(B, C) log-likelihood of every candidate (summed over its tokens) for each sample."""
-        scores, _ = self._rank(samples, candidates, len(candidates), prompt)
-        return scores
-
-    def _rank(self, samples, answers, k, prompt) -> Tuple[torch.Tensor, torch.Tensor]:
-        if not answers:
-            raise UserError("answer ranking needs a non-empty answer list (run.inference_method "
-                            "'rank' reads it from the dataset's answer_list)")
-        answers = list(answers)
-        prompt = self.default_predict_prompt() if prompt is None else prompt
-        image = samples["image"]
-        if "text_input" in samples:
-            prompts = self.format_questions(samples["text_input"], prompt)
-        else:
-            prompts = self.batch_prompts(samples.get("prompt", self.prompt), image.shape[0])
-        state = self._score_prefix(image, prompts)
-        cand = self._candidate_tokens(answers)
-        first = state["first"]  # (B, V) log-probs of the first answer token
-        device = first.device
-        first_ids = torch.tensor([c[0] for c in cand], device=device)
-        n, b_size = len(answers), first.shape[0]
-        k = max(1, min(int(k), n))
-        idx = (first[:, first_ids].topk(k, dim=1).indices if k < n
-               else torch.arange(n, device=device).expand(b_size, n))
-        scores = torch.empty(b_size, k, device=device)
-        for b in range(b_size):
-            for s in range(0, k, self.RANK_CHUNK):
-                sel = idx[b, s:s + self.RANK_CHUNK].tolist()
-                rows = [cand[i] for i in sel]
-                width = max(len(r) for r in rows)
-                ids = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=device)
-                mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows],
-                                    device=device)
-                scores[b, s:s + len(sel)] = self._continuation_logp(state, b, ids, mask)
-        return scores, idx
-
-    def _candidate_tokens(self, answers: List[str]) -> List[List[int]]:  # pragma: no cover
-        raise NotImplementedError
-
-    def _score_prefix(self, image: torch.Tensor, prompts: List[str]) -> Dict[str, Any]:
-        raise NotImplementedError  # pragma: no cover
-
-    def _continuation_logp(self, state: Dict[str, Any], b: int, ids: torch.Tensor,
-                           mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-
-def join_prompt(prompt: str, text: str) -> str:
-    """``prompt`` then ``text``, with a space between when neither side has one."""
-    if not prompt or not text:
-        return prompt + text
-    sep = "" if prompt[-1].isspace() or text[0].isspace() else " "
-    return prompt + sep + text
-
-
-def as_text_list(value: Any, name: str) -> List[str]:
-    """``samples[name]`` as a list of strings (a single string becomes a list of one)."""
-    if value is None:
-        raise UserError(f"samples lack {name!r}")
-    values = [value] if isinstance(value, str) else list(value)
-    bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
-    if bad:
-        raise UserError(f"samples[{name!r}] must hold strings; item {bad[0]} is "
-                        f"{type(values[bad[0]]).__name__}")
-    return values

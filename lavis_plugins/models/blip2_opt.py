@@ -34,6 +34,7 @@ from lavis_plugins.models._blip2_llm import (
     as_text_list,
     join_prompt,
 )
+from lavis_plugins.models._shared_prefill import shared_prefill
 from lavis_plugins.models.text_tokens import to_device
 from lavis_plugins.paths import config_path
 
@@ -270,6 +271,11 @@ class LPBlip2OPT(Blip2LLMBase):
     def _generation_kwargs(self) -> Dict[str, Any]:
         return {"eos_token_id": self.eos_token_id,
                 "pad_token_id": self.llm_tokenizer.pad_token_id}
+
+    def _generation_context(self, rows: int, copies: int, new_tokens: int):
+        """The prompt's prefill runs once per image, not once per beam or sample, and the cache
+        grows in place."""
+        return shared_prefill(self.llm, rows, copies, new_tokens)
 
     # ------------------------------------------------------------------ answer ranking
     def _candidate_tokens(self, answers: Sequence[str]) -> List[List[int]]:
