@@ -116,6 +116,16 @@ def test_other_llms_run_as_they_are():
         assert "forward" not in vars(other)
 
 
+def test_a_transformers_without_opt_sdpa_attention_runs_as_it_is(opt, monkeypatch):
+    """transformers 5 drops ``OPTSdpaAttention`` (one attention class, cache objects): generation
+    there must run transformers' own path, not fail on the import."""
+    from transformers.models.opt import modeling_opt
+
+    monkeypatch.delattr(modeling_opt, "OPTSdpaAttention")
+    with shared_prefill(opt.llm, 4, 5):
+        assert "forward" not in vars(opt.llm)
+
+
 def test_public_generate_and_vqa_equal_without_sharing(opt, monkeypatch):
     """Through the model's own generate and predict_answers (beam 5, BLIP-2's VQA settings)."""
     image = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))

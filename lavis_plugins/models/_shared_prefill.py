@@ -118,15 +118,17 @@ def shared_prefill(llm: nn.Module, rows: int, copies: int, new_tokens: int = 0
     transformers' ``OPTForCausalLM`` run as they are; OPT attention other than SDPA keeps its
     own cache."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    from transformers.models.opt.modeling_opt import OPTForCausalLM, OPTSdpaAttention
+    from transformers.models.opt import modeling_opt
 
-    if not isinstance(llm, OPTForCausalLM):
+    # transformers 5 has one OPT attention class and its own cache objects: run as it is there
+    sdpa_attention = getattr(modeling_opt, "OPTSdpaAttention", None)
+    if sdpa_attention is None or not isinstance(llm, modeling_opt.OPTForCausalLM):
         yield
         return
     plain_forward = llm.forward
     state: Dict[str, Any] = {"prefix": 0}  # prefill positions; "buffers" once it has run
     attentions = [layer.self_attn for layer in llm.get_decoder().layers]
-    in_place = all(type(a) is OPTSdpaAttention for a in attentions)
+    in_place = all(type(a) is sdpa_attention for a in attentions)
 
     @functools.wraps(plain_forward)  # generate inspects forward's signature (position_ids)
     def forward(*args: Any, **kwargs: Any):
