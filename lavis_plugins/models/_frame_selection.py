@@ -20,8 +20,8 @@ alike). ``spread`` needs two texts or more per video. Ties keep the earlier fram
 
 Measured on the demo's temporal split (stage 1 trained with ``itm_negatives: mixed``; docs/
 benchmarks.md): the stage-1 ITC similarity of a frame to any one text is nearly the same for
-every frame (0.63 +- 0.01), so ``best`` keeps frames showing the asked-about shape about as often
-as uniform sampling (32% vs 25%); ``spread`` over the four options keeps them in 60%. The
+every frame of a clip (within +-0.01), so ``best`` keeps frames showing the asked-about shape
+about as often as uniform sampling (27-32% vs 25%); ``spread`` over the options: 60%. The
 stage-1 ITM head scores whether a text describes the *whole* frame (the demo's captions name every
 shape), so a frame that shows the asked-about shape beside another one often scores *lower*
 than a frame without it, for any text, and neither aggregate helps it there.
