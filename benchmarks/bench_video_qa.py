@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=5, help="answer tokens generated")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--decode-threads", type=int, default=0,
+                   help="our processor's decoder threads (lp_video_eval threads; 0: FFmpeg's "
+                        "choice, one per core)")
     p.add_argument("--clip-size", default="360p", choices=list(bench_video_decode.SIZES))
     p.add_argument("--opt-layers", type=int, default=4, help="small config: OPT layers")
     p.add_argument("--opt-hidden", type=int, default=256, help="small config: OPT width")
@@ -132,7 +135,8 @@ def build_ours(args, root: Path, n_frms: int, **video_settings):
         llm_dtype="fp16" if args.real_size else "fp32", prompt="", num_query_token=32,
         fusion="concat", **video_settings, **bench_stage2.vit_settings(args))
     model = LPBlip2VideoOPT(cfg).to(args.device).eval()
-    return model, VideoEvalProcessor(VideoEvalConfig(n_frms=n_frms, image_size=224))
+    return model, VideoEvalProcessor(VideoEvalConfig(n_frms=n_frms, image_size=224,
+                                                     threads=args.decode_threads))
 
 
 def build_reference(args, root: Path, ours, n_frms: int):
@@ -255,7 +259,8 @@ def main(argv=None) -> None:
             else f"small: tiny ViT 2x256, Q-Former 4x256, OPT {args.opt_layers}x"
                  f"{args.opt_hidden}, fp32")
     print(f"# zero-shot video QA, {size}, {args.device}, torch threads "
-          f"{torch.get_num_threads()}, {args.videos} {args.clip_size} videos in batches of "
+          f"{torch.get_num_threads()}, decoder threads {args.decode_threads or 'auto'}, "
+          f"{args.videos} {args.clip_size} videos in batches of "
           f"{args.batch}, {args.new_tokens} answer tokens, greedy", flush=True)
     if args.selection:
         return selection_main(args, paths, cuda)

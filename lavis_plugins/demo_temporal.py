@@ -18,7 +18,9 @@ CANDIDATES = 24  # frames selection chooses from (every frame of the 24-frame cl
 # the answering LLM's "yes" to SeViLA's localizer prompt. Measured 2026-12-05 on one demo run
 # (stage 1 with itm_negatives: mixed), % of questions whose 2 read frames show the asked-about
 # shape: llm 86, itc 32, itm 26, uniform 25 (the earlier stage 1, whose ITM head learned almost
-# nothing, gave itm 71-84 and itc 35); llm also needs no stage-1 checkpoint
+# nothing, gave itm 71-84 and itc 35); llm also needs no stage-1 checkpoint. itc with
+# model.selection_aggregate: spread (multiple choice only) reached 60%, multiple choice 23.0
+# vs 19.0 uniform and 34.0 llm (docs/benchmarks.md)
 SELECTOR = "llm"
 # stage key -> (dataset name, selects frames)
 TEMPORAL_STAGES = {

@@ -217,6 +217,9 @@ def test_selection_settings_are_checked(lp, tmp_path):
     with pytest.raises(UserError, match="selection_prompt"):
         lp.load_model("lp_blip2_video_opt", "tiny", frame_selection="llm",
                       selection_prompt="Is {q} answered?")
+    with pytest.raises(UserError, match="selection_aggregate.*spread"):
+        lp.load_model("lp_blip2_video_opt", "tiny", frame_selection="llm",
+                      selection_aggregate="mean")
     video = {"video": torch.zeros(1, 3, 2, SIZE, SIZE), "text_input": ["what"]}
     missing = _video_model(lp, frame_selection="itc", selection_k=1,
                            selector_checkpoint=str(tmp_path / "no.pth"))
@@ -232,3 +235,43 @@ def test_selection_settings_are_checked(lp, tmp_path):
     with pytest.raises(UserError, match="question text"):
         llm.predict_answers({"video": video["video"], "text_input": [""]}, max_len=2,
                             num_beams=1)
+    spread = _video_model(lp, frame_selection="llm", selection_k=1, selection_aggregate="spread")
+    with pytest.raises(UserError, match="'spread' compares .* only one"):
+        spread.predict_answers(video, max_len=2, num_beams=1)  # one question, no options
+
+
+def test_spread_is_each_frame_s_best_minus_mean_score_over_its_texts(lp, selector_ckpt):
+    """``selection_aggregate: spread``: per frame, the maximum minus the mean of its scores for
+    its video's texts, each text scored alone; ``best``: the maximum."""
+    stage1 = lp.load_model("lp_blip2_video_qformer", "tiny", is_eval=True,
+                           checkpoint=str(selector_ckpt), bert_path=_BERT[0])
+    video = torch.stack([_clip(["red", "blue", "red"]), _clip(["blue", "blue", "red"])])
+    embeds = stage1.encode_image(video.transpose(1, 2).flatten(0, 1))
+    embeds = embeds.reshape(2, 3, *embeds.shape[1:])  # (B, T, N, Dv)
+    texts = [["a red square", "a blue circle"], ["a red square", "a blue circle", "a circle"]]
+    for method in ("itc", "itm"):
+        alone = [torch.stack([stage1.frame_text_scores(embeds[v:v + 1], [[t]], method)[0]
+                              for t in ts]) for v, ts in enumerate(texts)]  # (texts, T) each
+        spread = stage1.frame_text_scores(embeds, texts, method, aggregate="spread")
+        best = stage1.frame_text_scores(embeds, texts, method)
+        for v in range(2):
+            torch.testing.assert_close(best[v], alone[v].max(0).values)
+            torch.testing.assert_close(spread[v], alone[v].max(0).values - alone[v].mean(0))
+
+
+def test_candidate_frames_and_pick_frames_equal_the_plain_tensor_ops():
+    """The copy-saving helpers give exactly what resizing every flattened frame and gathering
+    the kept frames gave."""
+    import torch.nn.functional as F
+
+    from lavis_plugins.models._frame_selection import candidate_frames, gather_frames, pick_frames
+    from lavis_plugins.models._video_frames import flatten_frames
+
+    video = torch.randn(2, 3, 5, 28, 28, generator=torch.Generator().manual_seed(0))
+    plain = F.interpolate(flatten_frames(video), size=(14, 14), mode="bilinear", antialias=True,
+                          align_corners=False)
+    assert torch.equal(candidate_frames(video, 14), plain)
+    assert torch.equal(candidate_frames(video, 28), flatten_frames(video))
+    index = torch.tensor([[0, 3], [2, 4]])
+    assert torch.equal(pick_frames(video, index),
+                       gather_frames(video.transpose(1, 2), index).transpose(1, 2))

@@ -261,6 +261,28 @@ def test_multiple_choice_evaluation_through_the_cli(lp, mc_root, tmp_path):
                    for r in rows)
         assert metrics[protocol]["num_correct"] == sum(r["correct"] for r in rows)
         assert set(metrics[protocol]["per_question_type"]) == {"color", "count"}
+    # frames scored by how far they tell the options apart (model.selection_aggregate)
+    assert cli.main(["evaluate", "--cfg-path", str(cfg), "--job-id", "spread", "--options",
+                     "model.selection_aggregate=spread"]) == 0
+    spread = json.loads((tmp_path / "out" / "spread" / "evaluate.txt").read_text()
+                        .splitlines()[-1])["test"]
+    assert spread["num_questions"] == 3
+
+
+def test_a_bad_selection_aggregate_is_one_error_line_through_the_cli(lp, mc_root, tmp_path,
+                                                                    capsys):
+    from lavis_plugins import cli
+
+    ann = write_json(tmp_path / "mc.json", [
+        {"video": "how_clip.mp4", "question": "what colour", "options": ["red", "blue"],
+         "answer": 0}])
+    cfg = tmp_path / "mc.yaml"
+    cfg.write_text(MC_YAML.format(ann=ann, root=mc_root, out=tmp_path / "o"))
+    rc = cli.main(["evaluate", "--cfg-path", str(cfg), "--options",
+                   "model.selection_aggregate=mean"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1
+    assert "selection_aggregate" in err[0] and "spread" in err[0]
 
 
 @pytest.mark.parametrize("name", ["nextqa_mc_flant5xl_select4of32", "star_mc_flant5xl_select4of32",

