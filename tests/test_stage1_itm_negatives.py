@@ -1,22 +1,49 @@
 """``itm_negatives`` of lp_blip2_qformer: "hard" (BLIP-2's, the default, unchanged: the parity
-tests use it), "mixed" (half hard, half uniform) and "random"; a bad value is refused."""
+tests use it), "mixed" (half hard, half uniform), "random" and "curriculum" (mixed to hard over
+``itm_curriculum_epochs``, by the batch's place in training); bad values are refused."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 
-def test_mixed_weights_are_half_itc_half_uniform():
-    from lavis_plugins.models.blip2_qformer import _mix_uniform
+def _weights(mode, samples=None, epochs=3.0):
+    from lavis_plugins.models.itm_negatives import hard_share, mix_weights
 
+    torch.manual_seed(0)
     w = torch.softmax(torch.randn(3, 6), dim=1)
-    mixed = _mix_uniform(w, "mixed")
+    share = hard_share(mode, samples or {}, epochs, w.device)
+    return w, (w if share is None else mix_weights(w, share))
+
+
+def test_mixed_weights_are_half_itc_half_uniform():
+    w, mixed = _weights("mixed")
     torch.testing.assert_close(mixed, 0.5 * w + 0.5 / 6)
     torch.testing.assert_close(mixed.sum(1), torch.ones(3))
-    torch.testing.assert_close(_mix_uniform(w, "random"), torch.full((3, 6), 1 / 6))
+    assert torch.equal(_weights("random")[1], torch.full((3, 6), 1 / 6))
+    w, hard = _weights("hard")
+    assert hard is w  # untouched: LAVIS's sampling, bit for bit
 
 
-@pytest.mark.parametrize("mode", ["hard", "mixed", "random"])
+def _at(epoch, it, n=10):
+    return {"epoch": epoch, "iters": it, "num_iters_per_epoch": n}
+
+
+def test_curriculum_moves_from_mixed_to_hard_over_its_epochs():
+    w, start = _weights("curriculum", _at(0, 0))
+    torch.testing.assert_close(start, _weights("mixed")[1])
+    # 1.5 of 3 epochs: share 0.75 hard
+    torch.testing.assert_close(_weights("curriculum", _at(1, 5))[1], 0.75 * w + 0.25 / 6)
+    torch.testing.assert_close(_weights("curriculum", _at(3, 0))[1], w)  # hard from epoch 3
+    torch.testing.assert_close(_weights("curriculum", _at(7, 2))[1], w)
+    # the span is the option's: 1.5 of 6 epochs is a quarter of the way
+    torch.testing.assert_close(_weights("curriculum", _at(1, 5), epochs=6.0)[1],
+                               0.625 * w + 0.375 / 6)
+    # a batch that does not say where it is (a direct call) gets the end state: hard
+    torch.testing.assert_close(_weights("curriculum", {})[1], w)
+
+
+@pytest.mark.parametrize("mode", ["hard", "mixed", "random", "curriculum"])
 def test_each_mode_trains_and_never_draws_the_positive(lp, tiny_bert_dir, mode, monkeypatch):
     model = lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir),
                           itm_negatives=mode)
@@ -30,7 +57,8 @@ def test_each_mode_trains_and_never_draws_the_positive(lp, tiny_bert_dir, mode, 
     monkeypatch.setattr(torch, "multinomial", spy)
     torch.manual_seed(0)
     out = model({"image": torch.randn(4, 3, 32, 32),
-                 "text_input": ["a red circle", "a blue square", "two shapes", "a green one"]})
+                 "text_input": ["a red circle", "a blue square", "two shapes", "a green one"],
+                 **_at(0, 0)})  # as the runner passes: the curriculum starts at mixed
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert len(drawn) == 2
@@ -39,13 +67,23 @@ def test_each_mode_trains_and_never_draws_the_positive(lp, tiny_bert_dir, mode, 
         off = w[~torch.eye(4, dtype=torch.bool)]
         if mode == "random":
             assert torch.allclose(off, off[0].expand_as(off))
-        if mode == "mixed":
+        if mode in ("mixed", "curriculum"):
             assert (off >= 0.5 / 4 - 1e-6).all()  # every other pair keeps its uniform half
 
 
 def test_bad_value_is_refused(lp, tiny_bert_dir):
     from lavis_plugins.common.errors import UserError
 
-    with pytest.raises(UserError, match="itm_negatives = 'easy'.*hard.*mixed.*random"):
+    with pytest.raises(UserError, match="itm_negatives = 'easy'.*hard.*mixed.*random.*curriculum"):
         lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir),
                       itm_negatives="easy")
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "three", True])
+def test_bad_curriculum_epochs_is_refused(lp, tiny_bert_dir, value):
+    from lavis_plugins.common.errors import UserError
+
+    with pytest.raises(UserError, match=r"itm_curriculum_epochs = .*: it must be a number of "
+                                        r"epochs > 0"):
+        lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir),
+                      itm_negatives="curriculum", itm_curriculum_epochs=value)
