@@ -1,5 +1,5 @@
 """``itm_negatives`` of lp_blip2_qformer: "hard" (BLIP-2's, the default, unchanged: the parity
-tests use it), "mixed" (half hard, half uniform), "random" and "curriculum" (mixed to hard over
+tests use it), "mixed" (half hard, half uniform), "random" and "curriculum" (random to hard over
 ``itm_curriculum_epochs``, by the batch's place in training); bad values are refused."""
 from __future__ import annotations
 
@@ -29,16 +29,17 @@ def _at(epoch, it, n=10):
     return {"epoch": epoch, "iters": it, "num_iters_per_epoch": n}
 
 
-def test_curriculum_moves_from_mixed_to_hard_over_its_epochs():
+def test_curriculum_moves_from_random_to_hard_over_its_epochs():
     w, start = _weights("curriculum", _at(0, 0))
-    torch.testing.assert_close(start, _weights("mixed")[1])
-    # 1.5 of 3 epochs: share 0.75 hard
-    torch.testing.assert_close(_weights("curriculum", _at(1, 5))[1], 0.75 * w + 0.25 / 6)
+    torch.testing.assert_close(start, _weights("random")[1])
+    # 1.5 of 3 epochs: share 0.5 hard, i.e. mixed
+    torch.testing.assert_close(_weights("curriculum", _at(1, 5))[1], _weights("mixed")[1])
+    torch.testing.assert_close(_weights("curriculum", _at(2, 4))[1], 0.8 * w + 0.2 / 6)
     torch.testing.assert_close(_weights("curriculum", _at(3, 0))[1], w)  # hard from epoch 3
     torch.testing.assert_close(_weights("curriculum", _at(7, 2))[1], w)
     # the span is the option's: 1.5 of 6 epochs is a quarter of the way
     torch.testing.assert_close(_weights("curriculum", _at(1, 5), epochs=6.0)[1],
-                               0.625 * w + 0.375 / 6)
+                               0.25 * w + 0.75 / 6)
     # a batch that does not say where it is (a direct call) gets the end state: hard
     torch.testing.assert_close(_weights("curriculum", {})[1], w)
 
@@ -58,7 +59,7 @@ def test_each_mode_trains_and_never_draws_the_positive(lp, tiny_bert_dir, mode, 
     torch.manual_seed(0)
     out = model({"image": torch.randn(4, 3, 32, 32),
                  "text_input": ["a red circle", "a blue square", "two shapes", "a green one"],
-                 **_at(0, 0)})  # as the runner passes: the curriculum starts at mixed
+                 **_at(0, 5)})  # as the runner passes: 5 of 10 iters in, 1/6 of the way
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert len(drawn) == 2
@@ -67,14 +68,17 @@ def test_each_mode_trains_and_never_draws_the_positive(lp, tiny_bert_dir, mode, 
         off = w[~torch.eye(4, dtype=torch.bool)]
         if mode == "random":
             assert torch.allclose(off, off[0].expand_as(off))
-        if mode in ("mixed", "curriculum"):
+        if mode == "curriculum":  # 1/6 hard: every other pair keeps 5/6 of its uniform share
+            assert (off >= 5 / 6 / 4 - 1e-6).all() and not torch.allclose(off, off[0])
+        if mode == "mixed":
             assert (off >= 0.5 / 4 - 1e-6).all()  # every other pair keeps its uniform half
 
 
 def test_bad_value_is_refused(lp, tiny_bert_dir):
     from lavis_plugins.common.errors import UserError
 
-    with pytest.raises(UserError, match="itm_negatives = 'easy'.*hard.*mixed.*random.*curriculum"):
+    with pytest.raises(UserError,
+                       match="itm_negatives = 'easy'.*hard.*mixed.*random.*curriculum"):
         lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir),
                       itm_negatives="easy")
 

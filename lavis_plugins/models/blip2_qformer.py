@@ -86,7 +86,7 @@ class Blip2QformerConfig:
     distill_alpha: float = 0.4  # weight of the momentum targets, ramped up over the 1st epoch
     # ITM negatives: "hard" draws them from the softmaxed ITC similarities (BLIP-2, LAVIS);
     # "mixed" half from those, half uniformly from the batch; "random" uniformly; "curriculum"
-    # from mixed to hard over itm_curriculum_epochs (models/itm_negatives.py). A tiny Q-Former
+    # from random to hard over itm_curriculum_epochs (models/itm_negatives.py). A tiny Q-Former
     # trained from scratch learns no ITM on hard negatives alone (README "ITM negatives")
     itm_negatives: str = "hard"
     itm_curriculum_epochs: float = 3.0  # "curriculum": epochs until every negative is hard
