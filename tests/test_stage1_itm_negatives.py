@@ -91,3 +91,32 @@ def test_bad_curriculum_epochs_is_refused(lp, tiny_bert_dir, value):
                                         r"epochs > 0"):
         lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir),
                       itm_negatives="curriculum", itm_curriculum_epochs=value)
+
+
+def test_curriculum_through_the_cli_follows_the_runners_position(lp, tmp_path, tiny_bert_dir,
+                                                                  monkeypatch):
+    """``lavis-plugins train`` with ``model.itm_negatives=curriculum``: the runner's epoch and
+    iteration reach the model, so the share of hard negatives rises step by step (2 epochs x 2
+    steps over a 2-epoch curriculum: 0, 1/4, 1/2, 3/4); a bad span is refused in one line."""
+    from test_stage1_survey_options import _train_yaml
+
+    from lavis_plugins import cli
+    from lavis_plugins.common.errors import UserError
+    from lavis_plugins.models import blip2_qformer, itm_negatives
+
+    shares = []
+
+    def spy(*a, **kw):
+        share = itm_negatives.hard_share(*a, **kw)
+        shares.append(float(share))
+        return share
+
+    monkeypatch.setattr(blip2_qformer, "hard_share", spy)
+    yaml = _train_yaml(tmp_path, tiny_bert_dir)
+    opts = ["model.itm_negatives=curriculum", "model.itm_curriculum_epochs=2"]
+    cli.run(str(yaml), opts, evaluate_only=False, job_id="curriculum")
+    assert shares == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    with pytest.raises(UserError, match=r"^lp_blip2_qformer: itm_curriculum_epochs = 0: it must "
+                                        r"be a number of epochs > 0$"):
+        cli.run(str(yaml), ["model.itm_negatives=curriculum", "model.itm_curriculum_epochs=0"],
+                evaluate_only=False, job_id="bad")
