@@ -54,4 +54,6 @@ def mix_weights(weights: Tensor, share: Tensor) -> Tensor:
     """Sampling weights (B, W*B) -> ``share * weights + (1 - share) * uniform`` (rows still sum
     to ~1): a negative is drawn from the ITC weights with probability ``share``, else uniformly."""
     uniform = torch.full_like(weights, 1.0 / weights.shape[1])
-    return torch.lerp(uniform, weights, share.to(weights.dtype))
+    share = share.to(weights.dtype)
+    # this order of operations gives "mixed" the bits of its first version (0.5 w + 0.5 u)
+    return share * weights + (1 - share) * uniform
