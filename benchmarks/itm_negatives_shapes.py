@@ -3,6 +3,10 @@
 images: ITM accuracy and retrieval R@1 with ITM re-ranking vs ITC alone.
 
     python benchmarks/itm_negatives_shapes.py --out /tmp/itm_neg hard mixed random
+    python benchmarks/itm_negatives_shapes.py --out /tmp/itm_cur curriculum --seeds 42 7 123
+
+``--seeds``: one stage 1 per mode and seed (``run.seed``); ``--option KEY=VALUE``: more stage-1
+options for every run (e.g. ``model.itm_curriculum_epochs=4``).
 
 ITM accuracy: each test image with its own (first) caption and with the next image's caption,
 called a match when P(match) > 0.5 (chance 50%); "pair" accuracy: its own caption scores higher
@@ -28,7 +32,7 @@ def evaluate(model) -> dict:
     from omegaconf import OmegaConf
 
     from lavis_plugins.paths import config_path
-    from lavis_plugins.tasks.retrieval import compute_retrieval_scores
+    from lavis_plugins.tasks.retrieval import compute_retrieval_scores, itc_metrics
 
     cfg = OmegaConf.load(config_path("datasets/lp_shapes/defaults_retrieval.yaml"))
     test = registry.get_builder_class("lp_shapes_retrieval")(
@@ -63,13 +67,19 @@ def evaluate(model) -> dict:
     (rt, ri), (ct, ci) = r1(i2t, t2i), r1(itc, itc.T)
     return {"itm_acc": 100 * float(((pos > .5).sum() + (neg <= .5).sum()) / (2 * n)),
             "itm_pair_acc": 100 * float((pos > neg).float().mean()),
+            # balanced, on the ITC top-16 pairs that re-ranking reads (lp_retrieval's itm_acc)
+            "itm_acc_candidates": itc_metrics(details, test.txt2img, test.img2txt, 16)["itm_acc"],
             "txt_r1_itm": rt, "img_r1_itm": ri, "txt_r1_itc": ct, "img_r1_itc": ci}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("modes", nargs="+", choices=["hard", "mixed", "random"])
+    from lavis_plugins.models.itm_negatives import ITM_NEGATIVES
+
+    p.add_argument("modes", nargs="+", choices=ITM_NEGATIVES)
     p.add_argument("--out", required=True)
+    p.add_argument("--seeds", nargs="+", type=int, default=[42], help="run.seed of each run")
+    p.add_argument("--option", action="append", default=[], help="more stage-1 KEY=VALUE")
     args = p.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -84,17 +94,16 @@ def main() -> None:
     ctx = demo.DemoContext(out=out, data_root=ensure_shapes_dataset(), bert_dir=out / "tiny-bert",
                            llm_dir=out / "llm")
     demo.make_demo_bert(ctx.bert_dir)
-    demo.make_demo_shards(ctx)
-    for mode in args.modes:
+    for mode, seed in [(m, s) for m in args.modes for s in args.seeds]:
         t, cpu = time.time(), time.process_time()
-        opts = [f"run.output_dir={out}", f"model.bert_path={ctx.bert_dir}",
-                f"datasets.lp_webdataset_caption.build_info.shards={out / 'shards'}",
-                f"model.itm_negatives={mode}"]
+        opts = [*demo.stage_options("stage1", ctx), f"model.itm_negatives={mode}",
+                f"run.seed={seed}", *args.option]
         runner, _ = cli.run(str(demo.demo_yaml("stage1.yaml")), opts, evaluate_only=False,
-                            job_id=f"stage1_{mode}", force=True)
+                            job_id=f"stage1_{mode}_{seed}", force=True)
         log = [json.loads(x) for x in (Path(runner.output_dir) / "train_log.jsonl").read_text()
                .splitlines() if x.strip()]
-        res = dict(mode=mode, **evaluate(runner.unwrap_dist_model(runner.model)),
+        res = dict(mode=mode, seed=seed, options=args.option,
+                   **evaluate(runner.unwrap_dist_model(runner.model)),
                    loss_itm_last=[r["loss_itm"] for r in log if "loss_itm" in r][-1],
                    wall_s=time.time() - t, cpu_s=time.process_time() - cpu,
                    load=os.getloadavg())

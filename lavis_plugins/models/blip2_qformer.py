@@ -39,6 +39,7 @@ from lavis_plugins.models._qformer_checkpoint import QformerCheckpointMixin
 from lavis_plugins.models._qformer_features import QformerFeaturesMixin
 from lavis_plugins.models._qformer_generation import QformerGenerationMixin
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig, resolve_bert_path
+from lavis_plugins.models.itm_negatives import ITM_NEGATIVES, hard_share, mix_weights
 from lavis_plugins.models.momentum import Teacher, momentum_targets, ramped_alpha
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
 from lavis_plugins.models.stage1_losses import IGNORE, cyclip_losses, distill_cross_entropy
@@ -84,11 +85,13 @@ class Blip2QformerConfig:
     momentum: float = 0.995  # EMA factor of the momentum model (ALBEF's)
     distill_alpha: float = 0.4  # weight of the momentum targets, ramped up over the 1st epoch
     # ITM negatives: "hard" draws them from the softmaxed ITC similarities (BLIP-2, LAVIS);
-    # "mixed" half from those, half uniformly from the batch; "random" uniformly. A tiny
-    # Q-Former trained from scratch learns no ITM on hard negatives alone (README "ITM negatives")
+    # "mixed" half from those, half uniformly from the batch; "random" uniformly; "curriculum"
+    # from random to hard over itm_curriculum_epochs (models/itm_negatives.py). A tiny Q-Former
+    # trained from scratch learns no ITM on hard negatives alone (README "ITM negatives")
     itm_negatives: str = "hard"
+    itm_curriculum_epochs: float = 3.0  # "curriculum": epochs until every negative is hard
 
-    ITM_NEGATIVES = ("hard", "mixed", "random")
+    ITM_NEGATIVES = ITM_NEGATIVES
     # keys of a LAVIS model config that are bookkeeping, not settings
     LAVIS_KEYS = ("arch", "model_type")
 
@@ -112,6 +115,10 @@ class Blip2QformerConfig:
         if self.itm_negatives not in self.ITM_NEGATIVES:
             raise UserError(f"lp_blip2_qformer: itm_negatives = {self.itm_negatives!r}: choose "
                             f"one of {list(self.ITM_NEGATIVES)}")
+        v = self.itm_curriculum_epochs
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise UserError(f"lp_blip2_qformer: itm_curriculum_epochs = {v!r}: it must be a "
+                            "number of epochs > 0")
         for key in ("cyclip", "momentum_distill"):
             if not isinstance(getattr(self, key), bool):
                 raise UserError(f"lp_blip2_qformer: {key} must be true or false, got "
@@ -172,13 +179,6 @@ def _gather_with_grad(x: Tensor) -> Tensor:
 
 def _pad_right(ids: Tensor, length: int, value: int) -> Tensor:
     return F.pad(ids, (0, length - ids.shape[1]), value=value)
-
-
-def _mix_uniform(weights: Tensor, mode: str) -> Tensor:
-    """Sampling weights (B, W*B) summing to ~1 per row: "random" uniform, "mixed" half the ITC
-    weights and half uniform (a negative drawn from either with probability 1/2)."""
-    uniform = torch.full_like(weights, 1.0 / weights.shape[1])
-    return uniform if mode == "random" else 0.5 * weights + 0.5 * uniform
 
 
 def init_vision_and_qformer(model: LPBlip2Base, cfg: Any,
@@ -356,13 +356,17 @@ class LPBlip2Qformer(QformerFeaturesMixin, QformerGenerationMixin, QformerCheckp
         alpha = None  # ALBEF's distillation weight, ramped by the batch's place in the epoch
         if self.cfg.momentum_distill and self.training:
             alpha = ramped_alpha(self.cfg.distill_alpha, samples, image_embeds.device)
-        return self._train_losses(image_embeds, text.input_ids, text.attention_mask, alpha)
+        share = hard_share(self.cfg.itm_negatives, samples, self.cfg.itm_curriculum_epochs,
+                           image_embeds.device)
+        return self._train_losses(image_embeds, text.input_ids, text.attention_mask, alpha,
+                                  share)
 
     def _train_losses(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                      alpha: Optional[Tensor]) -> Blip2Stage1Output:
+                      alpha: Optional[Tensor], itm_share: Optional[Tensor] = None
+                      ) -> Blip2Stage1Output:
         """The Q-Former step: every loss from image features (B, N, Dv) and caption ids and mask
-        (B, T). Tensors in, tensors out, no host reads: ``compile_for_training`` compiles it
-        whole (one graph)."""
+        (B, T); ``itm_share``: 0-dim share of hard ITM negatives (None: all hard). Tensors in,
+        tensors out, no host reads: ``compile_for_training`` compiles it whole (one graph)."""
         text = Tokens(input_ids, attention_mask)
         image_kv = self.Qformer.bert.image_kv(image_embeds)  # shared by the ITC and ITM passes
         query_hidden, query_kv = self.query_kv_pass(image_embeds, image_kv)  # (B, Nq, D)
@@ -376,7 +380,8 @@ class LPBlip2Qformer(QformerFeaturesMixin, QformerGenerationMixin, QformerCheckp
         if alpha is not None:
             teacher = momentum_targets(self, image_embeds, text, alpha)
         itc = self._itc_loss(image_feats, text_feat, teacher)
-        loss_itm, acc_itm = self._itm_loss(image_embeds, image_kv, text, itc.sim_i2t, itc.sim_t2i)
+        loss_itm, acc_itm = self._itm_loss(image_embeds, image_kv, text, itc.sim_i2t, itc.sim_t2i,
+                                           itm_share)
         loss_itg = self._itg_loss(text, query_kv, teacher)
         loss, cyclic = itc.loss + loss_itm + loss_itg, {}
         if self.cfg.cyclip:
@@ -423,9 +428,10 @@ class LPBlip2Qformer(QformerFeaturesMixin, QformerGenerationMixin, QformerCheckp
                          text_feat_all)
 
     def _itm_loss(self, image_embeds: Tensor, image_kv: ImageKV, text, sim_i2t: Tensor,
-                  sim_t2i: Tensor) -> Tuple[Tensor, Tensor]:
+                  sim_t2i: Tensor, share: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Matching loss on B positives, B (image, hard negative text) and B (text, hard negative
-        image) pairs; negatives are drawn from the softmaxed similarities over all ranks."""
+        image) pairs; negatives are drawn from the softmaxed similarities over all ranks, mixed
+        with uniform weights by the 0-dim ``share`` of hard ones (None: all hard)."""
         rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
         b = image_embeds.shape[0]
         if world * b < 2:
@@ -435,8 +441,8 @@ class LPBlip2Qformer(QformerFeaturesMixin, QformerGenerationMixin, QformerCheckp
         with torch.no_grad():
             weights_t2i = F.softmax(sim_t2i, dim=1) + 1e-4
             weights_i2t = F.softmax(sim_i2t, dim=1) + 1e-4
-            if self.cfg.itm_negatives != "hard":
-                weights_t2i, weights_i2t = (_mix_uniform(w, self.cfg.itm_negatives)
+            if share is not None:
+                weights_t2i, weights_i2t = (mix_weights(w, share)
                                             for w in (weights_t2i, weights_i2t))
             weights_t2i[local, rank * b + local] = 0  # never the positive
             weights_i2t[local, rank * b + local] = 0

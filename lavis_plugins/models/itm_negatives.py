@@ -1,0 +1,59 @@
+"""How stage 1 draws its ITM negatives: the share of ITC-hard negatives per step.
+
+BLIP-2 (and LAVIS) draws each image's negative text and each text's negative image from the
+softmaxed ITC similarities ("hard"). ``Blip2QformerConfig.itm_negatives`` can mix those sampling
+weights with uniform ones: the weights become ``share * hard + (1 - share) * uniform``, so a
+negative is a hard one with probability ``share``:
+
+- ``hard``: share 1 (BLIP-2's; the weights are left untouched, for LAVIS parity);
+- ``mixed``: share 1/2; ``random``: share 0;
+- ``curriculum``: share 0 (random) at the start, rising linearly to 1 over
+  ``itm_curriculum_epochs`` epochs, then 1. A tiny Q-Former trained from scratch learns no ITM on
+  hard negatives alone (ITC sharpens first and every hard negative is one word from its
+  positive), and one trained on mixed ones ranks ITC's hard candidates poorly; the curriculum
+  gives it the coarse signal first and the fine one after. (Measured on the demo, it learns a
+  better ITM head than ``mixed`` but does not make ITM re-ranking beat ITC alone on every seed:
+  docs/capfilt_demo.md. Starting at 1/2 (mixed) learned less.)
+
+The training position comes from the ``epoch``, ``iters`` and ``num_iters_per_epoch`` the runner
+adds to every training batch (Python ints: reading them is no host sync). A batch without them
+(a direct ``forward`` call, evaluation) is treated as past the curriculum: hard negatives.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+ITM_NEGATIVES = ("hard", "mixed", "random", "curriculum")
+# the share of hard negatives of the fixed modes, and the curriculum's starting share
+FIXED_SHARE = {"mixed": 0.5, "random": 0.0}
+CURRICULUM_START = FIXED_SHARE["random"]
+
+
+def hard_share(mode: str, samples: Mapping[str, Any], curriculum_epochs: float,
+               device: torch.device) -> Optional[Tensor]:
+    """The 0-dim share of hard negatives for this batch, or None for ``hard`` (weights unchanged).
+
+    ``curriculum_epochs``: epochs over which ``curriculum`` moves from mixed to hard (> 0)."""
+    if mode == "hard":
+        return None
+    if mode in FIXED_SHARE:
+        share = FIXED_SHARE[mode]
+    else:  # curriculum
+        epoch, it, n = (samples.get(k) for k in ("epoch", "iters", "num_iters_per_epoch"))
+        progress = 1.0
+        if epoch is not None and it is not None and n:
+            progress = min(1.0, (int(epoch) + int(it) / int(n)) / curriculum_epochs)
+        share = CURRICULUM_START + (1.0 - CURRICULUM_START) * progress
+    return torch.full((), share, device=device)  # a fill, not a copy from the host
+
+
+def mix_weights(weights: Tensor, share: Tensor) -> Tensor:
+    """Sampling weights (B, W*B) -> ``share * weights + (1 - share) * uniform`` (rows still sum
+    to ~1): a negative is drawn from the ITC weights with probability ``share``, else uniformly."""
+    uniform = torch.full_like(weights, 1.0 / weights.shape[1])
+    share = share.to(weights.dtype)
+    # this order of operations gives "mixed" the bits of its first version (0.5 w + 0.5 u)
+    return share * weights + (1 - share) * uniform
