@@ -201,7 +201,11 @@ def test_stage2_compile_keeps_parameter_names(lp):
 
 
 @pytest.mark.slow  # inductor compiles forward and backward: minutes on a shared 2-core machine
-@pytest.mark.parametrize("name", ["lp_blip2_qformer", "lp_blip2_opt", "lp_blip2_t5"])
+@pytest.mark.parametrize("name", ["lp_blip2_qformer", "lp_blip2_opt", pytest.param(
+    "lp_blip2_t5", marks=pytest.mark.xfail(strict=True, reason=(
+        "inductor adds the shape guard Ne(8*L, L**2) on T5's labels length L (dynamic shapes): "
+        "a recompile when a batch's target is 8 tokens long (bucketed static shapes would "
+        "avoid it)")))])
 def test_inductor_losses_equal_eager_without_recompiles(lp, monkeypatch, name):
     """Real code generation (inductor): dropout off, hardest negatives (see the module
     docstring); losses within 1e-5 of eager, no recompile over 4 caption lengths."""
@@ -215,7 +219,8 @@ def test_inductor_losses_equal_eager_without_recompiles(lp, monkeypatch, name):
     "but some gradients do not: Q-Former word_embeddings max |diff| 0.39 of max |grad| 0.55, "
     "layer-0 cross-attention value weight 1.7e-3 of 3.6e-3. aot_eager and "
     "aot_eager_decomp_partition (inductor's decompositions and partitioner, eager kernels) "
-    "match eager within 4e-7, so the difference is in inductor's code generation"))
+    "match eager within 4e-7, and inductor with dynamic=False matches (word_embeddings 1.7e-6): "
+    "the difference is in inductor's dynamic-shape code generation"))
 def test_inductor_stage1_gradients_equal_eager(lp, monkeypatch):
     monkeypatch.setattr(torch, "multinomial", _hardest)
     _compare_steps("lp_blip2_qformer", "inductor", steps=2, dropout=False)
