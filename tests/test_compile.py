@@ -1,35 +1,111 @@
-"""``run.compile: true`` (issue #14, item 4): the frozen encoder and the Q-Former step compile
-without graph breaks; compiled losses should equal eager ones with no recompile for captions of
-other lengths (the step is compiled with dynamic shapes) -- that last test is an expected
-failure for now, see its reason."""
+"""``run.compile: true`` (issue #14, item 4): the frozen encoder and the Q-Former step (stage 1),
+and the encoder, Q-Former passes and frozen LLM forward (stage 2, ``lp_blip2_opt`` /
+``lp_blip2_t5``) compile without graph breaks, the compiled losses and gradients equal eager ones
+within 1e-5, and captions of other lengths reuse the graphs (no recompiles: dynamic shapes).
+
+Like is compared with like. Under inductor, dropout draws its own random numbers (its decomposition
+of dropout is ``rand_like(x) > p``, eager's kernel uses ``bernoulli_``), and ITM negatives are a
+``torch.multinomial`` draw that flips to another sample when inductor's fused softmax moves the
+weights by one ulp (measured: ITM loss 5e-4 off in eval mode, ITC and ITG equal). So the
+inductor tests turn dropout off and take the hardest negative (argmax of the same weights): the
+step then has no random draw and eager and compiled compute one function. The ``aot_eager``
+backend (forward and backward traced as inductor's are, run with eager kernels, so eager's random
+draws) checks the stage-2 models with dropout on. Under inductor, stage 1's losses equal eager's
+but some gradients do not (torch 2.5.1, CPU): that test is a strict expected failure.
+"""
 from __future__ import annotations
 
 import copy
+from typing import Dict, List
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from test_runner import Regressor, _runner
 
 WORDS = "a red circle left of blue square above small green triangle near big".split()
+LOSSES = {"lp_blip2_qformer": ("loss", "loss_itc", "loss_itm", "loss_itg"),
+          "lp_blip2_opt": ("loss",), "lp_blip2_t5": ("loss",)}
 
 
-def _batch(model, seed: int, size: int = 32):
-    """4 images and captions of random lengths (1 to 13 words), tokenised as the loader does."""
+def _batch(model, seed: int, size: int = 32) -> Dict:
+    """4 images and captions of random lengths (1 to 13 words), tokenised as the loader does
+    (where the model tokenises ahead)."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 14, (4,), generator=g).tolist()
     samples = {"image": torch.randn(4, 3, size, size, generator=g),
                "text_input": [" ".join(WORDS[:k]) for k in lengths]}
-    samples.update(model.pretokenize(samples))
+    if hasattr(model, "pretokenize"):
+        samples.update(model.pretokenize(samples))
     return samples
 
 
-def _tiny_stage1():
+def _tiny(name: str = "lp_blip2_qformer"):
     from lavis_plugins.api import load_model_and_preprocess
 
     torch.manual_seed(0)
-    model, _, _ = load_model_and_preprocess("lp_blip2_qformer", "tiny")
+    model, _, _ = load_model_and_preprocess(name, "tiny")
     return model.train()
+
+
+def _tiny_stage1():
+    return _tiny("lp_blip2_qformer")
+
+
+def _dropout_off(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout probability 0: nn.Dropout modules, and the float probabilities passed to
+    functional dropout (the Q-Former's SDPA ``dropout_p``, OPT's layer attributes; the tiny
+    OPT's are 0 already)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for attr in ("dropout_p", "dropout", "attention_dropout", "activation_dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    return model
+
+
+def _hardest(weights: torch.Tensor, num_samples: int, *args, **kwargs) -> torch.Tensor:
+    """``torch.multinomial`` replaced by its mode: the hardest negative (B, 1)."""
+    return weights.argmax(dim=1, keepdim=True)
+
+
+def _compare_steps(name: str, backend, steps: int = 4, dropout: bool = True,
+                   grads: bool = True) -> List[int]:
+    """Train ``steps`` steps of an eager model and its compiled copy on the same batches
+    (captions of changing lengths) and assert equal losses (and ``grads``: gradients); a
+    recompile after the first step is an error. Returns the longest caption (words) per step."""
+    eager = _tiny(name)
+    if not dropout:
+        _dropout_off(eager)
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compiled.compile_for_training(backend)
+    lengths = []
+    for step in range(steps):
+        samples = _batch(eager, step)
+        lengths.append(max(len(t.split()) for t in samples["text_input"]))
+        torch.manual_seed(step)
+        ref = eager(samples)
+        torch.manual_seed(step)
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            got = compiled(samples)
+        for key in LOSSES[name]:
+            torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-5,
+                                       msg=lambda m, k=key: f"{k}, step {step}: {m}")
+        if not grads:
+            continue
+        ref.loss.backward()
+        got.loss.backward()
+        for (pname, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            assert (p.grad is None) == (q.grad is None), pname
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5,
+                                           msg=lambda m, n=pname: f"{n}, step {step}: {m}")
+    # the steps really had captions of other lengths
+    assert len(set(lengths)) >= min(3, steps), lengths
+    return lengths
 
 
 def test_compile_of_a_model_without_support_is_refused(lp, tmp_path):
@@ -53,35 +129,98 @@ def test_vit_and_qformer_step_have_no_graph_breaks(lp):
     assert explained.graph_count == 1
 
 
-@pytest.mark.slow  # inductor compiles forward and backward: minutes on a shared 2-core machine
-@pytest.mark.xfail(strict=False, reason=(
-    "not met yet (torch 2.5.1, CPU): in train mode inductor's losses differ from eager by ~3e-2 "
-    "and it recompiles at the 2nd caption length (aot_eager instead fails inside SDPA with "
-    "'view size is not compatible'); in eval mode no recompiles, losses within 5e-4, not 1e-5"))
-def test_compiled_losses_equal_eager_without_recompiles(lp, monkeypatch):
-    import torch._inductor.config as inductor_config
+def test_stage1_compiled_step_equals_eager_without_recompiles(lp, monkeypatch):
+    """Stage 1 traced forward and backward (aot_eager), dropout off, hardest negatives: losses
+    and gradients equal eager over 4 steps of captions of changing lengths, one graph for the
+    encoder and one for the Q-Former step, none recompiled."""
+    monkeypatch.setattr(torch, "multinomial", _hardest)
+    counter = CompileCounterWithBackend("aot_eager")
+    _compare_steps("lp_blip2_qformer", counter, dropout=False)
+    assert counter.frame_count == 2
 
-    # the same random draws as eager (ITM negatives, dropout), so the losses are comparable
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
-    eager = _tiny_stage1()
-    compiled = copy.deepcopy(eager)
-    compiled.compile_for_training()
+
+def test_hardest_negative_patch_reaches_the_compiled_step(lp, monkeypatch):
+    """The equality tests rely on the patched ``torch.multinomial`` being what the compiled ITM
+    loss calls (else the two sides could draw other negatives and still pass by chance)."""
+    calls = []
+
+    def counting(weights, n, *args, **kwargs):
+        calls.append(weights.shape)
+        return _hardest(weights, n)
+
+    monkeypatch.setattr(torch, "multinomial", counting)
+    model = _dropout_off(_tiny_stage1())
     torch._dynamo.reset()
-    lengths = set()
-    for step in range(4):
-        samples = _batch(eager, step)
-        lengths.add(samples["text_input_ids"].shape[1])
-        # after the first step, a recompile is an error (captions change length every step)
-        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", step > 0)
-        torch.manual_seed(step)
-        ref = eager(samples)
-        torch.manual_seed(step)
-        got = compiled(samples)
-        for key in ("loss", "loss_itc", "loss_itm", "loss_itg"):
-            torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-5)
-        ref.loss.backward()
-        got.loss.backward()
-        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-            if p.grad is not None:
-                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
-    assert len(lengths) >= 3  # the steps really had captions of different lengths
+    model.compile_for_training("aot_eager")
+    model(_batch(model, 0))
+    assert calls  # traced through the replacement (negatives per text and per image)
+
+
+@pytest.mark.parametrize("name,graphs", [("lp_blip2_opt", 4), ("lp_blip2_t5", 3)])
+def test_stage2_compiled_step_equals_eager_without_recompiles(lp, name, graphs):
+    """Stage 2 traced forward and backward (aot_eager), dropout on: losses and gradients equal
+    eager over 4 steps of captions of changing lengths, none recompiled. Graphs: encoder,
+    Q-Former query pass, and OPT's decoder + its LM head and loss / T5's forward."""
+    counter = CompileCounterWithBackend("aot_eager")
+    _compare_steps(name, counter, dropout=True)
+    assert counter.frame_count == graphs
+
+
+@pytest.mark.parametrize("name", ["lp_blip2_opt", "lp_blip2_t5"])
+def test_stage2_vit_and_qformer_have_no_graph_breaks(lp, name):
+    model = _tiny(name)
+    image = _batch(model, 0)["image"]
+    explained = torch._dynamo.explain(model.visual_encoder)(image)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    with torch.no_grad():
+        embeds = model.encode_image(image)
+    explained = torch._dynamo.explain(model.query_output)(embeds)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("name", ["lp_blip2_opt", "lp_blip2_t5"])
+def test_runner_compiles_stage2_models(lp, tmp_path, monkeypatch, name):
+    """``run.compile: true`` through lp_runner reaches the stage-2 model's compile hook."""
+    from lavis_plugins.models import compile as compile_module
+
+    calls = []
+    monkeypatch.setattr(compile_module, "compile_stage2",
+                        lambda model, backend: calls.append((type(model).__name__, backend)))
+    model = _tiny(name)
+    _runner(tmp_path, model, compile=True)
+    assert calls == [(type(model).__name__, "inductor")]
+
+
+def test_stage2_compile_keeps_parameter_names(lp):
+    """In place: a checkpoint of the compiled model has the eager model's keys."""
+    model = _tiny("lp_blip2_opt")
+    keys = list(model.state_dict())
+    model.compile_for_training("aot_eager")
+    assert list(model.state_dict()) == keys
+
+
+@pytest.mark.slow  # inductor compiles forward and backward: minutes on a shared 2-core machine
+@pytest.mark.parametrize("name", ["lp_blip2_qformer", "lp_blip2_opt", pytest.param(
+    "lp_blip2_t5", marks=pytest.mark.xfail(strict=True, reason=(
+        "inductor adds the shape guard Ne(8*L, L**2) on T5's labels length L (dynamic shapes): "
+        "a recompile when a batch's target is 8 tokens long (bucketed static shapes would "
+        "avoid it)")))])
+def test_inductor_losses_equal_eager_without_recompiles(lp, monkeypatch, name):
+    """Real code generation (inductor): dropout off, hardest negatives (see the module
+    docstring); losses within 1e-5 of eager, no recompile over 4 caption lengths."""
+    monkeypatch.setattr(torch, "multinomial", _hardest)
+    _compare_steps(name, "inductor", dropout=False, grads=False)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "torch 2.5.1 inductor on the CPU (dynamic shapes): stage-1 losses equal eager (0 and 5e-7) "
+    "but some gradients do not: Q-Former word_embeddings max |diff| 0.39 of max |grad| 0.55, "
+    "layer-0 cross-attention value weight 1.7e-3 of 3.6e-3. aot_eager and "
+    "aot_eager_decomp_partition (inductor's decompositions and partitioner, eager kernels) "
+    "match eager within 4e-7, and inductor with dynamic=False matches (word_embeddings 1.7e-6): "
+    "the difference is in inductor's dynamic-shape code generation"))
+def test_inductor_stage1_gradients_equal_eager(lp, monkeypatch):
+    monkeypatch.setattr(torch, "multinomial", _hardest)
+    _compare_steps("lp_blip2_qformer", "inductor", steps=2, dropout=False)

@@ -330,6 +330,12 @@ class Blip2LLMBase(Blip2LLMCheckpoints, Blip2LLMGeneration, LPBlip2Base):
                 shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
+    def compile_for_training(self, backend: str = "inductor") -> None:
+        """``run.compile: true``: see :func:`lavis_plugins.models.compile.compile_stage2`."""
+        from lavis_plugins.models.compile import compile_stage2
+
+        compile_stage2(self, backend)
+
     def train(self, mode: bool = True):
         """The frozen LLM keeps eval mode when ``llm_dropout`` is false (a frozen ViT always
         does, see ``freeze_vision_encoder``)."""

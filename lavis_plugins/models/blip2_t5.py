@@ -143,7 +143,8 @@ class LPBlip2T5(Blip2LLMBase):
             embeds = torch.cat([inputs_t5, self._embed(enc.input_ids)], dim=1)
             out = self.t5_model(
                 inputs_embeds=embeds, attention_mask=torch.cat([atts_t5, enc.attention_mask], 1),
-                decoder_attention_mask=dec.attention_mask, labels=targets, return_dict=True)
+                decoder_attention_mask=dec.attention_mask, labels=targets, return_dict=True,
+                use_cache=False)  # no cache to build in training (and no graph break)
         loss = out.loss.float()
         return Blip2LLMOutput(loss=loss, loss_lm=loss,
                               logits=out.logits.float() if return_logits else None,

@@ -74,12 +74,14 @@ logger = logging.getLogger(__name__)
 
 def compile_model(model: torch.nn.Module) -> None:
     """``run.compile: true``: the model compiles its own hot parts (``compile_for_training``:
-    the frozen encoder and the Q-Former step of ``lp_blip2_qformer``), in place, so parameter
-    names, checkpoints and DDP are unchanged."""
+    the frozen encoder and the Q-Former step of ``lp_blip2_qformer``; for ``lp_blip2_opt`` /
+    ``lp_blip2_t5`` also the frozen LLM's forward, see ``models/compile.py``), in place, so
+    parameter names, checkpoints and DDP are unchanged."""
     hook = getattr(model, "compile_for_training", None)
     if not callable(hook):
         raise UserError(f"run.compile is true but {type(model).__name__} has no "
-                        "compile_for_training (it is implemented for lp_blip2_qformer); "
+                        "compile_for_training (it is implemented for lp_blip2_qformer, "
+                        "lp_blip2_opt and lp_blip2_t5); "
                         "remove run.compile")
     hook()
 
