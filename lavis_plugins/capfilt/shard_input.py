@@ -30,7 +30,7 @@ from lavis_plugins.datasets.shard_plan import (INDEX_FILE, INDEX_FORMAT, Segment
                                                expand_shard_spec, load_shard_set)
 from lavis_plugins.datasets.validation import BadSample
 from lavis_plugins.datasets.webdataset_caption import (IMAGE_EXTENSIONS, decode_image,
-                                                       read_segments, sample_captions)
+                                                       read_sample, read_segments)
 
 logger = logging.getLogger(__name__)
 
@@ -126,25 +126,12 @@ class CapFiltShardInput:
     def _decode(self, raw) -> Tuple[Any, List[str], Dict[str, Any]]:
         """(image tensor, web captions, annotation) of one raw sample, or ``BadSample``."""
         path = self.shards.paths[raw.shard]
-        if raw.files is None:
-            raise BadSample(raw.problem)
-        key = raw.files.get("__key__", f"#{raw.index}")
-        where = f"shard {os.path.basename(path)} key {key}"
+        key, captions, image = read_sample(raw, path, self.caption_key)
         try:
-            captions = sample_captions(raw.files, self.caption_key)
             meta = json.loads(raw.files["json"]) if "json" in raw.files else {}
         except (ValueError, UnicodeDecodeError) as e:
-            raise BadSample(f"{where}: unreadable caption file ({e})") from None
-        if not captions:
-            raise BadSample(f"{where}: no caption (needs .txt, .json with "
-                            f"{self.caption_key!r} or .captions.json)")
-        ext = next((e for e in IMAGE_EXTENSIONS if e in raw.files), None)
-        if ext is None:
-            raise BadSample(f"{where}: no image (.{'/.'.join(IMAGE_EXTENSIONS)})")
-        try:
-            image = decode_image(raw.files[ext])
-        except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
-            raise BadSample(f"{where}: corrupt image ({type(e).__name__}: {e})") from None
+            raise BadSample(f"shard {os.path.basename(path)} key {key}: unreadable caption "
+                            f"file ({e})") from None
         ann = {k: v for k, v in (meta if isinstance(meta, dict) else {}).items()
                if k not in CAPTION_FIELDS}
         ann.update(shard=os.path.basename(path), key=key)

@@ -30,7 +30,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -129,6 +129,33 @@ def decode_image(data: bytes, min_side: Optional[int] = None) -> Any:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def read_sample(raw: "RawSample", path: str, caption_key: str,
+                min_side: Optional[int] = None) -> Tuple[str, List[str], Any]:
+    """(key, captions, RGB PIL image) of one raw shard sample from ``path``, or ``BadSample``
+    naming the shard, the key and what is wrong (unreadable or missing caption, no image, corrupt
+    image). The one reading of a caption sample: the streaming builder and CapFilt's shard input
+    use it."""
+    if raw.files is None:
+        raise BadSample(raw.problem)
+    key = raw.files.get("__key__", f"#{raw.index}")
+    where = f"shard {os.path.basename(path)} key {key}"
+    try:
+        captions = sample_captions(raw.files, caption_key)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadSample(f"{where}: unreadable caption file ({e})") from None
+    if not captions:
+        raise BadSample(f"{where}: no caption (needs .txt, .json with {caption_key!r} or "
+                        ".captions.json)")
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw.files), None)
+    if ext is None:
+        raise BadSample(f"{where}: no image (.{'/.'.join(IMAGE_EXTENSIONS)})")
+    try:
+        image = decode_image(raw.files[ext], min_side)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
+        raise BadSample(f"{where}: corrupt image ({type(e).__name__}: {e})") from None
+    return key, captions, image
+
+
 def reduced_decode_side(processor: Any) -> Optional[int]:
     """The short side an image needs for ``processor``'s first (geometric) step to lose nothing
     against a full decode, or None when that step is not known (decode in full).
@@ -197,24 +224,7 @@ class ShardCaptionDataset(IterableDataset):
     # ------------------------------------------------------------------ decoding
     def _decode(self, raw: RawSample) -> Dict[str, Any]:
         path = self.shards.paths[raw.shard]
-        if raw.files is None:
-            raise BadSample(raw.problem)
-        key = raw.files.get("__key__", f"#{raw.index}")
-        where = f"shard {os.path.basename(path)} key {key}"
-        try:
-            captions = sample_captions(raw.files, self.caption_key)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadSample(f"{where}: unreadable caption file ({e})") from None
-        if not captions:
-            raise BadSample(f"{where}: no caption (needs .txt, .json with "
-                            f"{self.caption_key!r} or .captions.json)")
-        ext = next((e for e in IMAGE_EXTENSIONS if e in raw.files), None)
-        if ext is None:
-            raise BadSample(f"{where}: no image (.{'/.'.join(IMAGE_EXTENSIONS)})")
-        try:
-            image = decode_image(raw.files[ext], self.decode_side)
-        except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt files
-            raise BadSample(f"{where}: corrupt image ({type(e).__name__}: {e})") from None
+        key, captions, image = read_sample(raw, path, self.caption_key, self.decode_side)
         # the caption draw and the augmentation depend on (seed, epoch, sample) only; the
         # caller's RNG states are kept once per batch (_batch)
         seed = sample_seed(self.seed, self.epoch, raw.shard, raw.index)
