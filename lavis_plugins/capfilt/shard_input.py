@@ -26,8 +26,9 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 
 from lavis_plugins.common.errors import UserError
-from lavis_plugins.datasets.shard_plan import (INDEX_FILE, INDEX_FORMAT, Segment, ShardSet,
-                                               expand_shard_spec, load_shard_set)
+from lavis_plugins.datasets.shard_plan import (INDEX_FORMAT, Segment, ShardSet,
+                                               expand_shard_spec, load_shard_set,
+                                               publish_shard_set)
 from lavis_plugins.datasets.validation import BadSample
 from lavis_plugins.datasets.webdataset_caption import (IMAGE_EXTENSIONS, decode_image,
                                                        read_sample, read_segments)
@@ -198,10 +199,7 @@ def write_shards_from_input(source: CapFiltShardInput, merged: Sequence[Mapping[
                    for name in sorted(counts)]
         index = {"format": INDEX_FORMAT, "source": origin, "shard_size": shard_size,
                  "group_by_image": True, "samples": sum(counts.values()), "shards": entries}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_shard_set(tmp, out, index)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return index

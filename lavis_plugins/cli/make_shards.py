@@ -79,7 +79,7 @@ def make_shards(ann: str | Path, images: str | Path, out: str | Path, shard_size
     """Write the shards and their index; return the index (``shards.json``'s content)."""
     import webdataset as wds
 
-    from lavis_plugins.datasets.shard_plan import INDEX_FILE, INDEX_FORMAT
+    from lavis_plugins.datasets.shard_plan import INDEX_FORMAT, publish_shard_set
 
     ann, images, out = Path(ann), Path(images), Path(out)
     if not isinstance(shard_size, int) or shard_size < 1:
@@ -132,10 +132,7 @@ def make_shards(ann: str | Path, images: str | Path, out: str | Path, shard_size
                  "source_sha256": hashlib.sha256(ann.read_bytes()).hexdigest(),
                  "shard_size": shard_size, "group_by_image": group_by_image,
                  "samples": len(samples), "shards": entries}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_shard_set(tmp, out, index)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return index

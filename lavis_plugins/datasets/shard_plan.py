@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -204,6 +205,16 @@ def load_shard_set(paths: Sequence[str], what: str, progress: bool = True) -> Sh
         raise UserError(f"{what}: none of the {len(paths)} shard(s) exists (first: {paths[0]}); "
                         "check the path or brace pattern")
     return ShardSet(kept, [int(s) for s in sizes], bad, problems)
+
+
+def publish_shard_set(tmp: Path, out: Path, index: dict) -> None:
+    """Write ``index`` as the shard set's index in ``tmp`` (the folder the shards were written
+    to) and move ``tmp`` to ``out``, replacing an older set there: readers see the old set or
+    the whole new one, never a half-written one."""
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 def path_size(path: str) -> int:
