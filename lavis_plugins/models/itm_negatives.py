@@ -36,7 +36,7 @@ def hard_share(mode: str, samples: Mapping[str, Any], curriculum_epochs: float,
                device: torch.device) -> Optional[Tensor]:
     """The 0-dim share of hard negatives for this batch, or None for ``hard`` (weights unchanged).
 
-    ``curriculum_epochs``: epochs over which ``curriculum`` moves from mixed to hard (> 0)."""
+    ``curriculum_epochs``: epochs over which ``curriculum`` moves from random to hard (> 0)."""
     if mode == "hard":
         return None
     if mode in FIXED_SHARE:
