@@ -203,7 +203,7 @@ def test_keeping_all_frames_equals_no_selection(lp, selector_ckpt, fusion, metho
                            plain.score_candidates(samples, ANSWERS))
 
 
-def test_selection_settings_are_checked(lp, tmp_path):
+def test_selection_settings_are_checked(lp, tmp_path, selector_ckpt):  # sets _BERT
     with pytest.raises(UserError, match="frame_selection"):
         lp.load_model("lp_blip2_video_opt", "tiny", frame_selection="clip")
     with pytest.raises(UserError, match="selection_k"):
@@ -214,6 +214,10 @@ def test_selection_settings_are_checked(lp, tmp_path):
         with pytest.raises(UserError, match="selection_grid"):
             lp.load_model("lp_blip2_video_opt", "tiny", frame_selection="llm",
                           selection_grid=grid)
+    for pool in (-1, 1.5, "2", True):
+        with pytest.raises(UserError, match="selection_itm_pool"):
+            lp.load_model("lp_blip2_video_opt", "tiny", frame_selection="llm",
+                          selection_itm_pool=pool)
     with pytest.raises(UserError, match="selection_prompt"):
         lp.load_model("lp_blip2_video_opt", "tiny", frame_selection="llm",
                       selection_prompt="Is {q} answered?")
@@ -275,3 +279,47 @@ def test_candidate_frames_and_pick_frames_equal_the_plain_tensor_ops():
     index = torch.tensor([[0, 3], [2, 4]])
     assert torch.equal(pick_frames(video, index),
                        gather_frames(video.transpose(1, 2), index).transpose(1, 2))
+
+
+def _stage1_frames(lp, selector_ckpt, colors):
+    """The stage-1 selector model and its image features (B, T, N, Dv) of clips ``colors``."""
+    stage1 = lp.load_model("lp_blip2_video_qformer", "tiny", is_eval=True,
+                           checkpoint=str(selector_ckpt), bert_path=_BERT[0])
+    video = torch.stack([_clip(c) for c in colors])
+    embeds = stage1.encode_image(video.transpose(1, 2).flatten(0, 1))
+    return stage1, embeds.reshape(len(colors), len(colors[0]), *embeds.shape[1:])
+
+
+def test_the_selector_query_pass_computes_the_first_self_attention_once(lp, selector_ckpt):
+    """``frame_query_output`` (the queries' first self-attention once for all frames) equals
+    ``query_output`` (it once per frame), and runs that attention once."""
+    stage1, embeds = _stage1_frames(lp, selector_ckpt, [["red", "blue", "red", "blue"]] * 2)
+    embeds = embeds.flatten(0, 1) + 0.1 * torch.randn(embeds.flatten(0, 1).shape,
+                                                      generator=torch.Generator().manual_seed(0))
+    rows = []
+    attention = stage1.Qformer.bert.encoder.layer[0].attention.self
+    hook = attention.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    with torch.no_grad():
+        once = stage1.frame_query_output(embeds)
+        assert rows == [1]
+        torch.testing.assert_close(once, stage1.query_output(embeds), rtol=1e-6, atol=1e-6)
+    hook.remove()
+
+
+def test_itm_re_ranking_itc_s_best_frames_equals_full_itm_on_those_frames(lp, selector_ckpt):
+    """``itm_pool`` m: ITC proposes each video's m best frames, ITM scores exactly those (as
+    scoring every frame gives them); the others score -inf; m = T equals ITM on every frame."""
+    colors = [["blue", "red", "blue", "blue", "red", "blue"],
+              ["red", "red", "blue", "red", "red", "red"]]
+    stage1, embeds = _stage1_frames(lp, selector_ckpt, colors)
+    texts = [["is there a red square"], ["is there a blue circle", "is there a red square"]]
+    full = stage1.frame_text_scores(embeds, texts, "itm")
+    torch.testing.assert_close(stage1.frame_text_scores(embeds, texts, "itm", itm_pool=6), full)
+    itc = stage1.frame_text_scores(embeds, texts, "itc")
+    pooled = stage1.frame_text_scores(embeds, texts, "itm", itm_pool=3)
+    for v in range(2):
+        # identical frames score alike: ties go to the earlier frame
+        proposed = set(torch.sort(itc[v], descending=True, stable=True).indices[:3].tolist())
+        scored = {t for t in range(6) if torch.isfinite(pooled[v, t])}
+        assert scored == proposed
+        torch.testing.assert_close(pooled[v, sorted(scored)], full[v, sorted(scored)])

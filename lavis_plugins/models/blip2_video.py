@@ -274,7 +274,8 @@ class VideoFusionMixin:
                 reuse = (None, None)
             scores = selector.frame_text_scores(embeds.reshape(b, t, *embeds.shape[1:]),
                                                 batch_texts, method,
-                                                self.cfg.selection_aggregate)
+                                                self.cfg.selection_aggregate,
+                                                self.cfg.selection_itm_pool * self.cfg.selection_k)
         index = top_k_in_time_order(scores, self.cfg.selection_k)
         self.last_frame_selection = index  # (B, k): for inspection; no host sync here
         return (index, *reuse)

@@ -118,9 +118,37 @@ class LPBlip2VideoQformer(LPBlip2Qformer):
         return self.itm_head(hidden[:, :self.num_query]).mean(1)[:, 1]
 
     # ------------------------------------------------------------------ frame selection
+    def frame_query_output(self, image_embeds: Tensor) -> Tensor:
+        """``query_output`` of many frames: image features (F, N, Dv) -> query outputs
+        (F, Nq, D), with the first layer's self-attention computed once for all frames.
+
+        Its input is the learned queries, the same for every frame (the image enters at that
+        layer's cross-attention, after it), so its output is too: computing it once saves about
+        7% of the selector's Q-Former work per frame. In training the dropout differs per frame:
+        then, and for a single frame, this is ``query_output``. Equal to ``query_output`` within
+        float rounding (tests/test_video_frame_selection.py).
+        """
+        frames, nq = image_embeds.shape[0], self.query_tokens.shape[1]
+        if self.training or frames == 1:
+            return self.query_output(image_embeds)
+        bert = self.Qformer.bert
+        kv = bert.image_kv(image_embeds, nq)  # folded where cheaper, as ``query_output``
+        first, *rest = bert.encoder.layer
+        queries = bert.embeddings(None, self.query_tokens)  # (1, Nq, D)
+        h = first.attention(queries, first.attention.self.keys_values(queries))
+        h = h.expand(frames, -1, -1)  # (F, Nq, D), one copy in memory
+        if first.has_cross_attention:
+            h = first.crossattention(h, [(kv.layers[0], 1)])
+        h = first.output_query(first.intermediate_query(h), h)
+        for i, layer in enumerate(rest, start=1):
+            h = layer(h, nq, None, None, [(kv.layers[i], 1)] if layer.has_cross_attention
+                      else None)[0]
+        return h
+
     @torch.no_grad()
     def frame_text_scores(self, frame_embeds: Tensor, texts: Sequence[Sequence[str]],
-                          method: str = "itm", aggregate: str = "best") -> Tensor:
+                          method: str = "itm", aggregate: str = "best", itm_pool: int = 0
+                          ) -> Tensor:
         """How well each frame matches its video's texts (question, or question + option):
         (B, T), aggregated over the video's texts (``_frame_selection`` module docstring).
 
@@ -129,28 +157,51 @@ class LPBlip2VideoQformer(LPBlip2Qformer):
             texts: for each of the B videos, one or more texts.
             method: "itc" (contrastive similarity) or "itm" (matched logit).
             aggregate: "best" (the maximum over a video's texts) or "spread" (maximum - mean).
+            itm_pool: "itm" only: when > 0, ITC scores every frame and ITM re-ranks only the
+                ``itm_pool`` frames of each video that ITC scores best (BLIP-2's retrieval
+                re-ranks ITC's ``k_test`` best the same way); the others score -inf. 0: ITM
+                scores every frame.
         """
         from lavis_plugins.models._frame_selection import (
             check_aggregate,
+            gather_frames,
             own_pairs,
             per_frame_scores,
+            top_k_in_time_order,
         )
 
         b, t, n, dv = frame_embeds.shape
         if len(texts) != b:
             raise UserError(f"{len(texts)} text lists for {b} videos")
+        if method not in ("itc", "itm"):
+            raise unknown_name("frame scoring method", method, ("itc", "itm"))
         check_aggregate(texts, aggregate)
         flat = [x for ts in texts for x in ts]
         text_ids, text_atts, text_feats = self.text_features(flat)
+        if method == "itm" and itm_pool <= 0:
+            return self._itm_frame_scores(frame_embeds, texts, text_ids, text_atts, aggregate)
         embeds = frame_embeds.reshape(b * t, n, dv)
         # only the pairs (frame of video b, text of video b): P = T * sum_b(texts of b)
         rows, cols = own_pairs(texts, t, embeds.device)
+        feats = F.normalize(self.vision_proj(self.frame_query_output(embeds)), dim=-1)
+        sims = torch.einsum("fqe,ne->fqn", feats, text_feats).max(dim=1).values  # (B*T, Nt)
+        itc = per_frame_scores(sims[rows, cols], rows, b, t, aggregate)  # (B, T)
         if method == "itc":
-            feats = F.normalize(self.vision_proj(self.query_output(embeds)), dim=-1)
-            sims = torch.einsum("fqe,ne->fqn", feats, text_feats).max(dim=1).values  # (B*T, Nt)
-            return per_frame_scores(sims[rows, cols], rows, b, t, aggregate)
-        if method != "itm":
-            raise unknown_name("frame scoring method", method, ("itc", "itm"))
+            return itc
+        pool = top_k_in_time_order(itc, itm_pool)  # (B, m): ITC's best, in time order
+        itm = self._itm_frame_scores(gather_frames(frame_embeds, pool), texts, text_ids,
+                                     text_atts, aggregate)  # (B, m)
+        return torch.full_like(itc, float("-inf")).scatter(1, pool, itm)
+
+    def _itm_frame_scores(self, frame_embeds: Tensor, texts: Sequence[Sequence[str]],
+                          text_ids: Tensor, text_atts: Tensor, aggregate: str) -> Tensor:
+        """(B, T) ITM matched logits of frames (B, T, N, Dv) with their video's texts (token
+        ids / masks (Nt, L) of the flattened texts), aggregated per frame."""
+        from lavis_plugins.models._frame_selection import own_pairs, per_frame_scores
+
+        b, t, n, dv = frame_embeds.shape
+        embeds = frame_embeds.reshape(b * t, n, dv)
+        rows, cols = own_pairs(texts, t, embeds.device)
         kv = self.Qformer.bert.image_kv(embeds)  # each frame's keys/values once
         scores = torch.cat([self.itm_scores(embeds, rows[s:s + _ITM_CHUNK],
                                             text_ids[cols[s:s + _ITM_CHUNK]],
@@ -160,17 +211,18 @@ class LPBlip2VideoQformer(LPBlip2Qformer):
 
     @torch.no_grad()
     def select_frames(self, video: Tensor, texts: Sequence[Any], k: int,
-                      method: str = "itm", aggregate: str = "best") -> Tensor:
+                      method: str = "itm", aggregate: str = "best", itm_pool: int = 0
+                      ) -> Tensor:
         """Indices (B, min(k, T)) of the ``k`` frames of each video (B, C, T, H, W) that best
         match its text(s) (a string or a list of strings per video), in time order;
-        ``aggregate`` as ``frame_text_scores``."""
+        ``aggregate`` and ``itm_pool`` as ``frame_text_scores``."""
         from lavis_plugins.models._frame_selection import top_k_in_time_order
 
         b, _, t = check_video(video, "a video batch").shape[:3]
         embeds = self.encode_image(flatten_frames(video))
         texts = [[x] if isinstance(x, str) else list(x) for x in texts]
         scores = self.frame_text_scores(embeds.reshape(b, t, *embeds.shape[1:]), texts, method,
-                                        aggregate)
+                                        aggregate, itm_pool)
         return top_k_in_time_order(scores, k)
 
     # ------------------------------------------------------------------ retrieval
