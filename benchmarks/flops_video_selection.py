@@ -37,6 +37,7 @@ class Sizes:
     q_layers: int = 12
     q_width: int = 768
     q_ffn: int = 3072
+    q_heads: int = 12
     queries: int = 32
     cross_every: int = 2
     llm_layers: int = 32
@@ -57,12 +58,16 @@ def vit_macs(s: Sizes, grid: int) -> float:
 
 def qformer_macs(s: Sizes, features: int, text: int = 0, first_self_once: bool = False) -> float:
     """One frame's Q-Former pass: the queries (and ``text`` tokens, ITM) in self-attention, the
-    queries cross-attending to ``features`` image tokens. ``first_self_once``: the first
+    queries cross-attending to ``features`` image tokens. A query-only pass attends to the image
+    features directly where that is cheaper, as ``QFormerSelfAttention.folding_pays`` decides
+    (the ITM pass projects keys/values, shared by its texts). ``first_self_once``: the first
     layer's self-attention (of the constant queries) is not counted (shared by the batch)."""
-    d, r, q = s.q_width, s.queries + text, s.queries
+    d, r, q, c, n = s.q_width, s.queries + text, s.queries, s.vit_width, features
     self_attn = 4 * r * d * d + 2 * r * r * d
     layer = self_attn + 2 * r * d * s.q_ffn
-    cross = 2 * q * d * d + 2 * features * s.vit_width * d + 2 * q * features * d
+    keys_values = 2 * n * c * d + 2 * q * n * d
+    folded = 2 * q * d * c + 2 * s.q_heads * q * n * c
+    cross = 2 * q * d * d + (min(folded, keys_values) if not text else keys_values)
     total = s.q_layers * layer + (s.q_layers // s.cross_every) * cross
     return total - (self_attn if first_self_once and not text else 0)
 

@@ -104,3 +104,49 @@ def test_stage1_profile_names_every_part_of_a_step(tmp_path):
     assert out["gflop"]["AdamW"] == 0  # the counter sees no matrix products in the update
     (times,) = out["times"]
     assert set(times) == set(prof.PARTS) and all(t >= 0 for t in times.values())
+
+
+def test_video_selection_flop_estimate_counts_what_the_model_runs(lp):
+    """flops_video_selection's arithmetic (the real-size projection of frame selection) equals
+    torch's FLOP counter on the tiny stage-1 model: the ViT at its own and a smaller grid, the
+    selector's query pass (first self-attention once), the stage-2-style query pass and the ITM
+    pass of a question."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import flops_video_selection as fv
+
+    model = lp.load_model("lp_blip2_video_qformer", "tiny", is_eval=True).requires_grad_(False)
+    vit, bert = model.visual_encoder, model.Qformer.bert
+    cfg = bert.config
+    sizes = fv.Sizes(
+        vit_width=vit.embed_dim, vit_depth=len(vit.blocks), patch=vit.patch_embed.patch_size[0],
+        vit_mlp=vit.blocks[0].mlp.fc1.out_features, full_grid=vit.patch_embed.patch_shape[0],
+        q_layers=cfg.num_hidden_layers, q_width=cfg.hidden_size, q_ffn=cfg.intermediate_size,
+        q_heads=cfg.num_attention_heads, queries=model.query_tokens.shape[1],
+        cross_every=cfg.cross_attention_freq)
+    frames = 3
+
+    def counted(fn, *args) -> float:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+            fn(*args)
+        return counter.get_total_flops()
+
+    side = sizes.full_grid * sizes.patch
+    for grid in (sizes.full_grid, sizes.full_grid // 2):
+        image = torch.randn(frames, 3, grid * sizes.patch, grid * sizes.patch)
+        assert counted(model.vit_features, image) == 2 * frames * fv.vit_macs(sizes, grid)
+    feats = model.encode_image(torch.randn(frames, 3, side, side)).detach()
+    n = feats.shape[1]
+    assert counted(model.query_output, feats) == 2 * frames * fv.qformer_macs(sizes, n)
+    once = 4 * sizes.queries * sizes.q_width ** 2 + 2 * sizes.queries ** 2 * sizes.q_width
+    assert counted(model.frame_query_output, feats) == 2 * (
+        frames * fv.qformer_macs(sizes, n, first_self_once=True) + once)
+    text = model.tokenize(["what is moving in the video"])
+    ids, atts = text.input_ids.expand(frames, -1), text.attention_mask.expand(frames, -1)
+    rows = torch.arange(frames)
+    itm = counted(model.itm_scores, feats, rows, ids, atts)
+    head = frames * sizes.queries * sizes.q_width * 2  # the ITM head on each query output
+    assert itm == 2 * (frames * fv.qformer_macs(sizes, n, text=ids.shape[1]) + head)

@@ -287,9 +287,10 @@ class VideoFusionMixin:
         ``selection_aggregate``. tokens (B, T, Nq, H)."""
         b, t = tokens.shape[:2]
         frames = tokens.reshape(b * t, *tokens.shape[2:])
-        rows, cols = own_pairs(texts, t, frames.device)
-        flat = [x for ts in texts for x in ts]
-        prompts = [self.cfg.selection_prompt.format(question=flat[c]) for c in cols.tolist()]
+        rows, _ = own_pairs(texts, t, frames.device)
+        # pair p asks about text p // t (own_pairs' order), built on the host: no device sync
+        prompts = [self.cfg.selection_prompt.format(question=x) for ts in texts for x in ts
+                   for _ in range(t)]
         yes, no = (self._candidate_tokens([w])[0][0] for w in ("yes", "no"))
         scores = []
         for s in range(0, rows.shape[0], self.SELECTION_CHUNK):
