@@ -32,8 +32,11 @@ Cost: the candidates are scored from the image encoder run on frames downscaled 
 resolution and the answering model's Q-Former. Where the model's own grid is not larger than
 ``selection_grid`` (or it is 0) the candidates are scored at full resolution: each frame is then
 encoded once, its features (or, for ``llm``, its tokens) reused for answering. ``itc`` / ``itm``
-never run the answering model's Q-Former on frames they drop. With ``selection_k`` >= the number
-of candidates nothing is scored: every frame is kept, exactly as without selection.
+never run the answering model's Q-Former on frames they drop; the selector's query pass computes
+the queries' first self-attention once per batch (``frame_query_output``), and ``itm`` re-ranks
+only ITC's ``selection_itm_pool`` x ``selection_k`` best candidates (0: scores all with ITM).
+With ``selection_k`` >= the number of candidates nothing is scored: every frame is kept, exactly
+as without selection. Measured cost: docs/benchmarks.md (``bench_video_qa.py --selection``).
 """
 from __future__ import annotations
 
