@@ -7,7 +7,8 @@ LAVIS checkpoints load with no renaming and ours load into LAVIS. The computatio
 tested equal to LAVIS's in ``tests/test_stage1_parity.py``:
 
 - attention is ``F.scaled_dot_product_attention`` with boolean masks (LAVIS adds -10000, which is
-  the same after the softmax in fp32);
+  the same after the softmax in fp32), or with dropout on the CPU the same product computed
+  without SDPA's math-backend copies (:func:`attention`);
 - the cross-attention keys/values of an image are computed once (:meth:`QFormerModel.image_kv`)
   and shared by every pass over that image, e.g. the ITC query pass and the ITM rows; rows that
   attend to the same image are attended together (:class:`ImageKV` ``repeats``), so keys/values
@@ -97,14 +98,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
     (True = may attend), broadcastable to (B, h, Lq, Lk). The Q-Former's masks keep at least one
     key in every row (a query, or [CLS]).
 
-    Without dropout this is ``F.scaled_dot_product_attention`` (its fused CPU/GPU kernels). With
-    dropout SDPA takes its math backend on the CPU, which also rescales ``k`` on every call (a
-    copy of the keys when they are a transposed view), turns the boolean mask into an additive
-    one and checks for fully masked rows; here the scores are one batched product with the
-    scale on ``q``, masked in place of adding, and the keys are read where they lie (contiguous
-    head-major keys, as :meth:`QFormerModel.image_kv` makes the shared image ones, need no copy).
+    This is ``F.scaled_dot_product_attention`` (its fused kernels) except with dropout on the
+    CPU, where SDPA has no fused kernel and takes its math backend, which rescales ``k`` on every
+    call (a copy of the keys when they are a transposed view), turns the boolean mask into an
+    additive one and checks for fully masked rows. Here the scores are one batched product with
+    the scale on ``q``, masked in place of adding, and the keys are read where they lie
+    (contiguous head-major keys, as :meth:`QFormerModel.image_kv` makes the shared image ones,
+    need no copy). On a GPU SDPA's fused kernels apply dropout themselves.
     """
-    if not dropout_p:
+    if not dropout_p or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))  # (B, h, Lq, Lk)
     if mask is not None:  # next to a kept key the minimum becomes exp() = 0, as SDPA's -inf
