@@ -7,7 +7,8 @@ LAVIS checkpoints load with no renaming and ours load into LAVIS. The computatio
 tested equal to LAVIS's in ``tests/test_stage1_parity.py``:
 
 - attention is ``F.scaled_dot_product_attention`` with boolean masks (LAVIS adds -10000, which is
-  the same after the softmax in fp32);
+  the same after the softmax in fp32), or with dropout on the CPU the same product computed
+  without SDPA's math-backend copies (:func:`attention`);
 - the cross-attention keys/values of an image are computed once (:meth:`QFormerModel.image_kv`)
   and shared by every pass over that image, e.g. the ITC query pass and the ITM rows; rows that
   attend to the same image are attended together (:class:`ImageKV` ``repeats``), so keys/values
@@ -73,11 +74,14 @@ def _attend_grouped(q: Tensor, groups: Sequence[Tuple[ImageEntry, int]],
     that attend to kv (B_img images) in turn via ``attend(q (B_img, h, L, hd), kv)``; the m rows
     of one image become one longer query sequence (attention is independent per query, so this
     is exact)."""
-    outs, start = [], 0
-    for kv, m in groups:
-        b_img = (kv.feats if isinstance(kv, FoldedImage) else kv[0]).shape[0]
-        qg = q[start:start + m * b_img]
-        start += m * b_img
+    sizes = [m * (kv.feats if isinstance(kv, FoldedImage) else kv[0]).shape[0]
+             for kv, m in groups]
+    if sum(sizes) != q.shape[0]:
+        raise ValueError(f"{q.shape[0]} query rows but the image keys/values cover {sum(sizes)}")
+    outs = []
+    # one split, not a slice per group: its backward is one cat, not a zero-filled copy each
+    for (kv, m), qg in zip(groups, q.split(sizes)):
+        b_img = qg.shape[0] // m
         if m > 1:  # (m*B, h, Lq, hd) -> (B, h, m*Lq, hd)
             _, h, lq, hd = qg.shape
             qg = qg.view(m, b_img, h, lq, hd).permute(1, 2, 0, 3, 4).reshape(b_img, h, m * lq, hd)
@@ -85,9 +89,29 @@ def _attend_grouped(q: Tensor, groups: Sequence[Tuple[ImageEntry, int]],
         if m > 1:
             o = o.view(b_img, h, m, lq, hd).permute(2, 0, 1, 3, 4).reshape(m * b_img, h, lq, hd)
         outs.append(o)
-    if start != q.shape[0]:
-        raise ValueError(f"{q.shape[0]} query rows but the image keys/values cover {start}")
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
+              dropout_p: float = 0.0) -> Tensor:
+    """softmax(q k^T / sqrt(hd)) v for q (B, h, Lq, hd), k and v (B, h, Lk, hd); ``mask`` boolean
+    (True = may attend), broadcastable to (B, h, Lq, Lk). The Q-Former's masks keep at least one
+    key in every row (a query, or [CLS]).
+
+    This is ``F.scaled_dot_product_attention`` (its fused kernels) except with dropout on the
+    CPU, where SDPA has no fused kernel and takes its math backend, which rescales ``k`` on every
+    call (a copy of the keys when they are a transposed view), turns the boolean mask into an
+    additive one and checks for fully masked rows. Here the scores are one batched product with
+    the scale on ``q``, masked in place of adding, and the keys are read where they lie
+    (contiguous head-major keys, as :meth:`QFormerModel.image_kv` makes the shared image ones,
+    need no copy). On a GPU SDPA's fused kernels apply dropout themselves.
+    """
+    if not dropout_p or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))  # (B, h, Lq, Lk)
+    if mask is not None:  # next to a kept key the minimum becomes exp() = 0, as SDPA's -inf
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(F.dropout(scores.softmax(-1), dropout_p), v)
 
 
 def qformer_config(
@@ -133,12 +157,12 @@ class QFormerSelfAttention(nn.Module):
         q = self.split_heads(self.query(x))
         p = self.dropout_p if self.training else 0.0
         if isinstance(kv[0], Tensor):
-            out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=p)
+            out = attention(q, kv[0], kv[1], mask, p)
         else:
             def attend(qg: Tensor, entry: ImageEntry) -> Tensor:
                 if isinstance(entry, FoldedImage):
                     return self.attend_folded(qg, entry.feats, p)
-                return F.scaled_dot_product_attention(qg, entry[0], entry[1], dropout_p=p)
+                return attention(qg, entry[0], entry[1], dropout_p=p)
 
             out = _attend_grouped(q, kv, attend)
         return out.transpose(1, 2).flatten(2)
@@ -228,16 +252,20 @@ class QFormerLayer(nn.Module):
                 mask = mask[..., :out_rows, :]
         a = self.attention(h, (k, v), mask)
         parts = []
-        if num_query:
-            q = a[:, :num_query]
+        # query and text rows by one split, not two slices: the backward is one cat, not a
+        # zero-filled full-size gradient per slice and their sum
+        if num_query and a.shape[1] > num_query:
+            q, t = a.split([num_query, a.shape[1] - num_query], dim=1)
+        else:
+            q, t = (a, None) if num_query else (None, a)
+        if q is not None:
             if self.has_cross_attention:
                 if image_kv is None:
                     raise ValueError("query rows reach a cross-attention layer without image "
                                      "features")
                 q = self.crossattention(q, image_kv)
             parts.append(self.output_query(self.intermediate_query(q), q))
-        if a.shape[1] > num_query:
-            t = a[:, num_query:]
+        if t is not None:
             parts.append(self.output(self.intermediate(t), t))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return out, k, v
@@ -307,7 +335,9 @@ class QFormerModel(nn.Module):
                                                                 image_embeds.shape[1]):
                 layers.append(FoldedImage(image_embeds))
             else:
-                layers.append(attn.keys_values(image_embeds))
+                # head-major and contiguous: every pass over these images (and its backward)
+                # then reads them without a copy (see :func:`attention`)
+                layers.append(tuple(t.contiguous() for t in attn.keys_values(image_embeds)))
         return ImageKV(layers)
 
     def forward(
