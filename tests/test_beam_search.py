@@ -26,7 +26,7 @@ def _boost_end_token(head: torch.nn.Linear, eos: int, factor: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def opt():
+def opt(device):
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
@@ -35,11 +35,11 @@ def opt():
         max_position_embeddings=128, pad_token_id=1, bos_token_id=OPT_EOS,
         eos_token_id=OPT_EOS)).eval()
     _boost_end_token(model.lm_head, OPT_EOS, 5.0)
-    return model
+    return model.to(device)
 
 
 @pytest.fixture(scope="module")
-def t5():
+def t5(device):
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def t5():
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
         pad_token_id=0, eos_token_id=T5_EOS)).eval()
     _boost_end_token(model.lm_head, T5_EOS, 5.0)
-    return model
+    return model.to(device)
 
 
 def _inputs(kind: str, batch: int, seed: int = 3) -> dict:
@@ -62,6 +62,8 @@ def _inputs(kind: str, batch: int, seed: int = 3) -> dict:
 
 
 def _generate(model, inputs: dict, ours: bool, **kw):
+    """``generate`` with every output; ``--device cuda`` runs the tiny models on the GPU."""
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
     with torch.no_grad(), (vectorised_beam_search(model) if ours
                            else contextlib.nullcontext()):
         return model.generate(**inputs, output_scores=True, output_logits=True,
@@ -117,7 +119,7 @@ def test_hypotheses_end_at_different_steps(opt, t5, kind):
                       num_return_sequences=5)
     assert_same(plain, _generate(model, inputs, True, num_beams=5, length_penalty=-1.0,
                                  max_new_tokens=9, num_return_sequences=5))
-    generated = plain.sequences[:, 1:] if kind == "t5" else plain.sequences
+    generated = plain.sequences.cpu()[:, 1:] if kind == "t5" else plain.sequences.cpu()
     ends = {row.index(eos) if eos in row else None for row in generated.tolist()}
     assert None in ends and len(ends - {None}) >= 3, ends
 

@@ -45,6 +45,8 @@ def unsupported(beam_scorer: Any, generation_config: Any, stopping_criteria: Any
     """Why this call needs transformers' own beam search, or None when ours does it."""
     from transformers.generation.beam_search import BeamSearchScorer
 
+    if not hasattr(generation_config, "_eos_token_tensor"):
+        return "an older transformers (generate prepares no special-token tensors)"
     if type(beam_scorer) is not BeamSearchScorer:
         return f"scorer {type(beam_scorer).__name__}"
     if beam_scorer.num_beam_groups != 1:
