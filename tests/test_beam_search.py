@@ -110,6 +110,60 @@ def test_equals_transformers_beam_search(opt, t5, kind, setting):
         assert_same(_generate(model, inputs, False, **kw), _generate(model, inputs, True, **kw))
 
 
+# (kind, length_penalty, early_stopping, beams): some images of a batch of 4 finish (all their
+# hypotheses collected and none left that could beat them) while others go on
+FINISH_EARLY = [("t5", 1.0, False, 3), ("t5", 1.0, True, 3), ("t5", -1.0, "never", 3),
+                ("t5", 1.0, "never", 2), ("opt_ids", 0.0, False, 2), ("opt_embeds", 0.0, False, 2)]
+
+
+@pytest.mark.parametrize("case", FINISH_EARLY, ids=lambda c: "-".join(map(str, c)))
+def test_images_that_finish_early(opt, t5, case, monkeypatch):
+    """A finished image's beams go on as padding taken from row 0, as transformers' do; a whole
+    batch finished stops the loop before the maximum length."""
+    from transformers.generation.beam_search import BeamSearchScorer
+
+    kind, penalty, early, beams = case
+    model = t5 if kind == "t5" else opt
+    partly_done = []
+    process = BeamSearchScorer.process
+
+    def spy(self, *a, **k):  # records whether some, not all, images were done after a step
+        out = process(self, *a, **k)
+        partly_done.append(bool(self._done.any() and not self._done.all()))
+        return out
+
+    monkeypatch.setattr(BeamSearchScorer, "process", spy)
+    kw = dict(num_beams=beams, length_penalty=penalty, early_stopping=early, max_new_tokens=20)
+    inputs = _inputs(kind, 4)
+    plain = _generate(model, inputs, False, **kw)
+    assert any(partly_done)
+    assert_same(plain, _generate(model, inputs, True, **kw))
+    if kind == "opt_ids":  # one image, finished at step 5 of 30
+        kw["max_new_tokens"] = 30
+        plain = _generate(model, _inputs(kind, 1), False, **kw)
+        assert len(plain.scores) < 30
+        assert_same(plain, _generate(model, _inputs(kind, 1), True, **kw))
+
+
+def test_equals_transformers_with_a_dynamic_cache(device):
+    """A decoder whose cache is a ``DynamicCache`` object (LLaMA, as InstructBLIP-Vicuna and
+    lp_blip2_causal use), reordered by transformers' own ``reorder_cache``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=OPT_EOS)).eval()
+    _boost_end_token(model.lm_head, OPT_EOS, 5.0)
+    model.to(device)
+    for kw in (dict(num_beams=5, length_penalty=-1.0), dict(num_beams=3, min_new_tokens=3,
+                                                          num_return_sequences=2)):
+        inputs = _inputs("opt_ids", 4)
+        assert_same(_generate(model, inputs, False, max_new_tokens=9, **kw),
+                    _generate(model, inputs, True, max_new_tokens=9, **kw))
+
+
 @pytest.mark.parametrize("kind", ["opt_embeds", "t5"])
 def test_hypotheses_end_at_different_steps(opt, t5, kind):
     """The equality above covers end tokens at several steps, and beams that never end."""
