@@ -102,7 +102,9 @@ SETTINGS = [
 def test_equals_transformers_beam_search(opt, t5, kind, setting):
     beams, penalty, min_new, returned, early, repetition = setting
     model = t5 if kind == "t5" else opt
-    for batch in (1, 4):
+    # batches of 4 and of 1 in turn (both for BLIP-2's VQA setting), to keep the suite short
+    index = SETTINGS.index(setting)
+    for batch in ((1, 4) if index == 1 else (4,) if index % 2 == 0 else (1,)):
         kw = dict(num_beams=beams, length_penalty=penalty, min_new_tokens=min_new,
                   max_new_tokens=9, num_return_sequences=returned, early_stopping=early,
                   repetition_penalty=repetition)
@@ -248,7 +250,7 @@ def test_hypothesis_store_breaks_ties_as_transformers_does():
     from transformers.generation.beam_search import BeamHypotheses
 
     rng = random.Random(0)
-    for trial in range(200):
+    for trial in range(100):
         k, batch = rng.choice([2, 3, 5]), 3
         ref = [BeamHypotheses(k, 1.0, False) for _ in range(batch)]
         ours = _Finished(batch, k, width=1, steps=1, pad=0, device=torch.device("cpu"))

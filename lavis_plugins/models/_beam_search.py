@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +158,34 @@ class _Finished:
         sorts by score, stable, and pops from the end)."""
         return _lexsort_desc([self.valid, self.scores, self.seq])[:, :n]
 
+    def output(self, n: int, max_length: int, pad: Optional[torch.Tensor],
+               eos: Optional[torch.Tensor]
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``finalize``'s result for the ``n`` best of each image: ids (B * n, T) (``pad`` after
+        a hypothesis, the end token right after one shorter than T), their scores (B * n,)
+        float32, and beam indices (B * n, T) (-1 after the last step). T is one more than the
+        longest hypothesis, at most ``max_length``; one host read."""
+        b = self.scores.shape[0]
+        chosen = self.best(n)  # (B, n)
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            index = chosen.view(b, n, *([1] * (t.dim() - 2))).expand(b, n, *t.shape[2:])
+            return t.gather(1, index).flatten(0, 1)
+
+        lengths, tokens = take(self.lengths), take(self.tokens)  # (B*n,), (B*n, W)
+        longest, shortest = (int(x) for x in torch.stack([lengths.max(), lengths.min()]).tolist())
+        width = min(longest + 1, max_length)
+        if shortest != longest and pad is None:
+            raise ValueError("`pad_token_id` has to be defined")
+        pad_id = int(pad) if pad is not None else 0
+        column = torch.arange(width, device=tokens.device)
+        decoded = _rows_to_width(tokens, width, pad_id).masked_fill(
+            column >= lengths[:, None], pad_id)
+        if eos is not None:  # the end token after a hypothesis shorter than the output
+            decoded = decoded.masked_fill((column == lengths[:, None]) & (lengths[:, None] < width),
+                                          int(eos[0]))
+        return decoded, take(self.scores).float(), _rows_to_width(take(self.steps), width, -1)
+
 
 def _rows_to_width(rows: torch.Tensor, width: int, fill: int) -> torch.Tensor:
     """(..., L) -> (..., width) padded with ``fill`` on the right."""
@@ -221,7 +249,6 @@ def beam_search(model: nn.Module, input_ids: torch.LongTensor, beam_scorer: Any,
     beam_scores = beam_scores.view(-1)
     scores = () if output_scores else None
     raw_logits = () if output_logits else None
-    step = 0
     while True:
         model_inputs = model.prepare_inputs_for_generation(input_ids, **model_kwargs)
         outputs = model(**model_inputs, return_dict=True)
@@ -279,48 +306,23 @@ def beam_search(model: nn.Module, input_ids: torch.LongTensor, beam_scorer: Any,
         if model_kwargs.get("past_key_values", None) is not None:
             model_kwargs["past_key_values"] = model._temporary_reorder_cache(
                 model_kwargs["past_key_values"], beam_idx)
-        step += 1
         # the loop's one host read: every image done, or a stopping criterion (max length) met
         if bool(done.all() | stopping_criteria(input_ids, scores).all()):
             break
 
     # finalize: unfinished images offer their K beams, best first, at their full length
     generated = input_ids.shape[-1] - prompt_len
-    last_steps = beam_steps.clone()
     finished.add(beam_scores.view(batch, k).double() / divisor[generated],
                  (~done)[:, None].expand(batch, k),
                  _rows_to_width(input_ids, finished.tokens.shape[-1], pad_id).view(batch, k, -1),
                  torch.full((batch, k), input_ids.shape[-1], dtype=torch.long, device=device),
-                 last_steps.view(batch, k, -1))
-    chosen = finished.best(keep_n)  # (B, R)
-
-    def take(t: torch.Tensor) -> torch.Tensor:
-        index = chosen.view(batch, keep_n, *([1] * (t.dim() - 2))).expand(
-            batch, keep_n, *t.shape[2:])
-        return t.gather(1, index).flatten(0, 1)
-
-    lengths, tokens = take(finished.lengths), take(finished.tokens)  # (B*R,), (B*R, W)
-    sequence_scores = take(finished.scores).float()
-    longest, shortest = (int(x) for x in torch.stack([lengths.max(), lengths.min()]).tolist())
-    width = min(longest + 1, max_length)
-    if shortest != longest and pad is None:
-        raise ValueError("`pad_token_id` has to be defined")
-    column = torch.arange(width, device=device)
-    decoded = tokens[:, :width] if tokens.shape[1] >= width else _rows_to_width(
-        tokens, width, pad_id)
-    decoded = decoded.masked_fill(column >= lengths[:, None], pad_id)
-    # the end token after a hypothesis shorter than the output (finalize's last line)
-    eos_at = (column == lengths[:, None]) & (lengths[:, None] < width)
-    if eos is not None:
-        decoded = decoded.masked_fill(eos_at, int(eos[0]))
+                 beam_steps.view(batch, k, -1))
+    decoded, sequence_scores, beam_indices = finished.output(keep_n, max_length, pad, eos)
     if not return_dict:
         return decoded
-    beam_indices = None
-    if output_scores:
-        beam_indices = _rows_to_width(take(finished.steps), width, -1)[:, :width]
     fields: Dict[str, Any] = dict(
         sequences=decoded, sequences_scores=sequence_scores if output_scores else None,
-        scores=scores, logits=raw_logits, beam_indices=beam_indices,
+        scores=scores, logits=raw_logits, beam_indices=beam_indices if output_scores else None,
         past_key_values=model_kwargs.get("past_key_values"))
     if model.config.is_encoder_decoder:
         return GenerateBeamEncoderDecoderOutput(**fields)
