@@ -8,6 +8,7 @@ from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from lavis_plugins.common.errors import UserError
+from lavis_plugins.models._beam_search import vectorised_beam_search
 
 
 class Blip2LLMGeneration:
@@ -122,8 +123,9 @@ class Blip2LLMGeneration:
             sampling["length_penalty"] = length_penalty
         # generate repeats each input row for the beams (beam search) or the samples
         copies = num_captions if use_nucleus_sampling else num_beams
+        # beam search's bookkeeping as tensor operations, equal to transformers' to the bit
         with self.autocast(), self._generation_context(
-                inputs_llm.shape[0], copies, max_length):
+                inputs_llm.shape[0], copies, max_length), vectorised_beam_search(self.llm):
             embeds, mask = self._llm_inputs(inputs_llm, atts_llm, prompts, max_length)
             out = self.llm.generate(
                 inputs_embeds=embeds, attention_mask=mask, do_sample=use_nucleus_sampling,

@@ -47,7 +47,8 @@ class _CacheBuffers:
             for t in layer:  # (B, heads, length, d) -> rows repeated for the copies
                 n, h, _, d = t.shape
                 buf = t.new_empty(n * copies, h, max(capacity, length), d)
-                buf[:, :, :length] = t.repeat_interleave(copies, dim=0)
+                # one broadcast copy (repeat_interleave would copy twice: into a temporary first)
+                buf.view(n, copies, h, -1, d)[:, :, :, :length] = t[:, None]
                 bufs.append(buf)
             self.layers.append(bufs)
 
