@@ -258,3 +258,44 @@ def test_negatives_per_positive_through_the_cli(lp, tmp_path, tiny_bert_dir, mon
                                         r"must be an integer >= 1"):
         cli.run(str(yaml), ["model.itm_negatives_per_positive=0"], evaluate_only=False,
                 job_id="bad")
+
+
+def _two_rank_worker(rank: int, init_file: str, model, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from lavis_plugins.models import blip2_qformer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    drawn, rows = [], []
+    real_draw, real_loss = blip2_qformer.draw_negatives, blip2_qformer.itm_loss
+    blip2_qformer.draw_negatives = lambda w, n: drawn.append(real_draw(w, n)) or drawn[-1]
+    blip2_qformer.itm_loss = lambda logits, b, n: rows.append(logits.shape[0]) or real_loss(
+        logits, b, n)
+    torch.manual_seed(rank)
+    caps = ["a red circle", "a blue square", "two shapes", "a green one"]
+    out = model({"image": torch.randn(2, 3, 32, 32), "text_input": caps[2 * rank:2 * rank + 2]})
+    out.loss.backward()
+    torch.save({"rows": rows, "drawn": drawn, "loss": out.loss.detach()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_negatives_per_positive_across_two_processes(lp, tmp_path, tiny_bert_dir):
+    """2 gloo processes of 2 pairs each, N 3: each rank draws its 3 distinct negatives from the 4
+    pairs of both ranks (more than it holds), never its own pair, and scores 7 x 2 ITM rows."""
+    from conftest import run_forked
+
+    model = lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir),
+                          itm_negatives_per_positive=3)
+    run_forked(_two_rank_worker, [(r, str(tmp_path / "init"), model, str(tmp_path))
+                                  for r in range(2)])
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["rows"] == [14] and torch.isfinite(got["loss"])
+        for neg in got["drawn"]:  # (3*2,) indices into the 4 gathered pairs
+            per_row = neg.view(3, 2).t()
+            for i in range(2):
+                assert len(set(per_row[i].tolist())) == 3
+                assert 2 * rank + i not in per_row[i].tolist()
