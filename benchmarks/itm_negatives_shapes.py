@@ -6,7 +6,11 @@ images: ITM accuracy and retrieval R@1 with ITM re-ranking vs ITC alone.
     python benchmarks/itm_negatives_shapes.py --out /tmp/itm_cur curriculum --seeds 42 7 123
 
 ``--seeds``: one stage 1 per mode and seed (``run.seed``); ``--option KEY=VALUE``: more stage-1
-options for every run (e.g. ``model.itm_curriculum_epochs=4``).
+options for every run (e.g. ``model.itm_curriculum_epochs=4``); ``--bert KEY=VALUE``: sizes of the
+demo's Q-Former BERT (``make_tiny_bert``'s ``hidden_size``, ``num_hidden_layers``,
+``num_attention_heads``, ``intermediate_size``); ``--splits``: the shapes splits to evaluate on
+(``val test``: 400 images, each split its own retrieval problem of 200, halves the evaluation
+noise of one split; the demo reports ``test``).
 
 ITM accuracy: each test image with its own (first) caption and with the next image's caption,
 called a match when P(match) > 0.5 (chance 50%); "pair" accuracy: its own caption scores higher
@@ -26,8 +30,8 @@ import numpy as np
 import torch
 
 
-def evaluate(model) -> dict:
-    """ITM accuracies and R@1 (ITM re-rank, ITC alone) on the shapes retrieval test split."""
+def evaluate(model, split: str = "test") -> dict:
+    """ITM accuracies and R@1 (ITM re-rank, ITC alone) on a shapes retrieval split."""
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
 
@@ -36,7 +40,7 @@ def evaluate(model) -> dict:
 
     cfg = OmegaConf.load(config_path("datasets/lp_shapes/defaults_retrieval.yaml"))
     test = registry.get_builder_class("lp_shapes_retrieval")(
-        cfg.datasets.lp_shapes_retrieval).build_datasets()["test"]
+        cfg.datasets.lp_shapes_retrieval).build_datasets()[split]
     model.eval()
     n = len(test.image)
     images = torch.stack([test[i]["image"] for i in range(n)])
@@ -80,6 +84,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", nargs="+", type=int, default=[42], help="run.seed of each run")
     p.add_argument("--option", action="append", default=[], help="more stage-1 KEY=VALUE")
+    p.add_argument("--bert", action="append", default=[], help="demo BERT size KEY=VALUE")
+    p.add_argument("--splits", nargs="+", default=["test"], choices=["val", "test"])
     args = p.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -91,9 +97,11 @@ def main() -> None:
 
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    ctx = demo.DemoContext(out=out, data_root=ensure_shapes_dataset(), bert_dir=out / "tiny-bert",
-                           llm_dir=out / "llm")
-    demo.make_demo_bert(ctx.bert_dir)
+    sizes = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.bert)}
+    tag = "".join(f"-{k}{v}" for k, v in sorted(sizes.items()))
+    ctx = demo.DemoContext(out=out, data_root=ensure_shapes_dataset(),
+                           bert_dir=out / f"tiny-bert{tag}", llm_dir=out / "llm")
+    demo.make_demo_bert(ctx.bert_dir, **sizes)
     for mode, seed in [(m, s) for m in args.modes for s in args.seeds]:
         t, cpu = time.time(), time.process_time()
         opts = [*demo.stage_options("stage1", ctx), f"model.itm_negatives={mode}",
@@ -102,8 +110,10 @@ def main() -> None:
                             job_id=f"stage1_{mode}_{seed}", force=True)
         log = [json.loads(x) for x in (Path(runner.output_dir) / "train_log.jsonl").read_text()
                .splitlines() if x.strip()]
-        res = dict(mode=mode, seed=seed, options=args.option,
-                   **evaluate(runner.unwrap_dist_model(runner.model)),
+        model = runner.unwrap_dist_model(runner.model)
+        res = dict(mode=mode, seed=seed, options=args.option, bert=sizes,
+                   **{f"{split}_{k}" if split != "test" else k: v for split in args.splits
+                      for k, v in evaluate(model, split).items()},
                    loss_itm_last=[r["loss_itm"] for r in log if "loss_itm" in r][-1],
                    wall_s=time.time() - t, cpu_s=time.process_time() - cpu,
                    load=os.getloadavg())

@@ -373,19 +373,21 @@ class DemoContext:
 DEMO_BERT_INIT_STD = 0.1
 
 
-def make_demo_bert(folder: Path) -> Path:
+def make_demo_bert(folder: Path, **sizes: int) -> Path:
     """The Q-Former's BERT: tiny and random (BLIP-2 starts from pre-trained BERT-base), with every
     word of the dataset in its vocabulary, a wider initial weight scale and no dropout.
 
     Without dropout (on such a small signal its noise dominates the gradients) and with
     ``DEMO_BERT_INIT_STD``, stage 1 learns within the demo's CPU budget. The same config also
-    initialises the Q-Former's cross-attention layers, which no BERT file holds.
+    initialises the Q-Former's cross-attention layers, which no BERT file holds. ``sizes``:
+    ``make_tiny_bert``'s size arguments (``hidden_size``, ``num_hidden_layers``, ...), for
+    benchmarks that try other sizes; the demo uses its defaults.
     """
     from lavis_plugins.common.tiny_bert import make_tiny_bert
     from lavis_plugins.demo_data import shapes_vocabulary
 
     return make_tiny_bert(folder, words=shapes_vocabulary(), initializer_range=DEMO_BERT_INIT_STD,
-                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **sizes)
 
 
 def stage_options(key: str, ctx: DemoContext) -> List[str]:

@@ -39,7 +39,8 @@ from lavis_plugins.models._qformer_checkpoint import QformerCheckpointMixin
 from lavis_plugins.models._qformer_features import QformerFeaturesMixin
 from lavis_plugins.models._qformer_generation import QformerGenerationMixin
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig, resolve_bert_path
-from lavis_plugins.models.itm_negatives import ITM_NEGATIVES, hard_share, mix_weights
+from lavis_plugins.models.itm_negatives import (ITM_NEGATIVES, draw_negatives, hard_share, itm_loss,
+                                               mix_weights)
 from lavis_plugins.models.momentum import Teacher, momentum_targets, ramped_alpha
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
 from lavis_plugins.models.stage1_losses import IGNORE, cyclip_losses, distill_cross_entropy
@@ -90,6 +91,9 @@ class Blip2QformerConfig:
     # trained from scratch learns no ITM on hard negatives alone (README "ITM negatives")
     itm_negatives: str = "hard"
     itm_curriculum_epochs: float = 3.0  # "curriculum": epochs until every negative is hard
+    # negative texts per image and negative images per text, distinct, each weighted 1/N in the
+    # loss (models/itm_negatives.py); 1 is BLIP-2's
+    itm_negatives_per_positive: int = 1
 
     ITM_NEGATIVES = ITM_NEGATIVES
     # keys of a LAVIS model config that are bookkeeping, not settings
@@ -119,6 +123,10 @@ class Blip2QformerConfig:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise UserError(f"lp_blip2_qformer: itm_curriculum_epochs = {v!r}: it must be a "
                             "number of epochs > 0")
+        v = self.itm_negatives_per_positive
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"lp_blip2_qformer: itm_negatives_per_positive = {v!r}: it must be "
+                            "an integer >= 1 (1: BLIP-2's one negative per positive)")
         for key in ("cyclip", "momentum_distill"):
             if not isinstance(getattr(self, key), bool):
                 raise UserError(f"lp_blip2_qformer: {key} must be true or false, got "
@@ -140,13 +148,13 @@ class Blip2Stage1Output(ModelOutput):
 
     loss: Optional[Tensor] = None  # loss_itc + loss_itm + loss_itg
     loss_itc: Optional[Tensor] = None  # image-text contrastive
-    loss_itm: Optional[Tensor] = None  # image-text matching (1 positive, 2 hard negatives per pair)
+    loss_itm: Optional[Tensor] = None  # image-text matching (1 positive, 2N hard negatives per pair)
     loss_itg: Optional[Tensor] = None  # image-grounded text generation (LAVIS's loss_lm)
     # option cyclip: CyCLIP's terms (unweighted; the loss adds them times their weights)
     loss_cyclip_inmodal: Optional[Tensor] = None
     loss_cyclip_crossmodal: Optional[Tensor] = None
     acc_itc: Optional[Tensor] = None  # image->text top-1 over the (global) batch
-    acc_itm: Optional[Tensor] = None  # matched / not matched, over the 3B ITM pairs
+    acc_itm: Optional[Tensor] = None  # matched / not matched, over the (1+2N)B ITM pairs
 
     @property
     def loss_lm(self) -> Optional[Tensor]:
@@ -429,14 +437,15 @@ class LPBlip2Qformer(QformerFeaturesMixin, QformerGenerationMixin, QformerCheckp
 
     def _itm_loss(self, image_embeds: Tensor, image_kv: ImageKV, text, sim_i2t: Tensor,
                   sim_t2i: Tensor, share: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """Matching loss on B positives, B (image, hard negative text) and B (text, hard negative
-        image) pairs; negatives are drawn from the softmaxed similarities over all ranks, mixed
+        """Matching loss on B positives, nB (image, hard negative text) and nB (text, hard negative
+        image) pairs (n: ``itm_negatives_per_positive``); negatives are drawn from the softmaxed similarities over all ranks, mixed
         with uniform weights by the 0-dim ``share`` of hard ones (None: all hard)."""
         rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
-        b = image_embeds.shape[0]
-        if world * b < 2:
-            raise UserError("ITM needs at least 2 image-text pairs per step to draw negatives; "
-                            "raise the batch size")
+        b, n = image_embeds.shape[0], self.cfg.itm_negatives_per_positive
+        if world * b < n + 1:
+            raise UserError(f"ITM needs at least {n + 1} image-text pairs per step to draw {n} "
+                            "distinct negative(s) per positive (model.itm_negatives_per_positive)"
+                            "; raise the batch size or lower itm_negatives_per_positive")
         local = torch.arange(b, device=image_embeds.device)
         with torch.no_grad():
             weights_t2i = F.softmax(sim_t2i, dim=1) + 1e-4
@@ -450,8 +459,8 @@ class LPBlip2Qformer(QformerFeaturesMixin, QformerGenerationMixin, QformerCheckp
             # check as a loss, not crash multinomial: draw uniformly where weights are not finite
             weights_t2i = torch.where(torch.isfinite(weights_t2i), weights_t2i, 1.0)
             weights_i2t = torch.where(torch.isfinite(weights_i2t), weights_i2t, 1.0)
-            neg_image = torch.multinomial(weights_t2i, 1).squeeze(1)  # per text, in 0..W*B-1
-            neg_text = torch.multinomial(weights_i2t, 1).squeeze(1)  # per image
+            neg_image = draw_negatives(weights_t2i, n)  # (n*B,) per text, in 0..W*B-1
+            neg_text = draw_negatives(weights_i2t, n)  # (n*B,) per image
 
         ids, mask = text.input_ids, text.attention_mask
         if world == 1:
@@ -468,18 +477,16 @@ class LPBlip2Qformer(QformerFeaturesMixin, QformerGenerationMixin, QformerCheckp
             length = int(torch.maximum(mask.sum(1).max(), neg_mask.sum(1).max()))
             ids, mask, neg_ids, neg_mask = (t[:, :length] for t in (ids, mask, neg_ids, neg_mask))
 
-        # rows: (image, text), (image, negative text) -- both attend to this batch's images,
-        # together -- then (negative image, text)
+        # rows: (image, text), n rounds of (image, negative text) -- all attend to this batch's
+        # images, together -- then n rounds of (negative image, text)
         hidden, _ = self.Qformer.bert(
-            input_ids=torch.cat([ids, neg_ids, ids]),
-            query_embeds=self.query_tokens.expand(3 * b, -1, -1),
-            attention_mask=padding_mask(torch.cat([mask, neg_mask, mask]), self.num_query),
-            image_kv=[ImageKV(image_kv.layers, repeats=2), neg_kv], last_rows=self.num_query)
-        logits = self.itm_head(hidden).mean(dim=1)  # (3B, 2) from the query outputs
-        # 1 for the B matched rows, 0 for the 2B negatives; made on the device (no host copy)
-        labels = (torch.arange(3 * b, device=logits.device) < b).long()
-        acc = (logits.detach().argmax(1) == labels).float().mean()
-        return F.cross_entropy(logits, labels), acc
+            input_ids=torch.cat([ids, neg_ids, ids.repeat(n, 1)]),
+            query_embeds=self.query_tokens.expand((1 + 2 * n) * b, -1, -1),
+            attention_mask=padding_mask(torch.cat([mask, neg_mask, mask.repeat(n, 1)]),
+                                        self.num_query),
+            image_kv=[ImageKV(image_kv.layers, repeats=1 + n), neg_kv], last_rows=self.num_query)
+        logits = self.itm_head(hidden).mean(dim=1)  # ((1 + 2n) B, 2) from the query outputs
+        return itm_loss(logits, b, n)
 
     def _itg_logits(self, text, query_kv: List[KV]) -> Tuple[Tensor, Tensor]:
         """[DEC] + caption, each token seeing all queries (their cached keys/values) and the

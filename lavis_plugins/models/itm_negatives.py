@@ -15,15 +15,23 @@ negative is a hard one with probability ``share``:
   better ITM head than ``mixed`` but does not make ITM re-ranking beat ITC alone on every seed:
   docs/capfilt_demo.md. Starting at 1/2 (mixed) learned less.)
 
+``Blip2QformerConfig.itm_negatives_per_positive`` (N, default 1: BLIP-2's) draws N negative texts
+per image and N negative images per text, without replacement from those weights
+(:func:`draw_negatives`), so the ITM pass reads (1 + 2N) B pairs. :func:`itm_loss` weighs each
+negative by 1/N: the positives keep BLIP-2's weight (1 of 3 parts of the loss) and the loss keeps
+its scale beside ITC and ITG; more negatives per positive average out more of the noise of drawing
+them, not a shift of the matched / not-matched prior.
+
 The training position comes from the ``epoch``, ``iters`` and ``num_iters_per_epoch`` the runner
 adds to every training batch (Python ints: reading them is no host sync). A batch without them
 (a direct ``forward`` call, evaluation) is treated as past the curriculum: hard negatives.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 ITM_NEGATIVES = ("hard", "mixed", "random", "curriculum")
@@ -57,3 +65,26 @@ def mix_weights(weights: Tensor, share: Tensor) -> Tensor:
     share = share.to(weights.dtype)
     # this order of operations gives "mixed" the bits of its first version (0.5 w + 0.5 u)
     return share * weights + (1 - share) * uniform
+
+
+def draw_negatives(weights: Tensor, n: int) -> Tensor:
+    """Sampling weights (B, W*B) with a zero at each row's positive -> the indices (n*B,) of ``n``
+    negatives per row, drawn without replacement (so a row's negatives are distinct); index
+    ``j*B + i`` is row i's j-th negative (the order the ITM pass lays its rows out in).
+
+    ``n`` 1 draws exactly what BLIP-2's ``multinomial(weights, 1)`` draws (the same call)."""
+    return torch.multinomial(weights, n).t().reshape(-1)
+
+
+def itm_loss(logits: Tensor, b: int, n: int) -> Tuple[Tensor, Tensor]:
+    """ITM logits ((1 + 2n) B, 2) of B positives then 2nB negatives -> (loss, accuracy), 0-dim.
+
+    Cross-entropy with each negative weighted 1/n (n 1: BLIP-2's plain mean over 3B rows)."""
+    # 1 for the B matched rows, 0 for the negatives; made on the device (no host copy)
+    labels = (torch.arange(logits.shape[0], device=logits.device) < b).long()
+    acc = (logits.detach().argmax(1) == labels).float().mean()
+    if n == 1:
+        return F.cross_entropy(logits, labels), acc
+    per_row = F.cross_entropy(logits, labels, reduction="none")
+    weight = torch.where(labels.bool(), 1.0, 1.0 / n)
+    return (per_row * weight).sum() / (3 * b), acc
