@@ -40,6 +40,16 @@ CPU-time ratios with their range over the rounds, whether the extra stays below 
 wall ratio, and the CPU time per stage (``BREAKDOWN``). Then the same comparison at real size
 as a FLOP estimate (``flops_video_selection.py``; arithmetic, not a measurement).
 
+``--proportions real`` (with ``--selection``): instead of the small config, a CPU-sized model
+whose parts stand in BLIP-2's real-size ratios by ``flops_video_selection``'s counts
+(``PROPORTIONAL``: ViT 2 x 256 with a 3968-wide MLP, Q-Former 5 x 64, OPT 3 x 576): a frame
+through the ViT at the scoring grid, the Q-Former's query pass per frame, the LLM per video (prompt
+prefill and the answer as the benchmark generates it) each cost, relative to a frame through the
+ViT at 224 px, what they cost with EVA ViT-g, BERT-base and OPT-2.7B (within 10%; printed side by
+side first, and checked). Token counts stay real: 257 image tokens, 32 queries, the prompts'
+lengths. Decoding and resizing do not shrink with the model, so they weigh more here than at real
+size: the ratios measured this way are conservative (higher than at real size).
+
 Each (frames, implementation) pair runs ``--rounds`` times, alternating, after one warm-up batch;
 figures are medians. Per stage (seconds per video): decode (file -> normalised (C, T, H, W)),
 encoder (ViT + ln_vision, all frames), Q-Former + projection, LLM (prompt + generation).
@@ -64,6 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_stage2  # noqa: E402  (sizes, weights folders and the LAVIS model builder)
 import bench_video_decode  # noqa: E402  (the cached H.264 clips)
+import flops_video_selection  # noqa: E402  (the FLOP counts and the proportional sizes)
 
 QUESTION = "what is moving in the video?"
 PROMPT = "Question: {} Answer:"  # BLIP-2's zero-shot VQA prompt for OPT
@@ -98,9 +109,97 @@ def parse_args(argv=None):
     p.add_argument("--itm-pool", type=int, nargs="+",
                    help="--selection, itm scorer: model.selection_itm_pool values compared (0: "
                         "ITM on every candidate; default: the model's default)")
+    p.add_argument("--proportions", choices=["small", "real"], default="small",
+                   help="--selection: 'small' (the small config) or 'real': a CPU-sized model "
+                        "with BLIP-2's real-size cost ratios (ViT-g : Q-Former : OPT-2.7B)")
     p.add_argument("--cache-dir", type=Path,
                    default=Path(tempfile.gettempdir()) / "lavis_plugins_bench_video")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.proportions == "real" and not args.selection:
+        p.error("--proportions real measures frame selection: add --selection N K (e.g. 32 4)")
+    if args.proportions == "real" and args.real_size:
+        p.error("--proportions real is a small model with real-size ratios: drop --real-size "
+                "(or --proportions real, to run the real shapes)")
+    return args
+
+
+# the proportional model's prompts in its small tokenizers' vocabularies, so that they
+# tokenise to about their lengths in OPT's and BERT's tokenizers (flops_video_selection.PROPORTIONAL)
+PROPORTIONAL_OPT_WORDS = ["moving", "Does", "information", "help"]
+PROPORTIONAL_BERT_WORDS = ["moving"]
+
+
+def vit_settings(args) -> dict:
+    """The image encoder: ``bench_stage2``'s, or the proportional model's (``--proportions``)."""
+    if args.proportions != "real":
+        return bench_stage2.vit_settings(args)
+    s = flops_video_selection.PROPORTIONAL
+    return dict(vit_model="tiny", vit_precision="fp32", image_size=224,
+                tiny_vit=dict(width=s.vit_width, depth=s.vit_depth, heads=s.vit_width // 64,
+                              patch_size=s.patch, mlp_dim=s.vit_mlp))
+
+
+def qformer_settings(args) -> dict:
+    """The Q-Former's cross-attention spacing (the proportional model's; else the default)."""
+    if args.proportions != "real":
+        return {}
+    return dict(cross_attention_freq=flops_video_selection.PROPORTIONAL.cross_every)
+
+
+def make_folders(args, root: Path) -> None:
+    """The BERT and OPT folders: ``bench_stage2``'s, or the proportional model's."""
+    if args.proportions != "real":
+        return bench_stage2.make_folders(argparse.Namespace(**vars(args)), root)
+    from lavis_plugins.common.tiny_bert import make_tiny_bert
+    from lavis_plugins.common.tiny_llm import make_tiny_opt
+
+    s = flops_video_selection.PROPORTIONAL
+    make_tiny_bert(root / "bert-base-uncased", words=PROPORTIONAL_BERT_WORDS,
+                   hidden_size=s.q_width, num_hidden_layers=s.q_layers,
+                   num_attention_heads=s.q_heads, intermediate_size=s.q_ffn,
+                   max_position_embeddings=512)
+    make_tiny_opt(root / "opt", words=PROPORTIONAL_OPT_WORDS, hidden_size=s.llm_width,
+                  num_hidden_layers=s.llm_layers, num_attention_heads=s.llm_width // 64,
+                  ffn_dim=s.llm_ffn, vocab_size=s.vocab,
+                  max_position_embeddings=flops_video_selection.PROPORTIONAL_LLM_POSITIONS)
+
+
+def token_counts(root: Path) -> Dict[str, int]:
+    """The prompts' lengths in the tokenizers of the folders under ``root``, as the
+    ``flops_video_selection.Sizes`` fields that count them."""
+    from transformers import AutoTokenizer, BertTokenizer
+
+    from lavis_plugins.models._frame_selection import DEFAULT_SELECTION_PROMPT
+
+    opt = AutoTokenizer.from_pretrained(str(root / "opt"))
+    bert = BertTokenizer.from_pretrained(str(root / "bert-base-uncased"))
+    return {"question_tokens": len(opt(PROMPT.format(QUESTION)).input_ids),
+            "selection_prompt_tokens": len(opt(DEFAULT_SELECTION_PROMPT.format(
+                question=QUESTION)).input_ids),
+            "text_tokens": len(bert(QUESTION).input_ids),
+            "vocab": len(opt)}
+
+
+def check_proportions(args, root: Path) -> None:
+    """Print the real-size and proportional cost ratios side by side (FLOP counts); exit when
+    they differ by more than the tolerance or the built folders do not tokenise as counted."""
+    fv = flops_video_selection
+    counts = token_counts(root)
+    wanted = {k: getattr(fv.PROPORTIONAL, k) for k in counts}
+    if counts != wanted:
+        sys.exit(f"--proportions real: the small tokenizers give {counts}, "
+                 f"flops_video_selection.PROPORTIONAL counts {wanted}: update one of them")
+    from lavis_plugins.models._frame_selection import FrameSelectionFields
+
+    n, k = args.selection
+    grids = args.selection_grid or [FrameSelectionFields.selection_grid]
+    pool = (args.itm_pool or [FrameSelectionFields.selection_itm_pool])[0]
+    worst = fv.print_proportions(fv.proportion_rows(n, k, args.scorer, grids, pool,
+                                                    args.new_tokens, beams=1))
+    if worst > fv.PROPORTION_TOLERANCE:
+        sys.exit(f"--proportions real: a cost ratio differs from the real size's by "
+                 f"{100 * worst:.1f}% (> {100 * fv.PROPORTION_TOLERANCE:.0f}%) for these "
+                 "--selection / --selection-grid values; the table above names it")
 
 
 class StageClock:
@@ -140,7 +239,7 @@ def build_ours(args, root: Path, n_frms: int, **video_settings):
     cfg = Blip2VideoOPTConfig(
         bert_path=str(root / "bert-base-uncased"), opt_model=str(root / "opt"),
         llm_dtype="fp16" if args.real_size else "fp32", prompt="", num_query_token=32,
-        fusion="concat", **video_settings, **bench_stage2.vit_settings(args))
+        fusion="concat", **video_settings, **vit_settings(args), **qformer_settings(args))
     model = LPBlip2VideoOPT(cfg).to(args.device).eval()
     return model, VideoEvalProcessor(VideoEvalConfig(n_frms=n_frms, image_size=224,
                                                      threads=args.decode_threads))
@@ -263,6 +362,8 @@ def main(argv=None) -> None:
     clips = [str(p) for name, p in bench_video_decode.clips(args.cache_dir, [args.clip_size])]
     paths = [clips[i % len(clips)] for i in range(args.videos)]
     size = ("real size: EVA ViT-g, Q-Former 12x768, OPT-2.7B shapes, fp16" if args.real_size
+            else f"real proportions: {flops_video_selection.describe()}, fp32"
+            if args.proportions == "real"
             else f"small: tiny ViT 2x256, Q-Former 4x256, OPT {args.opt_layers}x"
                  f"{args.opt_hidden}, fp32")
     print(f"# zero-shot video QA, {size}, {args.device}, torch threads "
@@ -415,7 +516,7 @@ def stage1_selector(args, root: Path, base) -> Path:
 
     stage1 = LPBlip2VideoQformer(Blip2QformerConfig(
         bert_path=str(root / "bert-base-uncased"), num_query_token=32,
-        **bench_stage2.vit_settings(args)))
+        **vit_settings(args), **qformer_settings(args)))
     stage1.visual_encoder.load_state_dict(base.visual_encoder.state_dict())
     path = root / "stage1.pth"
     torch.save({"model": stage1.state_dict()}, path)
@@ -432,7 +533,9 @@ def selection_main(args, paths: List[str], cuda: bool) -> None:
     n, k = args.selection
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        bench_stage2.make_folders(argparse.Namespace(**vars(args)), root)
+        make_folders(args, root)
+        if args.proportions == "real":
+            check_proportions(args, root)
         torch.manual_seed(0)
         base, _ = build_ours(args, root, k)
         runs = {f"uniform {k}": (base, build_ours(args, root, k)[1]),
@@ -476,8 +579,6 @@ def selection_main(args, paths: List[str], cuda: bool) -> None:
         from lavis_plugins.models._frame_selection import FrameSelectionFields
 
         grids = [FrameSelectionFields.selection_grid]
-    import flops_video_selection
-
     pool = (args.itm_pool or [None])[0]
     if pool is None:
         from lavis_plugins.models._frame_selection import FrameSelectionFields
