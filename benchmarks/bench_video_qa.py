@@ -74,7 +74,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_stage2  # noqa: E402  (sizes, weights folders and the LAVIS model builder)
 import bench_video_decode  # noqa: E402  (the cached H.264 clips)
-import flops_video_selection  # noqa: E402  (the FLOP counts and the proportional sizes)
+import flops_video_selection  # noqa: E402  (the real-size FLOP estimate)
+from _video_proportions import (  # noqa: E402  (--proportions real)
+    check_proportions, make_folders, qformer_settings, vit_settings)
 
 QUESTION = "what is moving in the video?"
 PROMPT = "Question: {} Answer:"  # BLIP-2's zero-shot VQA prompt for OPT
@@ -121,85 +123,6 @@ def parse_args(argv=None):
         p.error("--proportions real is a small model with real-size ratios: drop --real-size "
                 "(or --proportions real, to run the real shapes)")
     return args
-
-
-# the proportional model's prompts in its small tokenizers' vocabularies, so that they
-# tokenise to about their lengths in OPT's and BERT's tokenizers (flops_video_selection.PROPORTIONAL)
-PROPORTIONAL_OPT_WORDS = ["moving", "Does", "information", "help"]
-PROPORTIONAL_BERT_WORDS = ["moving"]
-
-
-def vit_settings(args) -> dict:
-    """The image encoder: ``bench_stage2``'s, or the proportional model's (``--proportions``)."""
-    if args.proportions != "real":
-        return bench_stage2.vit_settings(args)
-    s = flops_video_selection.PROPORTIONAL
-    return dict(vit_model="tiny", vit_precision="fp32", image_size=224,
-                tiny_vit=dict(width=s.vit_width, depth=s.vit_depth, heads=s.vit_width // 64,
-                              patch_size=s.patch, mlp_dim=s.vit_mlp))
-
-
-def qformer_settings(args) -> dict:
-    """The Q-Former's cross-attention spacing (the proportional model's; else the default)."""
-    if args.proportions != "real":
-        return {}
-    return dict(cross_attention_freq=flops_video_selection.PROPORTIONAL.cross_every)
-
-
-def make_folders(args, root: Path) -> None:
-    """The BERT and OPT folders: ``bench_stage2``'s, or the proportional model's."""
-    if args.proportions != "real":
-        return bench_stage2.make_folders(argparse.Namespace(**vars(args)), root)
-    from lavis_plugins.common.tiny_bert import make_tiny_bert
-    from lavis_plugins.common.tiny_llm import make_tiny_opt
-
-    s = flops_video_selection.PROPORTIONAL
-    make_tiny_bert(root / "bert-base-uncased", words=PROPORTIONAL_BERT_WORDS,
-                   hidden_size=s.q_width, num_hidden_layers=s.q_layers,
-                   num_attention_heads=s.q_heads, intermediate_size=s.q_ffn,
-                   max_position_embeddings=512)
-    make_tiny_opt(root / "opt", words=PROPORTIONAL_OPT_WORDS, hidden_size=s.llm_width,
-                  num_hidden_layers=s.llm_layers, num_attention_heads=s.llm_width // 64,
-                  ffn_dim=s.llm_ffn, vocab_size=s.vocab,
-                  max_position_embeddings=flops_video_selection.PROPORTIONAL_LLM_POSITIONS)
-
-
-def token_counts(root: Path) -> Dict[str, int]:
-    """The prompts' lengths in the tokenizers of the folders under ``root``, as the
-    ``flops_video_selection.Sizes`` fields that count them."""
-    from transformers import AutoTokenizer, BertTokenizer
-
-    from lavis_plugins.models._frame_selection import DEFAULT_SELECTION_PROMPT
-
-    opt = AutoTokenizer.from_pretrained(str(root / "opt"))
-    bert = BertTokenizer.from_pretrained(str(root / "bert-base-uncased"))
-    return {"question_tokens": len(opt(PROMPT.format(QUESTION)).input_ids),
-            "selection_prompt_tokens": len(opt(DEFAULT_SELECTION_PROMPT.format(
-                question=QUESTION)).input_ids),
-            "text_tokens": len(bert(QUESTION).input_ids),
-            "vocab": len(opt)}
-
-
-def check_proportions(args, root: Path) -> None:
-    """Print the real-size and proportional cost ratios side by side (FLOP counts); exit when
-    they differ by more than the tolerance or the built folders do not tokenise as counted."""
-    fv = flops_video_selection
-    counts = token_counts(root)
-    wanted = {k: getattr(fv.PROPORTIONAL, k) for k in counts}
-    if counts != wanted:
-        sys.exit(f"--proportions real: the small tokenizers give {counts}, "
-                 f"flops_video_selection.PROPORTIONAL counts {wanted}: update one of them")
-    from lavis_plugins.models._frame_selection import FrameSelectionFields
-
-    n, k = args.selection
-    grids = args.selection_grid or [FrameSelectionFields.selection_grid]
-    pool = (args.itm_pool or [FrameSelectionFields.selection_itm_pool])[0]
-    worst = fv.print_proportions(fv.proportion_rows(n, k, args.scorer, grids, pool,
-                                                    args.new_tokens, beams=1))
-    if worst > fv.PROPORTION_TOLERANCE:
-        sys.exit(f"--proportions real: a cost ratio differs from the real size's by "
-                 f"{100 * worst:.1f}% (> {100 * fv.PROPORTION_TOLERANCE:.0f}%) for these "
-                 "--selection / --selection-grid values; the table above names it")
 
 
 class StageClock:
@@ -535,7 +458,7 @@ def selection_main(args, paths: List[str], cuda: bool) -> None:
         root = Path(tmp)
         make_folders(args, root)
         if args.proportions == "real":
-            check_proportions(args, root)
+            check_proportions(args, root, PROMPT.format(QUESTION), QUESTION)
         torch.manual_seed(0)
         base, _ = build_ours(args, root, k)
         runs = {f"uniform {k}": (base, build_ours(args, root, k)[1]),

@@ -106,14 +106,24 @@ def test_stage1_profile_names_every_part_of_a_step(tmp_path):
     assert set(times) == set(prof.PARTS) and all(t >= 0 for t in times.values())
 
 
+def counted_flops(fn, *args) -> float:
+    """FLOPs of ``fn(*args)`` by torch's counter (attention as the math kernel, which it counts)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
 def test_video_selection_flop_estimate_counts_what_the_model_runs(lp):
     """flops_video_selection's arithmetic (the real-size projection of frame selection) equals
     torch's FLOP counter on the tiny stage-1 model: the ViT at its own and a smaller grid, the
     selector's query pass (first self-attention once), the stage-2-style query pass and the ITM
     pass of a question."""
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
 
     import flops_video_selection as fv
 
@@ -128,26 +138,20 @@ def test_video_selection_flop_estimate_counts_what_the_model_runs(lp):
         cross_every=cfg.cross_attention_freq)
     frames = 3
 
-    def counted(fn, *args) -> float:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-            fn(*args)
-        return counter.get_total_flops()
-
     side = sizes.full_grid * sizes.patch
     for grid in (sizes.full_grid, sizes.full_grid // 2):
         image = torch.randn(frames, 3, grid * sizes.patch, grid * sizes.patch)
-        assert counted(model.vit_features, image) == 2 * frames * fv.vit_macs(sizes, grid)
+        assert counted_flops(model.vit_features, image) == 2 * frames * fv.vit_macs(sizes, grid)
     feats = model.encode_image(torch.randn(frames, 3, side, side)).detach()
     n = feats.shape[1]
-    assert counted(model.query_output, feats) == 2 * frames * fv.qformer_macs(sizes, n)
+    assert counted_flops(model.query_output, feats) == 2 * frames * fv.qformer_macs(sizes, n)
     once = 4 * sizes.queries * sizes.q_width ** 2 + 2 * sizes.queries ** 2 * sizes.q_width
-    assert counted(model.frame_query_output, feats) == 2 * (
+    assert counted_flops(model.frame_query_output, feats) == 2 * (
         frames * fv.qformer_macs(sizes, n, first_self_once=True) + once)
     text = model.tokenize(["what is moving in the video"])
     ids, atts = text.input_ids.expand(frames, -1), text.attention_mask.expand(frames, -1)
     rows = torch.arange(frames)
-    itm = counted(model.itm_scores, feats, rows, ids, atts)
+    itm = counted_flops(model.itm_scores, feats, rows, ids, atts)
     head = frames * sizes.queries * sizes.q_width * 2  # the ITM head on each query output
     assert itm == 2 * (frames * fv.qformer_macs(sizes, n, text=ids.shape[1]) + head)
 
@@ -177,39 +181,33 @@ def test_proportional_model_has_the_real_size_cost_ratios(grids):
     assert fv.print_proportions(rows) == max(abs(s / r - 1) for _, r, s in rows)
 
 
-def test_proportional_model_is_built_as_counted(lp, tmp_path):
+def test_proportional_model_is_built_as_counted_flops(lp, tmp_path):
     """The model bench_video_qa builds for --proportions real runs the multiply-adds
     flops_video_selection.PROPORTIONAL counts (torch's FLOP counter: a frame through the ViT at
     224 px and at grid 8, the stage-2 query pass; the LLM's width and depth), and its small
     tokenizers give the prompts' real lengths."""
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
 
+    import _video_proportions as proportions
     import bench_video_qa as bench
     import flops_video_selection as fv
 
     s = fv.PROPORTIONAL
     args = bench.parse_args(["--selection", "32", "4", "--proportions", "real"])
-    bench.make_folders(args, tmp_path)
-    assert bench.token_counts(tmp_path) == {"question_tokens": 12, "selection_prompt_tokens":
-                                            s.selection_prompt_tokens, "text_tokens": 9,
-                                            "vocab": s.vocab}
+    proportions.make_folders(args, tmp_path)
+    prompt = bench.PROMPT.format(bench.QUESTION)
+    counts = proportions.token_counts(tmp_path, prompt, bench.QUESTION)
+    assert counts == {"question_tokens": 12, "selection_prompt_tokens": s.selection_prompt_tokens,
+                      "text_tokens": 9, "vocab": s.vocab}
     model, _ = bench.build_ours(args, tmp_path, 4)
     model.requires_grad_(False)
 
-    def counted(fn, *a) -> float:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-            fn(*a)
-        return counter.get_total_flops()
-
     for grid in (16, 8):
         frame = torch.randn(1, 3, grid * 14, grid * 14)
-        assert counted(model.vit_features, frame) == 2 * fv.vit_macs(s, grid)
+        assert counted_flops(model.vit_features, frame) == 2 * fv.vit_macs(s, grid)
     feats = model.encode_image(torch.randn(1, 3, 224, 224))
     assert feats.shape[1] == 257
-    assert counted(model.query_output, feats) == 2 * fv.qformer_macs(s, 257)
+    assert counted_flops(model.query_output, feats) == 2 * fv.qformer_macs(s, 257)
     opt = model.opt_model.config
     assert (opt.num_hidden_layers, opt.hidden_size, opt.ffn_dim) == (
         s.llm_layers, s.llm_width, s.llm_ffn)
