@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/flops_video_selection.py                 # select 4 of 32, grid 8
     .venv/bin/python benchmarks/flops_video_selection.py --selection 32 4 --grid 8 4 0
+    .venv/bin/python benchmarks/flops_video_selection.py --proportions --grid 8 4
 
 ``bench_video_qa.py --selection`` measures the small config on this machine, where the 4-layer
 Q-Former costs about as much per frame as the 2-layer tiny ViT at 112 px; at BLIP-2's size the ViT
@@ -242,12 +243,19 @@ def main(argv=None) -> None:
     p.add_argument("--itm-pool", type=int, default=None,
                    help="model.selection_itm_pool (default: the model's default)")
     p.add_argument("--new-tokens", type=int, default=5)
+    p.add_argument("--proportions", action="store_true",
+                   help="instead: the real size's and the proportional model's cost ratios side "
+                        "by side (bench_video_qa.py --proportions real; greedy answer)")
     args = p.parse_args(argv)
     pool = args.itm_pool
     if pool is None:
         from lavis_plugins.models._frame_selection import FrameSelectionFields
 
         pool = FrameSelectionFields.selection_itm_pool
+    if args.proportions:
+        print_proportions(proportion_rows(*args.selection, args.scorer, args.grid, pool,
+                                          args.new_tokens, beams=1))
+        return
     print_projection(*args.selection, args.scorer, args.grid, pool, args.new_tokens)
 
 

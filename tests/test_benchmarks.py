@@ -181,6 +181,15 @@ def test_proportional_model_has_the_real_size_cost_ratios(grids):
     assert fv.print_proportions(rows) == max(abs(s / r - 1) for _, r, s in rows)
 
 
+def test_flop_script_prints_the_proportions(capsys):
+    import flops_video_selection as fv
+
+    fv.main(["--proportions", "--grid", "8", "--itm-pool", "2"])
+    out = capsys.readouterr().out
+    assert "# PROPORTIONS" in out and "(tolerance 10%)" in out
+    assert "| video: select 4 of 32 (itm, grid 8) / uniform 4 | 2.554 | 2.533 | 0.992 |" in out
+
+
 def test_proportional_model_is_built_as_counted_flops(lp, tmp_path):
     """The model bench_video_qa builds for --proportions real runs the multiply-adds
     flops_video_selection.PROPORTIONAL counts (torch's FLOP counter: a frame through the ViT at
