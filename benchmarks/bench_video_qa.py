@@ -120,8 +120,8 @@ def parse_args(argv=None):
     if args.proportions == "real" and not args.selection:
         p.error("--proportions real measures frame selection: add --selection N K (e.g. 32 4)")
     if args.proportions == "real" and args.real_size:
-        p.error("--proportions real is a small model with real-size ratios: drop --real-size "
-                "(or --proportions real, to run the real shapes)")
+        p.error("--proportions real and --real-size exclude each other: --real-size runs the "
+                "real shapes, --proportions real a small model with their cost ratios; keep one")
     return args
 
 

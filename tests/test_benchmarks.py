@@ -226,7 +226,7 @@ def test_proportional_model_is_built_as_counted_flops(lp, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--proportions", "real"], "--proportions real measures frame selection: add --selection"),
     (["--selection", "32", "4", "--proportions", "real", "--real-size"],
-     "--proportions real is a small model with real-size ratios: drop --real-size"),
+     "--proportions real and --real-size exclude each other"),
     (["--selection", "32", "4", "--proportions", "blip2"], "invalid choice: 'blip2'"),
 ])
 def test_video_qa_proportions_option_refuses_bad_values(argv, message, capsys):
