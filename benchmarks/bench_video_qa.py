@@ -40,6 +40,16 @@ CPU-time ratios with their range over the rounds, whether the extra stays below 
 wall ratio, and the CPU time per stage (``BREAKDOWN``). Then the same comparison at real size
 as a FLOP estimate (``flops_video_selection.py``; arithmetic, not a measurement).
 
+``--proportions real`` (with ``--selection``): instead of the small config, a CPU-sized model
+whose parts stand in BLIP-2's real-size ratios by ``flops_video_selection``'s counts
+(``PROPORTIONAL``: ViT 2 x 256 with a 3968-wide MLP, Q-Former 5 x 64, OPT 3 x 576): a frame
+through the ViT at the scoring grid, the Q-Former's query pass per frame, the LLM per video (prompt
+prefill and the answer as the benchmark generates it) each cost, relative to a frame through the
+ViT at 224 px, what they cost with EVA ViT-g, BERT-base and OPT-2.7B (within 10%; printed side by
+side first, and checked). Token counts stay real: 257 image tokens, 32 queries, the prompts'
+lengths. Decoding and resizing do not shrink with the model, so they weigh more here than at real
+size: the ratios measured this way are conservative (higher than at real size).
+
 Each (frames, implementation) pair runs ``--rounds`` times, alternating, after one warm-up batch;
 figures are medians. Per stage (seconds per video): decode (file -> normalised (C, T, H, W)),
 encoder (ViT + ln_vision, all frames), Q-Former + projection, LLM (prompt + generation).
@@ -64,6 +74,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_stage2  # noqa: E402  (sizes, weights folders and the LAVIS model builder)
 import bench_video_decode  # noqa: E402  (the cached H.264 clips)
+import flops_video_selection  # noqa: E402  (the real-size FLOP estimate)
+from _video_proportions import (  # noqa: E402  (--proportions real)
+    check_proportions, make_folders, qformer_settings, vit_settings)
 
 QUESTION = "what is moving in the video?"
 PROMPT = "Question: {} Answer:"  # BLIP-2's zero-shot VQA prompt for OPT
@@ -98,9 +111,18 @@ def parse_args(argv=None):
     p.add_argument("--itm-pool", type=int, nargs="+",
                    help="--selection, itm scorer: model.selection_itm_pool values compared (0: "
                         "ITM on every candidate; default: the model's default)")
+    p.add_argument("--proportions", choices=["small", "real"], default="small",
+                   help="--selection: 'small' (the small config) or 'real': a CPU-sized model "
+                        "with BLIP-2's real-size cost ratios (ViT-g : Q-Former : OPT-2.7B)")
     p.add_argument("--cache-dir", type=Path,
                    default=Path(tempfile.gettempdir()) / "lavis_plugins_bench_video")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.proportions == "real" and not args.selection:
+        p.error("--proportions real measures frame selection: add --selection N K (e.g. 32 4)")
+    if args.proportions == "real" and args.real_size:
+        p.error("--proportions real and --real-size exclude each other: --real-size runs the "
+                "real shapes, --proportions real a small model with their cost ratios; keep one")
+    return args
 
 
 class StageClock:
@@ -140,7 +162,7 @@ def build_ours(args, root: Path, n_frms: int, **video_settings):
     cfg = Blip2VideoOPTConfig(
         bert_path=str(root / "bert-base-uncased"), opt_model=str(root / "opt"),
         llm_dtype="fp16" if args.real_size else "fp32", prompt="", num_query_token=32,
-        fusion="concat", **video_settings, **bench_stage2.vit_settings(args))
+        fusion="concat", **video_settings, **vit_settings(args), **qformer_settings(args))
     model = LPBlip2VideoOPT(cfg).to(args.device).eval()
     return model, VideoEvalProcessor(VideoEvalConfig(n_frms=n_frms, image_size=224,
                                                      threads=args.decode_threads))
@@ -263,6 +285,8 @@ def main(argv=None) -> None:
     clips = [str(p) for name, p in bench_video_decode.clips(args.cache_dir, [args.clip_size])]
     paths = [clips[i % len(clips)] for i in range(args.videos)]
     size = ("real size: EVA ViT-g, Q-Former 12x768, OPT-2.7B shapes, fp16" if args.real_size
+            else f"real proportions: {flops_video_selection.describe()}, fp32"
+            if args.proportions == "real"
             else f"small: tiny ViT 2x256, Q-Former 4x256, OPT {args.opt_layers}x"
                  f"{args.opt_hidden}, fp32")
     print(f"# zero-shot video QA, {size}, {args.device}, torch threads "
@@ -415,7 +439,7 @@ def stage1_selector(args, root: Path, base) -> Path:
 
     stage1 = LPBlip2VideoQformer(Blip2QformerConfig(
         bert_path=str(root / "bert-base-uncased"), num_query_token=32,
-        **bench_stage2.vit_settings(args)))
+        **vit_settings(args), **qformer_settings(args)))
     stage1.visual_encoder.load_state_dict(base.visual_encoder.state_dict())
     path = root / "stage1.pth"
     torch.save({"model": stage1.state_dict()}, path)
@@ -432,7 +456,9 @@ def selection_main(args, paths: List[str], cuda: bool) -> None:
     n, k = args.selection
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        bench_stage2.make_folders(argparse.Namespace(**vars(args)), root)
+        make_folders(args, root)
+        if args.proportions == "real":
+            check_proportions(args, root, PROMPT.format(QUESTION), QUESTION)
         torch.manual_seed(0)
         base, _ = build_ours(args, root, k)
         runs = {f"uniform {k}": (base, build_ours(args, root, k)[1]),
@@ -476,8 +502,6 @@ def selection_main(args, paths: List[str], cuda: bool) -> None:
         from lavis_plugins.models._frame_selection import FrameSelectionFields
 
         grids = [FrameSelectionFields.selection_grid]
-    import flops_video_selection
-
     pool = (args.itm_pool or [None])[0]
     if pool is None:
         from lavis_plugins.models._frame_selection import FrameSelectionFields

@@ -106,14 +106,24 @@ def test_stage1_profile_names_every_part_of_a_step(tmp_path):
     assert set(times) == set(prof.PARTS) and all(t >= 0 for t in times.values())
 
 
+def counted_flops(fn, *args) -> float:
+    """FLOPs of ``fn(*args)`` by torch's counter (attention as the math kernel, which it counts)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
 def test_video_selection_flop_estimate_counts_what_the_model_runs(lp):
     """flops_video_selection's arithmetic (the real-size projection of frame selection) equals
     torch's FLOP counter on the tiny stage-1 model: the ViT at its own and a smaller grid, the
     selector's query pass (first self-attention once), the stage-2-style query pass and the ITM
     pass of a question."""
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
 
     import flops_video_selection as fv
 
@@ -128,25 +138,101 @@ def test_video_selection_flop_estimate_counts_what_the_model_runs(lp):
         cross_every=cfg.cross_attention_freq)
     frames = 3
 
-    def counted(fn, *args) -> float:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-            fn(*args)
-        return counter.get_total_flops()
-
     side = sizes.full_grid * sizes.patch
     for grid in (sizes.full_grid, sizes.full_grid // 2):
         image = torch.randn(frames, 3, grid * sizes.patch, grid * sizes.patch)
-        assert counted(model.vit_features, image) == 2 * frames * fv.vit_macs(sizes, grid)
+        assert counted_flops(model.vit_features, image) == 2 * frames * fv.vit_macs(sizes, grid)
     feats = model.encode_image(torch.randn(frames, 3, side, side)).detach()
     n = feats.shape[1]
-    assert counted(model.query_output, feats) == 2 * frames * fv.qformer_macs(sizes, n)
+    assert counted_flops(model.query_output, feats) == 2 * frames * fv.qformer_macs(sizes, n)
     once = 4 * sizes.queries * sizes.q_width ** 2 + 2 * sizes.queries ** 2 * sizes.q_width
-    assert counted(model.frame_query_output, feats) == 2 * (
+    assert counted_flops(model.frame_query_output, feats) == 2 * (
         frames * fv.qformer_macs(sizes, n, first_self_once=True) + once)
     text = model.tokenize(["what is moving in the video"])
     ids, atts = text.input_ids.expand(frames, -1), text.attention_mask.expand(frames, -1)
     rows = torch.arange(frames)
-    itm = counted(model.itm_scores, feats, rows, ids, atts)
+    itm = counted_flops(model.itm_scores, feats, rows, ids, atts)
     head = frames * sizes.queries * sizes.q_width * 2  # the ITM head on each query output
     assert itm == 2 * (frames * fv.qformer_macs(sizes, n, text=ids.shape[1]) + head)
+
+
+@pytest.mark.parametrize("grids", [(8, 4), (6, 0)])
+def test_proportional_model_has_the_real_size_cost_ratios(grids):
+    """bench_video_qa --proportions real: every part's FLOP ratio (ViT at the scoring grid,
+    selector / stage-2 / ITM query passes, LLM scorer and answer, per ViT frame) and every video's
+    total (select / uniform 4) is within the tolerance of the real size's, by the counts the
+    previous test checks against torch; the ViT at a scoring grid and the query pass are not
+    below the real ratio by more than 3% (the scaled model must not look cheaper there)."""
+    import flops_video_selection as fv
+
+    rows = fv.proportion_rows(32, 4, ["itc", "itm", "llm"], grids, 2, 5, beams=1)
+    assert len(rows) >= 10
+    for name, real, scaled in rows:
+        assert abs(scaled / real - 1) <= fv.PROPORTION_TOLERANCE, (name, real, scaled)
+    by_name = {name: (real, scaled) for name, real, scaled in rows}
+    real, scaled = by_name["video: select 4 of 32 (itc, grid 8) / uniform 4"] if 8 in grids else (
+        by_name["video: select 4 of 32 (itc, grid 6) / uniform 4"])
+    assert 1.5 < real < 3 and abs(scaled / real - 1) < 0.03
+    # the small config is far from these proportions: its Q-Former pass weighs ~12x more
+    small = fv.Sizes(vit_width=256, vit_depth=2, vit_mlp=1024, q_layers=4, q_width=256,
+                     q_ffn=1024, q_heads=4, llm_layers=4, llm_width=256, llm_ffn=1024, vocab=512)
+    off = fv.proportion_rows(32, 4, ["itc"], grids, 2, 5, beams=1, scaled=small)
+    assert max(abs(s / r - 1) for _, r, s in off) > 5
+    assert fv.print_proportions(rows) == max(abs(s / r - 1) for _, r, s in rows)
+
+
+def test_flop_script_prints_the_proportions(capsys):
+    import flops_video_selection as fv
+
+    fv.main(["--proportions", "--grid", "8", "--itm-pool", "2"])
+    out = capsys.readouterr().out
+    assert "# PROPORTIONS" in out and "(tolerance 10%)" in out
+    assert "| video: select 4 of 32 (itm, grid 8) / uniform 4 | 2.554 | 2.533 | 0.992 |" in out
+
+
+def test_proportional_model_is_built_as_counted_flops(lp, tmp_path):
+    """The model bench_video_qa builds for --proportions real runs the multiply-adds
+    flops_video_selection.PROPORTIONAL counts (torch's FLOP counter: a frame through the ViT at
+    224 px and at grid 8, the stage-2 query pass; the LLM's width and depth), and its small
+    tokenizers give the prompts' real lengths."""
+    import torch
+
+    import _video_proportions as proportions
+    import bench_video_qa as bench
+    import flops_video_selection as fv
+
+    s = fv.PROPORTIONAL
+    args = bench.parse_args(["--selection", "32", "4", "--proportions", "real"])
+    proportions.make_folders(args, tmp_path)
+    prompt = bench.PROMPT.format(bench.QUESTION)
+    counts = proportions.token_counts(tmp_path, prompt, bench.QUESTION)
+    assert counts == {"question_tokens": 12, "selection_prompt_tokens": s.selection_prompt_tokens,
+                      "text_tokens": 9, "vocab": s.vocab}
+    model, _ = bench.build_ours(args, tmp_path, 4)
+    model.requires_grad_(False)
+
+    for grid in (16, 8):
+        frame = torch.randn(1, 3, grid * 14, grid * 14)
+        assert counted_flops(model.vit_features, frame) == 2 * fv.vit_macs(s, grid)
+    feats = model.encode_image(torch.randn(1, 3, 224, 224))
+    assert feats.shape[1] == 257
+    assert counted_flops(model.query_output, feats) == 2 * fv.qformer_macs(s, 257)
+    opt = model.opt_model.config
+    assert (opt.num_hidden_layers, opt.hidden_size, opt.ffn_dim) == (
+        s.llm_layers, s.llm_width, s.llm_ffn)
+    assert opt.max_position_embeddings >= 32 * 32 + s.question_tokens + 5  # uniform 32 fits
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--proportions", "real"], "--proportions real measures frame selection: add --selection"),
+    (["--selection", "32", "4", "--proportions", "real", "--real-size"],
+     "--proportions real and --real-size exclude each other"),
+    (["--selection", "32", "4", "--proportions", "blip2"], "invalid choice: 'blip2'"),
+])
+def test_video_qa_proportions_option_refuses_bad_values(argv, message, capsys):
+    import bench_video_qa as bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
