@@ -36,17 +36,28 @@ DEFAULT_BACKEND = "inductor"
 # released in 2.7.0. With ``cpp.dynamic_threads`` no kernel is specialised for one thread and the
 # scatter goes through ``atomic_add_vec``, which adds. Repro: benchmarks/repro_inductor_scatter_add.py
 _INDUCTOR_CPU_SCATTER_FIX = {"cpp.dynamic_threads": True}
-_SCATTER_FIXED_IN = (2, 7)
+# torch < 2.7, dynamic shapes: inductor's pattern matcher, when it checks a candidate match,
+# de-duplicates the match's symbolic sizes with guarding comparisons, so every pair of sizes of
+# every candidate (each matrix product) becomes a shape guard (T5: Ne(8*L, L**2), Ne(8*L, 4*S),
+# Ne(L, S), ...) and a batch whose lengths make one of them equal (a target of d_kv = 8 tokens)
+# recompiles. Fixed by pytorch/pytorch#147557 (first in 2.7.0). With the pattern matcher off, those
+# graphs lose its rewrites; the Q-Former, OPT and the ViT call SDPA themselves, T5's attention
+# (matmul, softmax, matmul) is left unfused.
+_INDUCTOR_DYNAMIC_GUARDS_FIX = {"pattern_matcher": False}
+_FIXED_IN = (2, 7)  # both bugs
 
 
 def compile_kwargs(dynamic: bool, backend: str = DEFAULT_BACKEND) -> Dict[str, Any]:
     """Keyword arguments of ``torch.compile`` / ``nn.Module.compile`` for one part of a training
-    step: ``dynamic`` shapes or not, the ``backend``, and for inductor in torch < 2.7 the option
-    that keeps its CPU gradients of repeated-index scatters exact (``_INDUCTOR_CPU_SCATTER_FIX``;
-    C++ code only, GPU kernels are unaffected). Other backends take no inductor options."""
+    step: ``dynamic`` shapes or not, the ``backend``, and for inductor in torch < 2.7 the options
+    that keep its CPU gradients of repeated-index scatters exact (``_INDUCTOR_CPU_SCATTER_FIX``;
+    C++ code only, GPU kernels are unaffected) and, for ``dynamic`` graphs, keep lengths from
+    being guarded against each other (``_INDUCTOR_DYNAMIC_GUARDS_FIX``). Other backends take no
+    inductor options."""
     kwargs: Dict[str, Any] = {"dynamic": dynamic, "backend": backend}
-    if backend == "inductor" and torch.__version__ < _SCATTER_FIXED_IN:
-        kwargs["options"] = dict(_INDUCTOR_CPU_SCATTER_FIX)
+    if backend == "inductor" and torch.__version__ < _FIXED_IN:
+        kwargs["options"] = {**_INDUCTOR_CPU_SCATTER_FIX,
+                             **(_INDUCTOR_DYNAMIC_GUARDS_FIX if dynamic else {})}
     return kwargs
 
 
