@@ -10,8 +10,9 @@ weights by one ulp (measured: ITM loss 5e-4 off in eval mode, ITC and ITG equal)
 inductor tests turn dropout off and take the hardest negative (argmax of the same weights): the
 step then has no random draw and eager and compiled compute one function. The ``aot_eager``
 backend (forward and backward traced as inductor's are, run with eager kernels, so eager's random
-draws) checks the stage-2 models with dropout on. Under inductor, stage 1's losses equal eager's
-but some gradients do not (torch 2.5.1, CPU): that test is a strict expected failure.
+draws) checks the stage-2 models with dropout on. Inductor needs ``compile_kwargs``'s options in
+torch < 2.7 (lost scatter-adds on the CPU, guards between lengths): the inductor tests compile
+through it, as ``run.compile`` does.
 """
 from __future__ import annotations
 
@@ -72,10 +73,12 @@ def _hardest(weights: torch.Tensor, num_samples: int, *args, **kwargs) -> torch.
 
 
 def _compare_steps(name: str, backend, steps: int = 4, dropout: bool = True,
-                   grads: bool = True) -> List[int]:
+                   grads: bool = True, grad_scale_tol: float = 0.0) -> List[int]:
     """Train ``steps`` steps of an eager model and its compiled copy on the same batches
     (captions of changing lengths) and assert equal losses (and ``grads``: gradients); a
-    recompile after the first step is an error. Returns the longest caption (words) per step."""
+    recompile after the first step is an error. Gradients: within 1e-5 + 1e-4 relative, plus
+    ``grad_scale_tol`` times the tensor's largest eager entry (float32 sums in another order).
+    Returns the longest caption (words) per step."""
     eager = _tiny(name)
     if not dropout:
         _dropout_off(eager)
@@ -101,8 +104,10 @@ def _compare_steps(name: str, backend, steps: int = 4, dropout: bool = True,
         for (pname, p), q in zip(eager.named_parameters(), compiled.parameters()):
             assert (p.grad is None) == (q.grad is None), pname
             if p.grad is not None:
-                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5,
-                                           msg=lambda m, n=pname: f"{n}, step {step}: {m}")
+                atol = 1e-5 + grad_scale_tol * p.grad.abs().max().item()
+                torch.testing.assert_close(
+                    q.grad, p.grad, rtol=1e-4, atol=atol,
+                    msg=lambda m, n=pname, a=atol: f"{n}, step {step} (atol {a:.3g}): {m}")
     # the steps really had captions of other lengths
     assert len(set(lengths)) >= min(3, steps), lengths
     return lengths
@@ -114,6 +119,49 @@ def test_compile_of_a_model_without_support_is_refused(lp, tmp_path):
     with pytest.raises(UserError, match="run.compile is true but Regressor has no "
                                         "compile_for_training"):
         _runner(tmp_path, Regressor(), compile=True)
+
+
+def test_inductor_embedding_gradient_with_repeated_tokens():
+    """Inductor through ``compile_kwargs``: the gradient of an embedding whose ids repeat (the
+    Q-Former's word embeddings in every batch) equals eager's, on one thread. torch 2.5.1's
+    defaults store instead of add there (benchmarks/repro_inductor_scatter_add.py); checked
+    here too, so that the work-around is dropped once torch no longer needs it."""
+    import torch.nn.functional as F
+
+    from lavis_plugins.models.compile import compile_kwargs
+
+    def loss(weight, ids, upstream):
+        return (F.embedding(ids, weight, padding_idx=0) * upstream).sum()
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 8, generator=g, requires_grad=True)
+    ids = torch.tensor([[2, 5, 9, 3, 0], [2, 5, 3, 0, 0]])  # 2, 5, 3 and padding repeat
+    upstream = torch.randn(2, 5, 8, generator=g)
+    ref, = torch.autograd.grad(loss(weight, ids, upstream), weight)
+    assert torch.get_num_threads() == 1  # conftest; the lost adds are in one-thread kernels
+    kwargs = compile_kwargs(False, "inductor")
+    torch._dynamo.reset()
+    got, = torch.autograd.grad(torch.compile(loss, **kwargs)(weight, ids, upstream), weight)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    if "options" in kwargs:  # the work-around is still needed: defaults lose rows
+        torch._dynamo.reset()
+        plain = torch.compile(loss, dynamic=False, backend="inductor")
+        bad, = torch.autograd.grad(plain(weight, ids, upstream), weight)
+        assert not torch.allclose(bad, ref, atol=1e-3), "torch no longer needs the work-around"
+
+
+def test_compile_kwargs_pass_inductor_options_to_inductor_only():
+    from lavis_plugins.models.compile import compile_kwargs
+
+    assert compile_kwargs(True, "aot_eager") == {"dynamic": True, "backend": "aot_eager"}
+    inductor = compile_kwargs(False, "inductor")
+    assert inductor["dynamic"] is False and inductor["backend"] == "inductor"
+    dynamic = compile_kwargs(True, "inductor")
+    if torch.__version__ < (2, 7):  # work-arounds: scatter-adds always, guards with dynamic shapes
+        assert inductor["options"] == {"cpp.dynamic_threads": True}
+        assert dynamic["options"] == {"cpp.dynamic_threads": True, "pattern_matcher": False}
+    else:
+        assert "options" not in inductor and "options" not in dynamic
 
 
 def test_vit_and_qformer_step_have_no_graph_breaks(lp):
@@ -201,29 +249,15 @@ def test_stage2_compile_keeps_parameter_names(lp):
 
 
 @pytest.mark.slow  # inductor compiles forward and backward: minutes on a shared 2-core machine
-@pytest.mark.parametrize("name", ["lp_blip2_qformer", "lp_blip2_opt", pytest.param(
-    "lp_blip2_t5", marks=pytest.mark.xfail(strict=True, reason=(
-        "inductor adds the shape guard Ne(8*L, L**2) on T5's labels length L (dynamic shapes): "
-        "a recompile when a batch's target is 8 tokens long (bucketed static shapes would "
-        "avoid it)")))])
-def test_inductor_losses_equal_eager_without_recompiles(lp, monkeypatch, name):
-    """Real code generation (inductor): dropout off, hardest negatives (see the module
-    docstring); losses within 1e-5 of eager, no recompile over 4 caption lengths."""
+@pytest.mark.parametrize("name", ["lp_blip2_t5", "lp_blip2_opt", "lp_blip2_qformer"])
+def test_inductor_step_equals_eager_without_recompiles(lp, monkeypatch, name):
+    """Real code generation (inductor, ``compile_kwargs``), one thread: dropout off, hardest
+    negatives (see the module docstring); over 4 steps of captions of changing lengths, losses
+    within 1e-5 of eager, every gradient within 1e-5 + 1e-4 relative + 1e-4 of its tensor's
+    largest entry (T5, step 2: one query_tokens entry of 0.054 is 1.8e-5 off, float32 sums in
+    another order; the lost scatter-adds were 70% of the largest entry), no recompile. Before
+    ``compile_kwargs`` carried torch < 2.7's work-arounds, stage 1's word_embeddings gradient was
+    0.39 off (:func:`test_inductor_embedding_gradient_with_repeated_tokens`) and T5 recompiled
+    when a target was 8 tokens long (guard ``Ne(8*L, L**2)`` from the pattern matcher)."""
     monkeypatch.setattr(torch, "multinomial", _hardest)
-    _compare_steps(name, "inductor", dropout=False, grads=False)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "torch 2.5.1 inductor on the CPU (dynamic shapes): stage-1 losses equal eager (0 and 5e-7) "
-    "but some gradients do not: Q-Former word_embeddings max |diff| 0.39 of max |grad| 0.55, "
-    "layer-0 cross-attention value weight 1.7e-3 of 3.6e-3. aot_eager and "
-    "aot_eager_decomp_partition (inductor's decompositions and partitioner, eager kernels) "
-    "match eager within 4e-7, and inductor with dynamic=False matches (word_embeddings 1.7e-6): "
-    "the difference is in inductor's dynamic-shape code generation. Static shapes alone do not "
-    "fix it: with captions padded to a multiple of 8 and dynamic=False (tried 2026-12-05), "
-    "step 0 (text 8 tokens; ITM pass 12 rows x 12 positions) differs the same way "
-    "(word_embeddings 0.39) and step 1 (16 tokens) is equal within 6e-7"))
-def test_inductor_stage1_gradients_equal_eager(lp, monkeypatch):
-    monkeypatch.setattr(torch, "multinomial", _hardest)
-    _compare_steps("lp_blip2_qformer", "inductor", steps=2, dropout=False)
+    _compare_steps(name, "inductor", dropout=False, grad_scale_tol=1e-4)

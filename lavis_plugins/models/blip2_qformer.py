@@ -39,6 +39,7 @@ from lavis_plugins.models._qformer_checkpoint import QformerCheckpointMixin
 from lavis_plugins.models._qformer_features import QformerFeaturesMixin
 from lavis_plugins.models._qformer_generation import QformerGenerationMixin
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig, resolve_bert_path
+from lavis_plugins.models.compile import compile_kwargs
 from lavis_plugins.models.itm_negatives import (ITM_NEGATIVES, draw_negatives, hard_share, itm_loss,
                                                mix_weights)
 from lavis_plugins.models.momentum import Teacher, momentum_targets, ramped_alpha
@@ -407,8 +408,8 @@ class LPBlip2Qformer(QformerFeaturesMixin, QformerGenerationMixin, QformerCheckp
         the Q-Former step :meth:`_train_losses` (dynamic shapes: captions vary in length, and
         one graph serves them all). In place: parameter names and checkpoints are unchanged."""
         if self._vit_frozen:
-            self.visual_encoder.compile(dynamic=False, backend=backend)
-        self._train_losses = torch.compile(self._train_losses, dynamic=True, backend=backend)
+            self.visual_encoder.compile(**compile_kwargs(False, backend))
+        self._train_losses = torch.compile(self._train_losses, **compile_kwargs(True, backend))
 
     def _itc_loss(self, image_feats: Tensor, text_feat: Tensor,
                   teacher: Optional[Teacher] = None) -> ItcResult:
