@@ -439,8 +439,9 @@ class LPBlip2Qformer(QformerFeaturesMixin, QformerGenerationMixin, QformerCheckp
     def _itm_loss(self, image_embeds: Tensor, image_kv: ImageKV, text, sim_i2t: Tensor,
                   sim_t2i: Tensor, share: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Matching loss on B positives, nB (image, hard negative text) and nB (text, hard negative
-        image) pairs (n: ``itm_negatives_per_positive``); negatives are drawn from the softmaxed similarities over all ranks, mixed
-        with uniform weights by the 0-dim ``share`` of hard ones (None: all hard)."""
+        image) pairs (n: ``itm_negatives_per_positive``); negatives are drawn from the softmaxed
+        similarities over all ranks, mixed with uniform weights by the 0-dim ``share`` of hard
+        ones (None: all hard)."""
         rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
         b, n = image_embeds.shape[0], self.cfg.itm_negatives_per_positive
         if world * b < n + 1:

@@ -135,11 +135,8 @@ class LPBlip2VideoQformer(LPBlip2Qformer):
         kv = bert.image_kv(image_embeds, nq)  # folded where cheaper, as ``query_output``
         first, *rest = bert.encoder.layer
         queries = bert.embeddings(None, self.query_tokens)  # (1, Nq, D)
-        h = first.attention(queries, first.attention.self.keys_values(queries))
-        h = h.expand(frames, -1, -1)  # (F, Nq, D), one copy in memory
-        if first.has_cross_attention:
-            h = first.crossattention(h, [(kv.layers[0], 1)])
-        h = first.output_query(first.intermediate_query(h), h)
+        h = first.self_attend(queries)[0].expand(frames, -1, -1)  # (F, Nq, D), one copy in memory
+        h = first.feed_forward(h, nq, [(kv.layers[0], 1)] if first.has_cross_attention else None)
         for i, layer in enumerate(rest, start=1):
             h = layer(h, nq, None, None, [(kv.layers[i], 1)] if layer.has_cross_attention
                       else None)[0]

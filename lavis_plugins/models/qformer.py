@@ -243,6 +243,12 @@ class QFormerLayer(nn.Module):
         ``out_rows``: only the first rows are needed after this layer (L' = out_rows); every
         row still serves as key/value.
         """
+        a, k, v = self.self_attend(h, mask, past_kv, out_rows)
+        return self.feed_forward(a, num_query, image_kv), k, v
+
+    def self_attend(self, h: Tensor, mask: Optional[Tensor] = None, past_kv: Optional[KV] = None,
+                    out_rows: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """The self-attention half of :meth:`forward`: h (B, L, D) -> (B, L', D), keys, values."""
         k, v = self.attention.self.keys_values(h)
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
@@ -250,7 +256,12 @@ class QFormerLayer(nn.Module):
             h = h[:, :out_rows]
             if mask is not None and mask.shape[-2] > 1:
                 mask = mask[..., :out_rows, :]
-        a = self.attention(h, (k, v), mask)
+        return self.attention(h, (k, v), mask), k, v
+
+    def feed_forward(self, a: Tensor, num_query: int,
+                     image_kv: Optional[Sequence[Tuple[KV, int]]]) -> Tensor:
+        """The rest of :meth:`forward` after self-attention: the query rows' cross-attention and
+        feed-forward, the text rows' feed-forward. a (B, L', D) -> (B, L', D)."""
         parts = []
         # query and text rows by one split, not two slices: the backward is one cat, not a
         # zero-filled full-size gradient per slice and their sum
@@ -267,8 +278,7 @@ class QFormerLayer(nn.Module):
             parts.append(self.output_query(self.intermediate_query(q), q))
         if t is not None:
             parts.append(self.output(self.intermediate(t), t))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return out, k, v
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class QFormerEmbeddings(nn.Module):
