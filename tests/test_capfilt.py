@@ -4,6 +4,8 @@ and its bad inputs. Tiny random models, offline."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -252,9 +254,7 @@ model:
 datasets:
   lp_capfilt_input:
     build_info:
-      annotations: {ann}
-      images:
-        storage: {images}
+{build_info}
     vis_processor:
       eval:
         name: blip_image_eval
@@ -262,7 +262,7 @@ datasets:
 run:
   runner: lp_runner
   task: lp_capfilt
-  batch_size_eval: 4
+  batch_size_eval: {batch}
   num_workers: 0
   seed: 1
   device: cpu
@@ -279,12 +279,22 @@ run:
 """
 
 
+def write_yaml(path: Path, bert: Path, out: Path, *, data: Optional[Path] = None,
+               shards: Optional[Path] = None, batch: int = 4) -> Path:
+    """``YAML`` written to ``path``, reading the JSON annotations and images under ``data`` or
+    the shard set ``shards``."""
+    if shards is not None:
+        build_info = f"      shards: {shards}"
+    else:
+        build_info = (f"      annotations: {data / 'ann.json'}\n      images:\n"
+                      f"        storage: {data / 'images'}")
+    path.write_text(YAML.format(bert=bert, out=out, build_info=build_info, batch=batch))
+    return path
+
+
 @pytest.fixture
 def yaml_path(tmp_path, data, tiny_bert_dir):
-    path = tmp_path / "capfilt.yaml"
-    path.write_text(YAML.format(bert=tiny_bert_dir, ann=data / "ann.json", images=data / "images",
-                                out=tmp_path))
-    return path
+    return write_yaml(tmp_path / "capfilt.yaml", tiny_bert_dir, tmp_path, data=data)
 
 
 def test_cli_runs_the_yaml(lp, yaml_path, tmp_path, capsys):

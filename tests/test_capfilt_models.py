@@ -226,13 +226,11 @@ def test_clip_ranking_equals_scoring_each_caption_alone(model, clip_files, data)
 
 def test_clip_ranker_through_the_yaml(lp, clip_files, data, tiny_bert_dir, tmp_path,
                                       capsys):  # noqa: F811
-    from test_capfilt import YAML as LP_YAML
+    from test_capfilt import write_yaml
 
     from lavis_plugins.cli import main
 
-    path = tmp_path / "capfilt.yaml"
-    path.write_text(LP_YAML.format(bert=tiny_bert_dir, ann=data / "ann.json",
-                                   images=data / "images", out=tmp_path))
+    path = write_yaml(tmp_path / "capfilt.yaml", tiny_bert_dir, tmp_path, data=data)
     r = _ranker_cfg(clip_files)
     opts = ["run.capfilt.scores=[itc,clip]", "run.capfilt.rank_by=clip"] + [
         f"run.capfilt.ranker.{k}={v}" for k, v in r.items()]
@@ -260,13 +258,11 @@ def test_clip_ranker_through_the_yaml(lp, clip_files, data, tiny_bert_dir, tmp_p
 ])
 def test_bad_ranker_settings_are_one_clear_line(lp, clip_files, data, tiny_bert_dir, tmp_path,
                                                 capsys, options, message):  # noqa: F811
-    from test_capfilt import YAML as LP_YAML
+    from test_capfilt import write_yaml
 
     from lavis_plugins.cli import main
 
-    path = tmp_path / "capfilt.yaml"
-    path.write_text(LP_YAML.format(bert=tiny_bert_dir, ann=data / "ann.json",
-                                   images=data / "images", out=tmp_path))
+    path = write_yaml(tmp_path / "capfilt.yaml", tiny_bert_dir, tmp_path, data=data)
     ranker = ["run.capfilt.scores=[itc,clip]"] + [
         f"run.capfilt.ranker.{k}={v}" for k, v in _ranker_cfg(clip_files).items()]
     opts = [o.replace("OTHER", str(clip_files / "OtherCLIP.json"))

@@ -164,43 +164,12 @@ def test_shard_output_holds_the_kept_captions(model, shards, tmp_path):  # noqa:
 
 # ------------------------------------------------------------------ YAML, CLI and bad input
 
-YAML = """model:
-  arch: lp_blip2_qformer
-  model_type: tiny
-  bert_path: {bert}
-datasets:
-  lp_capfilt_input:
-    build_info:
-      shards: {shards}
-    vis_processor:
-      eval:
-        name: blip_image_eval
-        image_size: 32
-run:
-  runner: lp_runner
-  task: lp_capfilt
-  batch_size_eval: 2
-  num_workers: 0
-  seed: 1
-  device: cpu
-  output_dir: {out}/logs
-  evaluate: True
-  test_splits: [input]
-  capfilt:
-    output: {out}/capfilt
-    num_captions: 2
-    max_len: 8
-    min_len: 2
-    top_k: 1
-    report_examples: 0
-"""
-
-
 @pytest.fixture
 def yaml_path(tmp_path, shards, tiny_bert_dir):
-    path = tmp_path / "capfilt.yaml"
-    path.write_text(YAML.format(bert=tiny_bert_dir, shards=shards, out=tmp_path))
-    return path
+    # test_capfilt's YAML reading the shard set (batches of 2: several per shard)
+    from test_capfilt import write_yaml
+
+    return write_yaml(tmp_path / "capfilt.yaml", tiny_bert_dir, tmp_path, shards=shards, batch=2)
 
 
 def test_cli_reads_shards(lp, yaml_path, tmp_path, capsys):
