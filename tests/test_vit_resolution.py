@@ -56,3 +56,66 @@ def test_sides_that_do_not_fit_the_patches_are_refused():
         forward_at_side(encoder, torch.zeros(1, 3, 20, 20))
     with pytest.raises(UserError, match="square"):
         forward_at_side(encoder, torch.zeros(1, 3, 16, 24))
+
+
+def _count_calls(monkeypatch) -> list:
+    from lavis_plugins.models import _vit_resolution
+
+    calls, real = [], _vit_resolution.forward_at_side
+
+    def counting(encoder, image):
+        calls.append(image.shape[0])
+        return real(encoder, image)
+
+    monkeypatch.setattr(_vit_resolution, "forward_at_side", counting)
+    return calls
+
+
+def test_a_frozen_cpu_encoder_runs_a_few_images_per_call_with_the_same_outputs(monkeypatch):
+    from lavis_plugins.models import _vit_resolution
+
+    torch.manual_seed(0)
+    encoder = _eva(32)  # patch 8: 17 token rows per 32 px image, 5 per 16 px one
+    image = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        whole = encoder(image)
+    # the widest linear layer: qkv, 3 x 32 outputs; 17 rows x 96 x 4 bytes = 6528 per image
+    monkeypatch.setattr(_vit_resolution, "CPU_ACTIVATION_BYTES", 2 * 6528 + 100)
+    calls = _count_calls(monkeypatch)
+    with torch.no_grad():
+        chunked = _vit_resolution.forward_in_chunks(encoder, image)
+        assert calls == [2, 2, 1]  # 2 images per call: 3 calls, in equal chunks of 2
+        assert torch.equal(chunked, whole)
+        small = torch.randn(9, 3, 16, 16)
+        calls.clear()
+        torch.testing.assert_close(_vit_resolution.forward_in_chunks(encoder, small),
+                                   _vit_resolution.forward_at_side(encoder, small),
+                                   rtol=0, atol=0)
+        assert calls[:2] == [5, 4]  # 5 rows per image: 6 per call, so 2 calls, equal chunks
+
+
+def test_an_encoder_with_autograd_runs_in_one_call(monkeypatch):
+    from lavis_plugins.models import _vit_resolution
+
+    encoder = _eva(32)
+    monkeypatch.setattr(_vit_resolution, "CPU_ACTIVATION_BYTES", 1)
+    calls = _count_calls(monkeypatch)
+    out = _vit_resolution.forward_in_chunks(encoder, torch.randn(5, 3, 32, 32))
+    assert calls == [5] and out.requires_grad
+
+
+def test_the_models_frozen_encoder_is_chunked_on_the_cpu(lp, tiny_bert_dir, monkeypatch):
+    """Through ``load_model``: a frozen encoder's features are the one-call features, computed a
+    few images per call."""
+    from lavis_plugins.models import _vit_resolution
+
+    torch.manual_seed(0)
+    model = lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir)).eval()
+    image = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        whole = model.ln_vision(model.visual_encoder(image))
+    monkeypatch.setattr(_vit_resolution, "CPU_ACTIVATION_BYTES", 1)
+    calls = _count_calls(monkeypatch)
+    features = model.encode_image(image)  # frozen: no autograd even outside no_grad
+    assert calls == [1] * 6
+    assert torch.equal(features, whole)

@@ -30,7 +30,7 @@ from transformers import BertConfig, BertTokenizer, PreTrainedTokenizerBase
 from lavis_plugins.common.errors import UserError
 from lavis_plugins.common.local_files import local_hf_folder
 from lavis_plugins.common.safe_load import load_weights, state_dict_of
-from lavis_plugins.models._vit_resolution import forward_at_side
+from lavis_plugins.models._vit_resolution import forward_in_chunks
 from lavis_plugins.models.qformer import KV, ImageKV, QFormer, padding_mask, qformer_config
 
 logger = logging.getLogger(__name__)
@@ -433,8 +433,9 @@ class LPBlip2Base(BaseModel):
                             "set model.vit_precision: fp32 to run on the CPU")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self._vit_frozen), cast:
             # another side than the built one (frame selection's cheap scoring): position
-            # embeddings interpolated; the built side runs the encoder's own forward
-            return forward_at_side(self.visual_encoder, image.to(weight_dtype))
+            # embeddings interpolated; the built side runs the encoder's own forward. Frozen on
+            # the CPU: a few images per call (cache-sized activations, same outputs)
+            return forward_in_chunks(self.visual_encoder, image.to(weight_dtype))
 
     def encode_samples(self, samples: Mapping[str, Any]) -> Tensor:
         """Image features (B, N, Dv) of a batch: from ``samples["image_embeds"]`` — the frozen
