@@ -97,7 +97,7 @@ def forward_in_chunks(encoder: nn.Module, image: Tensor) -> Tensor:
                  default=1)
     per_call = max(1, CPU_ACTIVATION_BYTES // (rows * widest * image.element_size()))
     calls = -(-image.shape[0] // per_call)
-    if calls == 1:
+    if calls <= 1:  # (0: an empty batch)
         return forward_at_side(encoder, image)
     size = -(-image.shape[0] // calls)  # equal chunks: 16 images in 2 calls of 8, not 15 + 1
     return torch.cat([forward_at_side(encoder, part) for part in image.split(size)])
