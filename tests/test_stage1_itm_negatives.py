@@ -214,15 +214,20 @@ def test_model_reads_one_plus_2n_pairs_with_distinct_negatives(lp, tiny_bert_dir
     assert model.itm_head.weight.grad is not None and model.itm_head.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("value", [0, -2, 1.5, "two", True])
-def test_bad_negatives_per_positive_is_refused(lp, tiny_bert_dir, value):
+_RULES = {"itm_negatives_per_positive": r"must be an integer >= 1 \(1: BLIP-2's one negative "
+                                        r"per positive\)",
+          "itm_loss_weight": r"must be a finite number > 0 \(1: BLIP-2's equal weights of ITC, "
+                             r"ITM and ITG\)"}
+
+
+@pytest.mark.parametrize("key, value", [
+    *[("itm_negatives_per_positive", v) for v in (0, -2, 1.5, "two", True)],
+    *[("itm_loss_weight", v) for v in (0, -1.0, float("inf"), float("nan"), "two", True)]])
+def test_bad_itm_option_is_refused(lp, tiny_bert_dir, key, value):
     from lavis_plugins.common.errors import UserError
 
-    with pytest.raises(UserError, match=r"^lp_blip2_qformer: itm_negatives_per_positive = .*: it "
-                                        r"must be an integer >= 1 \(1: BLIP-2's one negative "
-                                        r"per positive\)$"):
-        lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir),
-                      itm_negatives_per_positive=value)
+    with pytest.raises(UserError, match=rf"^lp_blip2_qformer: {key} = .*: it {_RULES[key]}$"):
+        lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir), **{key: value})
 
 
 def test_too_small_a_batch_for_n_negatives_names_the_option(lp, tiny_bert_dir):
@@ -328,17 +333,6 @@ def test_itm_loss_weight_scales_the_itm_term_and_its_gradients(lp, tiny_bert_dir
     torch.testing.assert_close(three.loss, three.loss_itc + 3 * three.loss_itm + three.loss_itg)
     torch.testing.assert_close(head_three, 3 * head_one)
     assert not torch.allclose(query_three, query_one)
-
-
-@pytest.mark.parametrize("value", [0, -1.0, float("inf"), float("nan"), "two", True])
-def test_bad_itm_loss_weight_is_refused(lp, tiny_bert_dir, value):
-    from lavis_plugins.common.errors import UserError
-
-    with pytest.raises(UserError, match=r"^lp_blip2_qformer: itm_loss_weight = .*: it must be a "
-                                        r"finite number > 0 \(1: BLIP-2's equal weights of ITC, "
-                                        r"ITM and ITG\)$"):
-        lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir),
-                      itm_loss_weight=value)
 
 
 def test_itm_loss_weight_through_the_cli(lp, tmp_path, tiny_bert_dir):
