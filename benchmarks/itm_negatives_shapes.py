@@ -102,8 +102,9 @@ def eval_split(split: str, out: Path):
         return built[split]
     root = ensure_shapes_dataset()
     test = built["test"]
+    ann = train_subset_annotation(root, out)
     return ShapesRetrievalEvalDataset(test.vis_processor, test.text_processor,
-                                      str(root / "images"), [str(train_subset_annotation(root, out))])
+                                      str(root / "images"), [str(ann)])
 
 
 def overlap(itc: np.ndarray, rerank_i2t: np.ndarray, rerank_t2i: np.ndarray, data, k: int = 16
