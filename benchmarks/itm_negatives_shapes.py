@@ -15,9 +15,6 @@ distinct descriptions, each with its 4 reference captions, 2 of which it was tra
 retrieval problem built like val/test, so a train-vs-test gap measures overfitting).
 ``--eval-runs DIR ...``: no training; evaluate the last checkpoint of finished stage-1 run
 folders (the model settings are read from the run's ``log.txt``), e.g. to diagnose old runs.
-``--data-train-images N``: train on a shapes dataset with N training images (generated once in
-``<out>/shapes-train<N>``; val/test are the default ones, byte for byte); pair it with
-``--option run.max_epoch=...`` to keep the number of steps.
 
 ITM accuracy: each test image with its own (first) caption and with the next image's caption,
 called a match when P(match) > 0.5 (chance 50%); "pair" accuracy: its own caption scores higher
@@ -32,7 +29,6 @@ two error indicators, 0: unrelated, 1: the same images). Results are appended to
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -193,15 +189,6 @@ def load_run(run_dir: Path):
     return registry.get_model_class(cfg["arch"]).from_config(OmegaConf.create(cfg))
 
 
-def larger_dataset(out: Path, train_images: int) -> Path:
-    """A shapes dataset with ``train_images`` training images (val/test as the default's: each
-    split has its own random stream) and its shard set, made once under ``out``."""
-    from lavis_plugins.demo_data import DEFAULT_SIZE, ensure_shapes_dataset
-
-    size = dataclasses.replace(DEFAULT_SIZE, train_images=train_images)
-    return ensure_shapes_dataset(out / f"shapes-train{train_images}", size=size)
-
-
 def record(out: Path, res: dict) -> None:
     print("RESULT", json.dumps(res), flush=True)
     with open(out / "results.jsonl", "a") as f:
@@ -226,16 +213,12 @@ def main() -> None:
     p.add_argument("--splits", nargs="+", default=["test"], choices=["train", "val", "test"])
     p.add_argument("--eval-runs", nargs="+", default=[], type=Path,
                    help="finished stage-1 run folders to evaluate (no training)")
-    p.add_argument("--data-train-images", type=int, default=None,
-                   help="train on a shapes dataset with this many training images")
     args = p.parse_args()
     if not args.modes and not args.eval_runs:
         p.error("name ITM negative modes to train, or --eval-runs folders to evaluate")
     for mode in args.modes:
         if mode not in ITM_NEGATIVES:
             p.error(f"mode {mode!r}: choose from {list(ITM_NEGATIVES)}")
-    if args.data_train_images is not None and args.data_train_images < 1:
-        p.error(f"--data-train-images {args.data_train_images}: it must be >= 1")
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lavis_plugins
@@ -255,18 +238,13 @@ def main() -> None:
         return
     sizes = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.bert)}
     tag = "".join(f"-{k}{v}" for k, v in sorted(sizes.items()))
-    data_root = (ensure_shapes_dataset() if args.data_train_images is None
-                 else larger_dataset(out, args.data_train_images))
-    ctx = demo.DemoContext(out=out, data_root=data_root,
+    ctx = demo.DemoContext(out=out, data_root=ensure_shapes_dataset(),
                            bert_dir=out / f"tiny-bert{tag}", llm_dir=out / "llm")
     demo.make_demo_bert(ctx.bert_dir, **sizes)
     for mode, seed in [(m, s) for m in args.modes for s in args.seeds]:
         t, cpu = time.time(), time.process_time()
         opts = [*demo.stage_options("stage1", ctx), f"model.itm_negatives={mode}",
                 f"run.seed={seed}", *args.option]
-        if args.data_train_images is not None:  # a full shuffle each epoch, as the demo's
-            opts.insert(-len(args.option) or len(opts), "datasets.lp_webdataset_caption.build_info"
-                        f".shuffle_buffer={2 * args.data_train_images}")
         runner, _ = cli.run(str(demo.demo_yaml("stage1.yaml")), opts, evaluate_only=False,
                             job_id=f"stage1_{mode}_{seed}", force=True)
         log = [json.loads(x) for x in (Path(runner.output_dir) / "train_log.jsonl").read_text()
@@ -274,7 +252,6 @@ def main() -> None:
         train_cpu = time.process_time() - cpu
         model = runner.unwrap_dist_model(runner.model)
         res = dict(mode=mode, seed=seed, options=args.option, bert=sizes,
-                   train_images=args.data_train_images,
                    **evaluate_splits(model, args.splits, out),
                    loss_itm_last=[r["loss_itm"] for r in log if "loss_itm" in r][-1],
                    wall_s=time.time() - t, cpu_s=time.process_time() - cpu,

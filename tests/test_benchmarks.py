@@ -300,7 +300,6 @@ def test_itm_shapes_reads_a_runs_model_settings(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     ([], "name ITM negative modes to train, or --eval-runs folders to evaluate"),
-    (["mixed", "--data-train-images", "0"], "--data-train-images 0: it must be >= 1"),
     (["mixed", "--splits", "all"], "invalid choice: 'all'"),
     (["easy"], "mode 'easy': choose from ['hard', 'mixed', 'random', 'curriculum']"),
 ])
