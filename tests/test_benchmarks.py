@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -236,3 +237,76 @@ def test_video_qa_proportions_option_refuses_bad_values(argv, message, capsys):
         bench.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ itm_negatives_shapes.py
+
+
+def test_itm_shapes_train_split_is_built_like_test(shapes_home, tmp_path):
+    """The "train" evaluation split: 200 training images with distinct descriptions, each with
+    its 4 reference captions (its 2 training captions among them), as val/test are built."""
+    import itm_negatives_shapes as bench
+
+    from lavis_plugins.demo_data import default_root
+
+    root = default_root()
+    refs = bench.scene_references()
+    train = json.loads((root / "annotations" / "caption_train.json").read_text())
+    test = json.loads((root / "annotations" / "caption_test.json").read_text())
+    assert all(a["caption"] in refs for a in train)  # every template's caption is known
+    assert all(tuple(a["caption"]) == refs[a["caption"][0]] for a in test)
+    rows = json.loads(bench.train_subset_annotation(root, tmp_path).read_text())
+    assert len(rows) == bench.TRAIN_SUBSET
+    assert len({tuple(r["caption"]) for r in rows}) == len(rows)  # one image per description
+    trained = {}
+    for a in train:
+        trained.setdefault(a["image"], []).append(a["caption"])
+    for r in rows:
+        assert r["image"].startswith("train/") and len(r["caption"]) == 4
+        assert set(trained[r["image"]]) <= set(r["caption"])
+    data = bench.eval_split("train", tmp_path)
+    assert len(data.image) == 200 and len(data.text) == 800
+    assert all(data.txt2img[t] == i for i, ts in data.img2txt.items() for t in ts)
+
+
+def test_itm_shapes_overlap_counts_right_and_wrong_queries():
+    """Two images, two captions each: where ITC alone and re-ranking are right, and whether the
+    truth is among ITC's top k."""
+    import itm_negatives_shapes as bench
+
+    data = argparse.Namespace(img2txt={0: [0, 1], 1: [2, 3]}, txt2img=[0, 0, 1, 1])
+    itc = np.array([[.9, .1, .5, .2],    # image 0: ITC right (text 0)
+                    [.8, .1, .3, .2]])   # image 1: ITC wrong (text 0)
+    rerank_i2t = np.array([[0, 0, 1, 0],  # re-ranking: image 0 wrong, image 1 right
+                           [0, 0, 1, 0.]])
+    rerank_t2i = np.array([[1, 0], [1, 0], [1, 0], [0, 1.]])  # texts 0, 1, 3 right
+    out = bench.overlap(itc, rerank_i2t, rerank_t2i, data, k=1)
+    # i2t: both right 0, ITC only 1, re-rank only 1, neither 0; image 1's truth not in top 1
+    assert out["i2t"] == [0, 1, 1, 0, 50.0]
+    # t2i by ITC: every text -> image 0 (column max), so texts 0, 1 right
+    assert out["t2i"] == [2, 0, 1, 1, 50.0]
+    assert out["img_err_phi"] == pytest.approx(-1.0)  # opposite images wrong
+
+
+def test_itm_shapes_reads_a_runs_model_settings(tmp_path):
+    import itm_negatives_shapes as bench
+
+    (tmp_path / "log.txt").write_text(json.dumps(
+        {"run": {"seed": 7}, "model": {"arch": "lp_blip2_qformer", "num_query_token": 8}},
+        indent=4) + '\n{"train_lr": "0.001"}\n')
+    assert bench.run_model_config(tmp_path) == {"arch": "lp_blip2_qformer",
+                                                "num_query_token": 8}
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "name ITM negative modes to train, or --eval-runs folders to evaluate"),
+    (["mixed", "--splits", "all"], "invalid choice: 'all'"),
+    (["easy"], "mode 'easy': choose from ['hard', 'mixed', 'random', 'curriculum']"),
+])
+def test_itm_shapes_refuses_bad_options(argv, message, tmp_path, monkeypatch, capsys):
+    import itm_negatives_shapes as bench
+
+    monkeypatch.setattr(sys, "argv", ["itm_negatives_shapes.py", "--out", str(tmp_path), *argv])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -214,15 +214,20 @@ def test_model_reads_one_plus_2n_pairs_with_distinct_negatives(lp, tiny_bert_dir
     assert model.itm_head.weight.grad is not None and model.itm_head.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("value", [0, -2, 1.5, "two", True])
-def test_bad_negatives_per_positive_is_refused(lp, tiny_bert_dir, value):
+_RULES = {"itm_negatives_per_positive": r"must be an integer >= 1 \(1: BLIP-2's one negative "
+                                        r"per positive\)",
+          "itm_loss_weight": r"must be a finite number > 0 \(1: BLIP-2's equal weights of ITC, "
+                             r"ITM and ITG\)"}
+
+
+@pytest.mark.parametrize("key, value", [
+    *[("itm_negatives_per_positive", v) for v in (0, -2, 1.5, "two", True)],
+    *[("itm_loss_weight", v) for v in (0, -1.0, float("inf"), float("nan"), "two", True)]])
+def test_bad_itm_option_is_refused(lp, tiny_bert_dir, key, value):
     from lavis_plugins.common.errors import UserError
 
-    with pytest.raises(UserError, match=r"^lp_blip2_qformer: itm_negatives_per_positive = .*: it "
-                                        r"must be an integer >= 1 \(1: BLIP-2's one negative "
-                                        r"per positive\)$"):
-        lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir),
-                      itm_negatives_per_positive=value)
+    with pytest.raises(UserError, match=rf"^lp_blip2_qformer: {key} = .*: it {_RULES[key]}$"):
+        lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir), **{key: value})
 
 
 def test_too_small_a_batch_for_n_negatives_names_the_option(lp, tiny_bert_dir):
@@ -299,3 +304,58 @@ def test_negatives_per_positive_across_two_processes(lp, tmp_path, tiny_bert_dir
             for i in range(2):
                 assert len(set(per_row[i].tolist())) == 3
                 assert 2 * rank + i not in per_row[i].tolist()
+
+
+# ------------------------------------------------------------------ itm_loss_weight
+
+
+def _step_with_weight(lp, tiny_bert_dir, weight):
+    """One training step of the same tiny model and batch (same seed: same negatives) with
+    ``itm_loss_weight``; returns the output and the ITM head's and query tokens' gradients."""
+    torch.manual_seed(0)
+    model = lp.load_model("lp_blip2_qformer", "tiny", bert_path=str(tiny_bert_dir),
+                          itm_loss_weight=weight)
+    torch.manual_seed(1)
+    out = model({"image": torch.randn(4, 3, 32, 32),
+                 "text_input": ["a red circle", "a blue square", "two shapes", "a green one"]})
+    out.loss.backward()
+    return out, model.itm_head.weight.grad.clone(), model.query_tokens.grad.clone()
+
+
+def test_itm_loss_weight_scales_the_itm_term_and_its_gradients(lp, tiny_bert_dir):
+    """Weight w: loss = ITC + w ITM + ITG (loss_itm reported unweighted), the ITM head (which
+    only ITM trains) gets w times weight 1's gradient, and the shared Q-Former's gradient moves;
+    the default 1 is BLIP-2's plain sum, bit for bit."""
+    one, head_one, query_one = _step_with_weight(lp, tiny_bert_dir, 1.0)
+    assert torch.equal(one.loss, one.loss_itc + one.loss_itm + one.loss_itg)
+    three, head_three, query_three = _step_with_weight(lp, tiny_bert_dir, 3)
+    torch.testing.assert_close(three.loss_itm, one.loss_itm)
+    torch.testing.assert_close(three.loss, three.loss_itc + 3 * three.loss_itm + three.loss_itg)
+    torch.testing.assert_close(head_three, 3 * head_one)
+    assert not torch.allclose(query_three, query_one)
+
+
+def test_itm_loss_weight_through_the_cli(lp, tmp_path, tiny_bert_dir):
+    """``lavis-plugins train`` with ``model.itm_loss_weight=2``: every logged step's loss is
+    ITC + 2 ITM + ITG (4 steps, logged each); a bad value is refused in one line."""
+    import json
+
+    from test_stage1_survey_options import _train_yaml
+
+    from lavis_plugins import cli
+    from lavis_plugins.common.errors import UserError
+
+    yaml = _train_yaml(tmp_path, tiny_bert_dir)
+    # the shared YAML's CyCLIP terms off: the loss is then the three BLIP-2 terms
+    cli.run(str(yaml), ["model.itm_loss_weight=2", "model.cyclip=False"], evaluate_only=False,
+            job_id="w2")
+    log = [json.loads(x) for x in (tmp_path / "out" / "w2" / "train_log.jsonl").read_text()
+           .splitlines() if x.strip()]
+    steps = [r for r in log if "loss_itm" in r]
+    assert len(steps) == 4
+    for r in steps:
+        assert r["loss"] == pytest.approx(r["loss_itc"] + 2 * r["loss_itm"] + r["loss_itg"],
+                                          rel=1e-5)
+    with pytest.raises(UserError, match=r"^lp_blip2_qformer: itm_loss_weight = -1: it must be a "
+                                        r"finite number > 0"):
+        cli.run(str(yaml), ["model.itm_loss_weight=-1"], evaluate_only=False, job_id="bad")

@@ -40,8 +40,8 @@ from lavis_plugins.models._qformer_features import QformerFeaturesMixin
 from lavis_plugins.models._qformer_generation import QformerGenerationMixin
 from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig, resolve_bert_path
 from lavis_plugins.models.compile import compile_kwargs
-from lavis_plugins.models.itm_negatives import (ITM_NEGATIVES, draw_negatives, hard_share, itm_loss,
-                                               mix_weights)
+from lavis_plugins.models.itm_negatives import (ITM_NEGATIVES, check_itm_options, draw_negatives,
+                                               hard_share, itm_loss, mix_weights)
 from lavis_plugins.models.momentum import Teacher, momentum_targets, ramped_alpha
 from lavis_plugins.models.qformer import KV, ImageKV, causal_text_mask, padding_mask
 from lavis_plugins.models.stage1_losses import IGNORE, cyclip_losses, distill_cross_entropy
@@ -95,6 +95,9 @@ class Blip2QformerConfig:
     # negative texts per image and negative images per text, distinct, each weighted 1/N in the
     # loss (models/itm_negatives.py); 1 is BLIP-2's
     itm_negatives_per_positive: int = 1
+    # weight of loss_itm in the stage-1 loss (ITC and ITG keep 1); 1 is BLIP-2's. > 1 gives the
+    # cross-encoder a larger share of the shared Q-Former's gradient (docs/capfilt_demo.md)
+    itm_loss_weight: float = 1.0
 
     ITM_NEGATIVES = ITM_NEGATIVES
     # keys of a LAVIS model config that are bookkeeping, not settings
@@ -117,17 +120,7 @@ class Blip2QformerConfig:
 
     def check_options(self) -> None:
         """The survey options' values; a bad one is a ``UserError`` naming the key."""
-        if self.itm_negatives not in self.ITM_NEGATIVES:
-            raise UserError(f"lp_blip2_qformer: itm_negatives = {self.itm_negatives!r}: choose "
-                            f"one of {list(self.ITM_NEGATIVES)}")
-        v = self.itm_curriculum_epochs
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise UserError(f"lp_blip2_qformer: itm_curriculum_epochs = {v!r}: it must be a "
-                            "number of epochs > 0")
-        v = self.itm_negatives_per_positive
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UserError(f"lp_blip2_qformer: itm_negatives_per_positive = {v!r}: it must be "
-                            "an integer >= 1 (1: BLIP-2's one negative per positive)")
+        check_itm_options(self)
         for key in ("cyclip", "momentum_distill"):
             if not isinstance(getattr(self, key), bool):
                 raise UserError(f"lp_blip2_qformer: {key} must be true or false, got "
@@ -147,9 +140,10 @@ class Blip2QformerConfig:
 class Blip2Stage1Output(ModelOutput):
     """Stage-1 training step: scalars (accuracies are detached, for logging)."""
 
-    loss: Optional[Tensor] = None  # loss_itc + loss_itm + loss_itg
+    loss: Optional[Tensor] = None  # loss_itc + itm_loss_weight * loss_itm + loss_itg
     loss_itc: Optional[Tensor] = None  # image-text contrastive
-    loss_itm: Optional[Tensor] = None  # image-text matching (1 positive, 2N hard negatives per pair)
+    # image-text matching (1 positive, 2N hard negatives per pair), before itm_loss_weight
+    loss_itm: Optional[Tensor] = None
     loss_itg: Optional[Tensor] = None  # image-grounded text generation (LAVIS's loss_lm)
     # option cyclip: CyCLIP's terms (unweighted; the loss adds them times their weights)
     loss_cyclip_inmodal: Optional[Tensor] = None
@@ -392,7 +386,10 @@ class LPBlip2Qformer(QformerFeaturesMixin, QformerGenerationMixin, QformerCheckp
         loss_itm, acc_itm = self._itm_loss(image_embeds, image_kv, text, itc.sim_i2t, itc.sim_t2i,
                                            itm_share)
         loss_itg = self._itg_loss(text, query_kv, teacher)
-        loss, cyclic = itc.loss + loss_itm + loss_itg, {}
+        # weight 1 adds loss_itm itself (BLIP-2's sum, bit for bit)
+        weighted_itm = loss_itm if self.cfg.itm_loss_weight == 1 else (
+            self.cfg.itm_loss_weight * loss_itm)
+        loss, cyclic = itc.loss + weighted_itm + loss_itg, {}
         if self.cfg.cyclip:
             inmodal, cross = cyclip_losses(itc.cos_i2t, itc.cos_t2i, image_feats,
                                            itc.image_feats_all, text_feat, itc.text_feat_all)

@@ -22,6 +22,9 @@ negative by 1/N: the positives keep BLIP-2's weight (1 of 3 parts of the loss) a
 its scale beside ITC and ITG; more negatives per positive average out more of the noise of drawing
 them, not a shift of the matched / not-matched prior.
 
+``Blip2QformerConfig.itm_loss_weight`` (default 1: BLIP-2's) multiplies ``loss_itm`` in the
+stage-1 loss; :func:`check_itm_options` checks every ITM setting.
+
 The training position comes from the ``epoch``, ``iters`` and ``num_iters_per_epoch`` the runner
 adds to every training batch (Python ints: reading them is no host sync). A batch without them
 (a direct ``forward`` call, evaluation) is treated as past the curriculum: hard negatives.
@@ -34,10 +37,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lavis_plugins.common.errors import UserError
+
 ITM_NEGATIVES = ("hard", "mixed", "random", "curriculum")
 # the share of hard negatives of the fixed modes, and the curriculum's starting share
 FIXED_SHARE = {"mixed": 0.5, "random": 0.0}
 CURRICULUM_START = FIXED_SHARE["random"]
+
+
+def check_itm_options(cfg: Any) -> None:
+    """The ITM settings of ``Blip2QformerConfig`` (``itm_negatives``, ``itm_curriculum_epochs``,
+    ``itm_negatives_per_positive``, ``itm_loss_weight``); a bad one is a ``UserError`` naming
+    the key and what it must be."""
+    if cfg.itm_negatives not in ITM_NEGATIVES:
+        raise UserError(f"lp_blip2_qformer: itm_negatives = {cfg.itm_negatives!r}: choose "
+                        f"one of {list(ITM_NEGATIVES)}")
+    v = cfg.itm_curriculum_epochs
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise UserError(f"lp_blip2_qformer: itm_curriculum_epochs = {v!r}: it must be a "
+                        "number of epochs > 0")
+    v = cfg.itm_negatives_per_positive
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise UserError(f"lp_blip2_qformer: itm_negatives_per_positive = {v!r}: it must be "
+                        "an integer >= 1 (1: BLIP-2's one negative per positive)")
+    v = cfg.itm_loss_weight
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+        raise UserError(f"lp_blip2_qformer: itm_loss_weight = {v!r}: it must be a finite "
+                        "number > 0 (1: BLIP-2's equal weights of ITC, ITM and ITG)")
 
 
 def hard_share(mode: str, samples: Mapping[str, Any], curriculum_epochs: float,
