@@ -54,24 +54,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    finished = False
     try:
         if getattr(args, "registers", True):
             import lavis_plugins
 
             lavis_plugins.register()
         rc = args.func(args)
+        finished = True
         return int(rc or 0)
     except UserError as e:
         print(f"lavis-plugins: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     finally:
-        try:
-            # only when a command used it: importing torch here would cost light commands seconds
-            dist = sys.modules.get("torch.distributed")
-            if dist is not None and dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - shutting down; nothing useful to report
-            logging.getLogger(__name__).debug("process group shutdown failed", exc_info=True)
+        _shut_down_process_group(finished)
+
+
+# how long a finished rank waits for the others at exit before it leaves anyway
+EXIT_BARRIER_SECONDS = 120
+
+
+def _shut_down_process_group(finished: bool) -> None:
+    """Destroy the process group a command used, if any (importing torch here would cost light
+    commands seconds). After a command that finished, a gloo group first waits for every rank:
+    torch < 2.8's gloo destructor joins its worker threads while holding the GIL, and a worker
+    still freeing the last collective's tensors needs the GIL (pytorch#56297, fixed by
+    pytorch#154976): a rank of a finished 2-process run hung at exit that way. The barrier waits
+    without the GIL, so the workers finish first. It is bounded (``monitored_barrier``), and a
+    failed command skips it: its peers may be inside another collective."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is None or not dist.is_available() or not dist.is_initialized():
+            return
+        if finished and dist.get_backend() == "gloo":
+            from datetime import timedelta
+
+            try:
+                dist.monitored_barrier(timeout=timedelta(seconds=EXIT_BARRIER_SECONDS))
+            except Exception:  # noqa: BLE001 - a peer gone or late: leave without it
+                logging.getLogger(__name__).warning(
+                    "not every rank reached the end of the run within %d s; leaving without them",
+                    EXIT_BARRIER_SECONDS)
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - shutting down; nothing useful to report
+        logging.getLogger(__name__).debug("process group shutdown failed", exc_info=True)
 
 
 def __getattr__(name: str):
