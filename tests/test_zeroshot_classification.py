@@ -90,15 +90,19 @@ def _evaluate(tmp_path, yaml: Path, job: str = "zs"):
     return result["test"], recs, result_dir
 
 
-def _one_by_one(model, image, classnames, templates, itm: bool):
-    """Reference: each prompt encoded alone through extract_features, ITM per prompt."""
+def _one_by_one(model, image, classnames, templates, itm: bool, pooling: str = "mean"):
+    """Reference: each prompt encoded alone through extract_features, ITM per prompt; ``max``:
+    each template scored alone, the class's best kept."""
     img = model.extract_features({"image": image[None]}, mode="image").image_embeds_proj[0]
     scores = []
     for c in classnames:
         feats = [model.extract_features({"text_input": [t.format(c)]}, mode="text")
                  .text_embeds_proj[0, 0] for t in templates]
-        w = torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1)
-        score = (img @ w).max()
+        if pooling == "max":
+            score = max((img @ f).max() for f in feats)
+        else:
+            w = torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1)
+            score = (img @ w).max()
         if itm:
             embeds = model.encode_image(image[None])
             s = []
@@ -110,24 +114,25 @@ def _one_by_one(model, image, classnames, templates, itm: bool):
     return scores
 
 
-@pytest.mark.parametrize("rerank_k", [0, 2])
+@pytest.mark.parametrize("rerank_k,pooling", [(0, "mean"), (2, "mean"), (0, "max"), (2, "max")])
 def test_classifier_equals_scoring_each_class_prompt_one_by_one(model_and_ckpt, folder, tmp_path,
-                                                                tiny_bert_dir, rerank_k):
+                                                                tiny_bert_dir, rerank_k, pooling):
     from PIL import Image
 
     model, vis, ckpt = model_and_ckpt
     metrics, recs, result_dir = _evaluate(
-        tmp_path, _yaml(tmp_path, tiny_bert_dir, ckpt, folder, itm_rerank_k=rerank_k))
+        tmp_path, _yaml(tmp_path, tiny_bert_dir, ckpt, folder, itm_rerank_k=rerank_k,
+                        template_pooling=pooling))
     names = [c.replace("_", " ") for c in sorted(CLASSES)]
     assert len(recs) == 6
     with torch.no_grad():
         for rec in recs:
             ref = _one_by_one(model, vis(Image.open(rec["image"]).convert("RGB")), names,
-                              TEMPLATES, itm=False)
+                              TEMPLATES, itm=False, pooling=pooling)
             if rerank_k:  # the top-k by ITC get ITC + mean ITM; the rest stay below them
                 top = np.argsort(ref)[::-1][:rerank_k]
                 full = _one_by_one(model, vis(Image.open(rec["image"]).convert("RGB")), names,
-                                   TEMPLATES, itm=True)
+                                   TEMPLATES, itm=True, pooling=pooling)
                 ref = [full[c] if c in top else ref[c] - 1e4 for c in range(len(names))]
             order = list(np.argsort(ref)[::-1])
             assert rec["top5"] == [names[c] for c in order]
@@ -202,6 +207,8 @@ def _bad_cases(tmp_path: Path, folder: Path):
         ({"templates": ["a photo"]}, {"test": folder}, "exactly one {}"),
         ({"templates": []}, {"test": folder}, "non-empty list"),
         ({"itm_rerank_k": -1}, {"test": folder}, "run.itm_rerank_k must be a whole number"),
+        ({"template_pooling": "average"}, {"test": folder},
+         "run.template_pooling must be one of mean, max, got 'average'"),
         ({"confusion_max_classes": "many"}, {"test": folder}, "run.confusion_max_classes"),
         ({"class_names": {"red_circle": "red circle"}}, {"test": folder}, "no name for class"),
     ]

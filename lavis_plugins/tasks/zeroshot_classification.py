@@ -7,8 +7,17 @@ over its query features (BLIP-2's ITC takes the max over the queries). Optionall
 ``itm_rerank_k`` classes of each image are re-ranked by ITC + the ITM matched logit (averaged
 over the templates), as BLIP-2 re-ranks retrieval candidates.
 
+``template_pooling: max`` scores each template on its own and keeps a class's best template
+instead (``mean``: CLIP's averaged embedding, the default). Templates that name what varies
+between images of one class (size, position: "a small {}", "a large {} on the left") describe
+each image with only some of them; the averaged embedding then sits between contradicting
+descriptions, and a well-trained ITC classifies with it at chance. Measured on the shapes demo
+(18 colour+shape classes, 85 images; a width-64 stage 1 retrieving 54-67% R@1): the demo's 9
+templates averaged 7.1-10.6% top-1, "a small {}" + "a large {}" averaged 4.7-7.1%, either alone
+40-56% (docs/capfilt_demo.md).
+
 ``run:`` keys: ``templates`` (a set name of :mod:`zeroshot_templates` or a list; default
-"imagenet80"), ``itm_rerank_k`` (0: off), ``confusion_max_classes`` (no confusion-matrix PNG
+"imagenet80"), ``template_pooling`` ("mean" | "max"), ``itm_rerank_k`` (0: off), ``confusion_max_classes`` (no confusion-matrix PNG
 above this many classes; default 100). Data: any dataset whose samples carry ``image``, ``label``
 and ``index`` and which has ``classnames`` (``lp_imagefolder``).
 
@@ -42,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 TOP_K = 5  # classes kept per image in the results file; top-k accuracy reported
 BELOW_RERANKED = -1e4  # added to classes outside the ITM re-ranked top-k: they stay below
+TEMPLATE_POOLING = ("mean", "max")
 
 
 @dataclass
@@ -49,13 +59,20 @@ class ZeroShotSettings:
     """The task's ``run:`` keys (each default written here only)."""
 
     templates: Any = "imagenet80"  # template-set name or list of templates with one {}
+    # "mean": CLIP's prompt ensemble (one averaged embedding per class); "max": each class's
+    # best-matching template (templates naming attributes that vary within a class)
+    template_pooling: str = "mean"
     itm_rerank_k: int = 0  # re-rank each image's top-k classes by ITC + ITM; 0: ITC only
     confusion_max_classes: int = 100  # no confusion-matrix PNG above this many classes
 
     @classmethod
     def from_run_cfg(cls, run: Mapping[str, Any]) -> "ZeroShotSettings":
-        s = cls(**{k: run[k] for k in ("templates", "itm_rerank_k", "confusion_max_classes")
+        s = cls(**{k: run[k] for k in ("templates", "template_pooling", "itm_rerank_k",
+                                       "confusion_max_classes")
                    if k in run and run[k] is not None})
+        if s.template_pooling not in TEMPLATE_POOLING:
+            raise UserError(f"run.template_pooling must be one of {', '.join(TEMPLATE_POOLING)}, "
+                            f"got {s.template_pooling!r}")
         s.templates = resolve_templates(
             list(s.templates) if not isinstance(s.templates, str) else s.templates)
         for key in ("itm_rerank_k", "confusion_max_classes"):
@@ -66,21 +83,26 @@ class ZeroShotSettings:
 
 
 @torch.no_grad()
-def class_weights(model, classnames: Sequence[str], templates: Sequence[str]):
-    """Zero-shot classifier: (C, E) normalised mean of each class's normalised prompt features,
-    plus the prompts' token ids and masks (C*T, L), class-major, for ITM re-ranking."""
+def class_weights(model, classnames: Sequence[str], templates: Sequence[str],
+                  pooling: str = "mean"):
+    """Zero-shot classifier: ``mean``: (C, E) normalised mean of each class's normalised prompt
+    features; ``max``: (C, T, E) every prompt's normalised features. Plus the prompts' token ids
+    and masks (C*T, L), class-major, for ITM re-ranking."""
     if not classnames:
         raise UserError("zero-shot classification needs at least one class")
     prompts = [t.format(c) for c in classnames for t in templates]
     ids, atts, feats = encode_texts(model, prompts)  # feats (C*T, E), each normalised
-    weights = F.normalize(feats.view(len(classnames), len(templates), -1).mean(1), dim=-1)
+    feats = feats.view(len(classnames), len(templates), -1)
+    weights = feats if pooling == "max" else F.normalize(feats.mean(1), dim=-1)
     return weights, ids, atts
 
 
 @torch.no_grad()
 def itc_class_scores(image_feats: Tensor, weights: Tensor) -> Tensor:
-    """(B, Nq, E) normalised query features x (C, E) class weights -> (B, C) cosine scores,
-    the max over the queries."""
+    """(B, Nq, E) normalised query features x class weights -> (B, C) cosine scores, the max
+    over the queries (and, for (C, T, E) weights, over each class's templates)."""
+    if weights.dim() == 3:
+        return torch.einsum("bqe,cte->bcqt", image_feats, weights).flatten(2).max(dim=2).values
     return torch.einsum("bqe,ce->bqc", image_feats, weights).max(dim=1).values
 
 
@@ -195,7 +217,8 @@ class ZeroShotClassificationTask(BaseTask):
             raise UserError(f"{type(dataset).__name__} has no classnames; zero-shot "
                             "classification needs a classification dataset (lp_imagefolder)")
         templates = self.settings.templates
-        weights, ids, atts = class_weights(model, classnames, templates)
+        weights, ids, atts = class_weights(model, classnames, templates,
+                                           self.settings.template_pooling)
         rerank = {"ids": ids, "atts": atts, "n_templates": len(templates),
                   "k": self.settings.itm_rerank_k}
         k = min(TOP_K, len(classnames))
