@@ -17,9 +17,10 @@ templates averaged 7.1-10.6% top-1, "a small {}" + "a large {}" averaged 4.7-7.1
 40-56% (docs/capfilt_demo.md).
 
 ``run:`` keys: ``templates`` (a set name of :mod:`zeroshot_templates` or a list; default
-"imagenet80"), ``template_pooling`` ("mean" | "max"), ``itm_rerank_k`` (0: off), ``confusion_max_classes`` (no confusion-matrix PNG
-above this many classes; default 100). Data: any dataset whose samples carry ``image``, ``label``
-and ``index`` and which has ``classnames`` (``lp_imagefolder``).
+"imagenet80"), ``template_pooling`` ("mean" | "max"), ``itm_rerank_k`` (0: off),
+``confusion_max_classes`` (no confusion-matrix PNG above this many classes; default 100).
+Data: any dataset whose samples carry ``image``, ``label`` and ``index`` and which has
+``classnames`` (``lp_imagefolder``).
 
 Reports top-1 and top-5 accuracy (%; top-k with k = min(5, classes)), the mean per-class
 accuracy and each class's accuracy; writes ``<split>_zeroshot[_<epoch>].jsonl`` (one line per
