@@ -371,23 +371,28 @@ class DemoContext:
 # random tiny Q-Former with one [CLS] feature for every caption and query outputs that vary by
 # ~0.1% between images, so stage 1's ITC stays at chance for hundreds of steps (measured).
 DEMO_BERT_INIT_STD = 0.1
+# The demo Q-Former's width: 64 (4 heads, feed-forward 128; 2 layers). At make_tiny_bert's 32 the
+# ITM head ranked ITC's candidates worse than ITC alone on most seeds (docs/capfilt_demo.md).
+DEMO_BERT_SIZES = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128}
 
 
 def make_demo_bert(folder: Path, **sizes: int) -> Path:
-    """The Q-Former's BERT: tiny and random (BLIP-2 starts from pre-trained BERT-base), with every
-    word of the dataset in its vocabulary, a wider initial weight scale and no dropout.
+    """The Q-Former's BERT: tiny (``DEMO_BERT_SIZES``) and random (BLIP-2 starts from pre-trained
+    BERT-base), with every word of the dataset in its vocabulary, a wider initial weight scale and
+    no dropout.
 
     Without dropout (on such a small signal its noise dominates the gradients) and with
     ``DEMO_BERT_INIT_STD``, stage 1 learns within the demo's CPU budget. The same config also
     initialises the Q-Former's cross-attention layers, which no BERT file holds. ``sizes``:
-    ``make_tiny_bert``'s size arguments (``hidden_size``, ``num_hidden_layers``, ...), for
-    benchmarks that try other sizes; the demo uses its defaults.
+    ``make_tiny_bert``'s size arguments (``hidden_size``, ``num_hidden_layers``, ...) over
+    ``DEMO_BERT_SIZES``, for benchmarks that try other sizes.
     """
     from lavis_plugins.common.tiny_bert import make_tiny_bert
     from lavis_plugins.demo_data import shapes_vocabulary
 
     return make_tiny_bert(folder, words=shapes_vocabulary(), initializer_range=DEMO_BERT_INIT_STD,
-                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **sizes)
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                          **{**DEMO_BERT_SIZES, **sizes})
 
 
 def stage_options(key: str, ctx: DemoContext) -> List[str]:
