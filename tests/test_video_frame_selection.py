@@ -40,10 +40,13 @@ def _clip(colors) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def demo_bert(tmp_path_factory):
-    """The demo's tiny BERT (no dropout, wider init: a tiny Q-Former learns in seconds)."""
+    """The demo's tiny BERT (no dropout, wider init: a tiny Q-Former learns in seconds) at the
+    "tiny" models' own Q-Former width (``make_tiny_bert``'s sizes, not the demo's 64): the
+    answering models of these tests are built at that width and read the selector's weights."""
     from lavis_plugins.demo import make_demo_bert
 
-    return str(make_demo_bert(tmp_path_factory.mktemp("bert") / "bert"))
+    return str(make_demo_bert(tmp_path_factory.mktemp("bert") / "bert", hidden_size=32,
+                              num_attention_heads=2, intermediate_size=64))
 
 
 @pytest.fixture(scope="module")
