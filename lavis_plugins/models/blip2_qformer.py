@@ -386,10 +386,8 @@ class LPBlip2Qformer(QformerFeaturesMixin, QformerGenerationMixin, QformerCheckp
         loss_itm, acc_itm = self._itm_loss(image_embeds, image_kv, text, itc.sim_i2t, itc.sim_t2i,
                                            itm_share)
         loss_itg = self._itg_loss(text, query_kv, teacher)
-        # weight 1 adds loss_itm itself (BLIP-2's sum, bit for bit)
-        weighted_itm = loss_itm if self.cfg.itm_loss_weight == 1 else (
-            self.cfg.itm_loss_weight * loss_itm)
-        loss, cyclic = itc.loss + weighted_itm + loss_itg, {}
+        # weight 1 is BLIP-2's sum bit for bit (x * 1.0 == x, and so is its gradient)
+        loss, cyclic = itc.loss + self.cfg.itm_loss_weight * loss_itm + loss_itg, {}
         if self.cfg.cyclip:
             inmodal, cross = cyclip_losses(itc.cos_i2t, itc.cos_t2i, image_feats,
                                            itc.image_feats_all, text_feat, itc.text_feat_all)
