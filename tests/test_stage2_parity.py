@@ -119,6 +119,50 @@ def test_opt_loss_and_logits_equal_lavis(opt_pair):
     assert (out.targets[:, :ours.prompt_length] == -100).all()
 
 
+def test_opt_training_loss_without_padding_equals_lavis_and_padded(opt_pair, monkeypatch):
+    """The training forward (no logits asked for) runs OPT without its padding rows and its
+    last layer on the loss rows only (models/_opt_packed.py): the loss equals LAVIS's, and loss
+    and gradients equal those of transformers' whole decoder (the path ``return_logits``
+    takes)."""
+    from lavis_plugins.models import blip2_opt
+
+    ours, ref = opt_pair
+    captions = CAPTIONS[:2] + ["a photo of it"]  # lengths differ: the batch has padding rows
+    samples = {"image": _images(2, ours.device), "text_input": captions}
+    with torch.no_grad():
+        ref_loss = ref(dict(samples))["loss"]
+    layers = ours.opt_model.get_decoder().layers
+    rows = {}  # rows through the first and the last layer's feed-forward
+    hooks = [layers[i].fc1.register_forward_hook(
+        lambda m, args, out, i=i: rows.__setitem__(i, args[0].flatten(0, -2).shape[0]))
+        for i in (0, -1)]
+    grads, seen = {}, {}
+    try:
+        for packed in (True, False):
+            if not packed:
+                monkeypatch.setattr(blip2_opt, "supports_packing", lambda decoder: False)
+            ours.zero_grad(set_to_none=True)
+            out = ours(dict(samples))
+            out.loss.backward()
+            grads[packed] = (out.loss.detach(), ours.opt_proj.weight.grad.clone(),
+                             ours.query_tokens.grad.clone())
+            seen[packed] = dict(rows)
+    finally:
+        for h in hooks:
+            h.remove()
+    ours.zero_grad(set_to_none=True)
+    assert out.logits is None
+    enc = ours.llm_tokenizer([c + "\n" for c in captions], padding="longest")
+    nq, tokens = ours.query_tokens.shape[1], sum(map(sum, enc.attention_mask))
+    targets = tokens - B * ours.prompt_length  # the prompt (with BOS) carries no loss
+    assert seen[False] == {0: B * (nq + len(enc.input_ids[0])), -1: B * (nq + len(
+        enc.input_ids[0]))}
+    assert seen[True] == {0: B * nq + tokens, -1: targets}
+    assert torch.allclose(grads[True][0], ref_loss, atol=1e-5, rtol=0)
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_opt_gradients_reach_qformer_not_llm(opt_pair):
     ours, _ = opt_pair
     ours.train()

@@ -7,7 +7,9 @@ checkpoints load as they are (see :mod:`lavis_plugins.models._blip2_llm`).
 
 Differences from LAVIS's ``Blip2OPT`` (numerics are equal, tested in tests/test_stage2_parity.py):
 - transformers' OPT (SDPA attention, KV cache in generation) instead of a vendored 2022 copy;
-- the LM head runs only on the text positions (not on the 32 query positions);
+- the LM head runs only on the text positions (not on the 32 query positions), and in training
+  OPT's layers skip the padding rows and its last layer computes only the rows the loss reads
+  (:mod:`~lavis_plugins.models._opt_packed`; same loss, less work);
 - training on ``text_input``/``text_output`` pairs (VQA fine-tuning): the loss is on the output;
 - batched prompts of different lengths are left-padded after the visual prompt; OPT's positions
   come from the attention mask, so padding does not shift them;
@@ -34,6 +36,14 @@ from lavis_plugins.models._blip2_llm import (
     as_text_list,
     join_prompt,
 )
+from lavis_plugins.models._opt_packed import (
+    TextRows,
+    opt_hidden_for_loss,
+    packed_layout,
+    select_targets,
+    supports_packing,
+    text_rows,
+)
 from lavis_plugins.models._shared_prefill import shared_prefill
 from lavis_plugins.models.text_tokens import to_device
 from lavis_plugins.paths import config_path
@@ -42,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 # the keys ``pretokenize`` adds to a batch: LLM input ids, attention mask, targets (B, L)
 LLM_PRETOKENIZED = ("llm_input_ids", "llm_attention_mask", "llm_targets")
+# and the flat caption positions that are tokens / carry a target (``_opt_packed.TextRows``)
+LLM_ROWS = ("llm_token_rows", "llm_target_rows")
 
 
 @dataclass
@@ -178,13 +190,17 @@ class LPBlip2OPT(Blip2LLMBase):
         """
         inputs_opt, atts_opt = self.visual_prompt(  # (B, Nq, H), (B, Nq)
             samples["image"], self.training_prompts(samples))
-        ids, mask, targets = self._training_tokens(samples, inputs_opt.device)  # (B, L) each
+        ids, mask, targets, rows = self._training_batch(samples, inputs_opt.device)  # (B, L)
         nq = inputs_opt.shape[1]
         with self.autocast():
             embeds = torch.cat([inputs_opt, self._embed(ids)], dim=1)  # (B, Nq + L, H)
             full_mask = torch.cat([atts_opt, mask], dim=1)
-            with sync_free_opt_decoder(self._decoder()):
-                hidden = self._decoder()(
+            decoder = self._decoder()
+            if not return_logits and supports_packing(decoder):
+                loss = self._loss_without_padding(embeds, full_mask, targets, rows)
+                return Blip2LLMOutput(loss=loss, loss_lm=loss)
+            with sync_free_opt_decoder(decoder):
+                hidden = decoder(
                     inputs_embeds=embeds, attention_mask=full_mask,
                     position_ids=self._positions(full_mask), use_cache=False,
                     return_dict=True).last_hidden_state
@@ -194,6 +210,19 @@ class LPBlip2OPT(Blip2LLMBase):
             logits = self._lm_head()(text_hidden).float() if return_logits else None
         return Blip2LLMOutput(loss=loss, loss_lm=loss, logits=logits,
                               targets=targets if return_logits else None)
+
+    def _loss_without_padding(self, embeds: torch.Tensor, full_mask: torch.Tensor,
+                              targets: torch.Tensor, rows: TextRows) -> torch.Tensor:
+        """The LM loss of ``forward`` with OPT run on the rows that exist and its last layer on
+        the rows the loss reads (:mod:`~lavis_plugins.models._opt_packed`): embeds (B, Nq + L,
+        H) and full_mask (B, Nq + L), targets (B, L). Sizes come from shapes, not device reads:
+        ``compile_for_training`` compiles this whole."""
+        b, length = targets.shape
+        layout = packed_layout(rows, b, embeds.shape[1] - length, length, embeds.device)
+        hidden = opt_hidden_for_loss(self._decoder(), embeds, full_mask, layout)  # (M, H)
+        logits = self._lm_head()(hidden).float()  # (M, V)
+        total = F.cross_entropy(logits, select_targets(targets, rows), reduction="sum")
+        return total / max(hidden.shape[0], 1)  # 0 when no position has a target
 
     def _lm_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the positions whose target is set (0 when none:
@@ -245,11 +274,30 @@ class LPBlip2OPT(Blip2LLMBase):
         enc = to_device(enc, device)
         return enc["ids"], enc["mask"], enc["targets"]
 
+    def _training_batch(self, samples: Dict[str, Any], device: torch.device
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, TextRows]:
+        """``_training_tokens`` on ``device`` and their :class:`TextRows`, found on the CPU
+        (by ``pretokenize`` in the data loader, or here before the copy) so that no device is
+        read; ids tokenised elsewhere without them are read where they lie."""
+        if LLM_PRETOKENIZED[0] in samples:
+            ids, mask, targets = self._training_tokens(samples, device)
+            if LLM_ROWS[0] in samples:
+                return ids, mask, targets, TextRows(*(samples[k] for k in LLM_ROWS))
+            return ids, mask, targets, text_rows(mask, targets)
+        ids, mask, targets = self._training_tokens(samples, torch.device("cpu"))
+        tokens, with_target = text_rows(mask, targets)
+        moved = to_device({"ids": ids, "mask": mask, "targets": targets, "tokens": tokens,
+                           "with_target": with_target}, device)
+        return (moved["ids"], moved["mask"], moved["targets"],
+                TextRows(moved["tokens"], moved["with_target"]))
+
     def pretokenize(self, samples: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        """A training batch's LLM input ids, attention mask and targets (B, L) on the CPU, for
-        the data loader's collate (:mod:`~lavis_plugins.models.text_tokens`); ``forward`` then
-        uses them."""
-        return dict(zip(LLM_PRETOKENIZED, self._training_tokens(samples, torch.device("cpu"))))
+        """A training batch's LLM input ids, attention mask and targets (B, L) and their
+        :class:`TextRows` on the CPU, for the data loader's collate
+        (:mod:`~lavis_plugins.models.text_tokens`); ``forward`` then uses them."""
+        ids, mask, targets = self._training_tokens(samples, torch.device("cpu"))
+        return {**dict(zip(LLM_PRETOKENIZED, (ids, mask, targets))),
+                **dict(zip(LLM_ROWS, text_rows(mask, targets)))}
 
     # ------------------------------------------------------------------ generation
     def _llm_inputs(self, inputs_opt: torch.Tensor, atts_opt: torch.Tensor,

@@ -8,9 +8,11 @@ host-side work (prompts, tokenisation when the loader did not ``pretokenize``) o
 - the Q-Former query pass ``query_output`` (B, N, Dv) -> (B, Nq, D) (fixed shapes), and the
   question-aware pass ``query_text_output`` (dynamic: the question's length varies);
 - the frozen LLM's training forward, with dynamic shapes so that captions of every length share
-  one graph: OPT's decoder (its layerdrop draw and mask check are bypassed by
-  :func:`~lavis_plugins.models.blip2_opt.sync_free_opt_decoder` when ``layerdrop`` is 0) and the
-  LM head + loss (``_lm_loss``); T5's whole encoder-decoder forward.
+  one graph: for OPT, the decoder without its padding rows, LM head and loss in one
+  (``_loss_without_padding``, see :mod:`~lavis_plugins.models._opt_packed`), and for the cases
+  that keep transformers' forward its decoder (its layerdrop draw and mask check are bypassed
+  by :func:`~lavis_plugins.models.blip2_opt.sync_free_opt_decoder` when ``layerdrop`` is 0) and
+  the LM head + loss (``_lm_loss``); T5's whole encoder-decoder forward.
 
 Stage 1 (``lp_blip2_qformer``) compiles its own Q-Former step (``compile_for_training`` in
 :mod:`~lavis_plugins.models.blip2_qformer`). Every ``torch.compile`` call takes its arguments from
@@ -34,7 +36,8 @@ DEFAULT_BACKEND = "inductor"
 # gather) as a plain vector store, so when an index repeats (a token twice in a batch) only the
 # last row's gradient survives. Fixed by pytorch/pytorch#147961 (issues #146390, #147848), first
 # released in 2.7.0. With ``cpp.dynamic_threads`` no kernel is specialised for one thread and the
-# scatter goes through ``atomic_add_vec``, which adds. Repro: benchmarks/repro_inductor_scatter_add.py
+# scatter goes through ``atomic_add_vec``, which adds.
+# Repro: benchmarks/repro_inductor_scatter_add.py
 _INDUCTOR_CPU_SCATTER_FIX = {"cpp.dynamic_threads": True}
 # torch < 2.7, dynamic shapes: inductor's pattern matcher, when it checks a candidate match,
 # de-duplicates the match's symbolic sizes with guarding comparisons, so every pair of sizes of
@@ -73,6 +76,10 @@ def compile_stage2(model: nn.Module, backend: str = DEFAULT_BACKEND) -> None:
     llm = model.llm
     if llm.config.is_encoder_decoder:  # T5: encoder, decoder and loss in one forward
         llm.compile(**compile_kwargs(True, backend))
-    else:  # OPT: forward calls the decoder and the LM head (``_lm_loss``) separately
+    else:  # OPT: forward calls the decoder and the LM head (``_lm_loss``) separately, or
+        # (training, OPT) the two in one without padding rows (``_loss_without_padding``)
         llm.get_decoder().compile(**compile_kwargs(True, backend))
         model._lm_loss = torch.compile(model._lm_loss, **compile_kwargs(True, backend))
+        if hasattr(model, "_loss_without_padding"):
+            model._loss_without_padding = torch.compile(model._loss_without_padding,
+                                                        **compile_kwargs(True, backend))
