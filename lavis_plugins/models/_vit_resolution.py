@@ -12,6 +12,7 @@ absolute position embeddings, and LAVIS's CLIP ``VisionTransformer`` (``clip_L``
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -84,6 +85,23 @@ def forward_at_side(encoder: nn.Module, image: Tensor) -> Tensor:
 # per row or per image.
 CPU_ACTIVATION_BYTES = 16 << 20
 
+# Each encoder's widest linear layer, found once per encoder rather than by a walk over its
+# modules on every forward (eva_clip_g's depth, 551 modules: 0.48 ms of CPU per walk vs 0.3 us
+# per lookup). Keyed weakly, so an entry goes with its encoder. A layer swapped in later would
+# change only the chunk size, never the outputs.
+_WIDEST_LINEAR: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+def widest_linear(encoder: nn.Module) -> int:
+    """The largest ``out_features`` of ``encoder``'s ``nn.Linear`` layers (1 if it has none),
+    walked once per encoder and remembered."""
+    widest = _WIDEST_LINEAR.get(encoder)
+    if widest is None:
+        widest = max((m.out_features for m in encoder.modules() if isinstance(m, nn.Linear)),
+                     default=1)
+        _WIDEST_LINEAR[encoder] = widest
+    return widest
+
 
 def forward_in_chunks(encoder: nn.Module, image: Tensor) -> Tensor:
     """``forward_at_side`` (B, 1 + (S/p)^2, D); on the CPU without autograd, in equal chunks of
@@ -93,9 +111,8 @@ def forward_in_chunks(encoder: nn.Module, image: Tensor) -> Tensor:
         return forward_at_side(encoder, image)
     p = patch_size(encoder)
     rows = (image.shape[-2] // p) * (image.shape[-1] // p) + 1
-    widest = max((m.out_features for m in encoder.modules() if isinstance(m, nn.Linear)),
-                 default=1)
-    per_call = max(1, CPU_ACTIVATION_BYTES // (rows * widest * image.element_size()))
+    per_call = max(1, CPU_ACTIVATION_BYTES // (rows * widest_linear(encoder)
+                                               * image.element_size()))
     calls = -(-image.shape[0] // per_call)
     if calls <= 1:  # (0: an empty batch)
         return forward_at_side(encoder, image)
