@@ -1,7 +1,8 @@
-"""The image encoder at another side than its built one (``lavis_plugins/models/_vit_resolution.py``,
-frame selection's cheap scoring): equal to the encoder LAVIS builds at that side from the same
-weights (its own ``interpolate_pos_embed``), for EVA and CLIP encoders; the built side runs the
-encoder's own forward."""
+"""The image encoder at another side than its built one
+(``lavis_plugins/models/_vit_resolution.py``, frame selection's cheap scoring): equal to the
+encoder LAVIS builds at that side from the same weights (its own ``interpolate_pos_embed``), for
+EVA and CLIP encoders; the built side runs the encoder's own forward; on the CPU without
+autograd, a few images per call with the same outputs."""
 from __future__ import annotations
 
 from typing import Optional

@@ -3,9 +3,10 @@
 Frame selection scores candidate frames from cheaper features: the same ViT on frames of a
 smaller side (``model.selection_grid`` patches), i.e. fewer patches. The position embeddings are
 resized to the smaller patch grid by bicubic interpolation, as LAVIS's ``interpolate_pos_embed``
-(of ``eva_vit`` / ``clip_vit``) does when it loads a checkpoint at another ``img_size`` (so the result equals an encoder built at
-that size from the same weights: ``tests/test_video_frame_selection.py`` checks it against
-LAVIS's function). At the built size the encoder's own ``forward`` runs, unchanged.
+(of ``eva_vit`` / ``clip_vit``) does when it loads a checkpoint at another ``img_size`` (so the
+result equals an encoder built at that size from the same weights: ``tests/test_vit_resolution.py``
+checks it against LAVIS's function). At the built size the encoder's own ``forward`` runs,
+unchanged.
 
 Encoders: LAVIS's EVA ``VisionTransformer`` (``eva_clip_g``, and our ``tiny`` / ``eva``) with
 absolute position embeddings, and LAVIS's CLIP ``VisionTransformer`` (``clip_L``).
