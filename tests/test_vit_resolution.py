@@ -1,8 +1,11 @@
-"""The image encoder at another side than its built one (``lavis_plugins/models/_vit_resolution.py``,
-frame selection's cheap scoring): equal to the encoder LAVIS builds at that side from the same
-weights (its own ``interpolate_pos_embed``), for EVA and CLIP encoders; the built side runs the
-encoder's own forward."""
+"""The image encoder at another side than its built one
+(``lavis_plugins/models/_vit_resolution.py``, frame selection's cheap scoring): equal to the
+encoder LAVIS builds at that side from the same weights (its own ``interpolate_pos_embed``), for
+EVA and CLIP encoders; the built side runs the encoder's own forward; on the CPU without
+autograd, a few images per call with the same outputs."""
 from __future__ import annotations
+
+from typing import Optional
 
 import pytest
 import torch
@@ -10,12 +13,12 @@ import torch
 from lavis_plugins.common.errors import UserError
 
 
-def _eva(side: int):
+def _eva(side: int, mlp_dim: Optional[int] = None):
     from lavis_plugins.models.blip2_base import LPBlip2Base, TinyVitConfig
 
     encoder, _ = LPBlip2Base.init_vision_encoder(
         "tiny", side, 0.0, False, "fp32", tiny=TinyVitConfig(width=32, depth=2, heads=2,
-                                                             patch_size=8))
+                                                             patch_size=8, mlp_dim=mlp_dim))
     return encoder.eval()
 
 
@@ -92,6 +95,36 @@ def test_a_frozen_cpu_encoder_runs_a_few_images_per_call_with_the_same_outputs(m
                                    _vit_resolution.forward_at_side(encoder, small),
                                    rtol=0, atol=0)
         assert calls[:2] == [5, 4]  # 5 rows per image: 6 per call, so 2 calls, equal chunks
+
+
+def test_each_encoders_widest_layer_is_found_once(monkeypatch):
+    """Several chunked forwards walk an encoder's modules once; another encoder (a wider
+    feed-forward) gets its own walk and width, so its chunks follow its own layers."""
+    from lavis_plugins.models import _vit_resolution
+
+    torch.manual_seed(0)
+    narrow, wide = _eva(32), _eva(32, mlp_dim=192)  # widest: qkv 3 x 32 = 96; feed-forward 192
+    walks = {"narrow": 0, "wide": 0}
+    for name, encoder in (("narrow", narrow), ("wide", wide)):
+        def counting(*args, _name=name, _real=encoder.modules, **kwargs):
+            walks[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(encoder, "modules", counting)
+    # 17 rows x 96 x 4 bytes = 6528 per 32 px image: 2 per call for narrow, 1 for wide (13056)
+    monkeypatch.setattr(_vit_resolution, "CPU_ACTIVATION_BYTES", 2 * 6528 + 100)
+    calls = _count_calls(monkeypatch)
+    image = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(_vit_resolution.forward_in_chunks(narrow, image), narrow(image))
+        assert walks == {"narrow": 1, "wide": 0} and calls == [2, 2] * 3
+        calls.clear()
+        for _ in range(3):
+            assert torch.equal(_vit_resolution.forward_in_chunks(wide, image), wide(image))
+        assert walks == {"narrow": 1, "wide": 1} and calls == [1] * 12
+    assert (_vit_resolution.widest_linear(narrow), _vit_resolution.widest_linear(wide)) == (96, 192)
+    assert walks == {"narrow": 1, "wide": 1}
 
 
 def test_an_encoder_with_autograd_runs_in_one_call(monkeypatch):

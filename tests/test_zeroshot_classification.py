@@ -1,6 +1,7 @@
 """lp_zeroshot_classification through the CLI on a tiny ImageFolder: the prompt-ensembled ITC
-classifier equals scoring each class prompt one by one, ITM re-ranking equals ITC + the mean ITM
-logit of each prompt, the metrics and files are written, and bad input is one clear line."""
+classifier equals scoring each class prompt one by one, ITM re-ranking equals ITC + the ITM
+logits of each class's prompts pooled by ``template_pooling`` (mean or max), the metrics and
+files are written, and bad input is one clear line."""
 from __future__ import annotations
 
 import json
@@ -103,13 +104,14 @@ def _one_by_one(model, image, classnames, templates, itm: bool, pooling: str = "
         else:
             w = torch.nn.functional.normalize(torch.stack(feats).mean(0), dim=-1)
             score = (img @ w).max()
-        if itm:
+        if itm:  # pooled over the templates by the same rule as ITC
             embeds = model.encode_image(image[None])
             s = []
             for t in templates:
                 tok = model.tokenize([t.format(c)])
                 s.append(model.compute_itm(embeds, tok.input_ids, tok.attention_mask)[0])
-            score = score + torch.stack(s).mean()
+            s = torch.stack(s)
+            score = score + (s.max() if pooling == "max" else s.mean())
         scores.append(float(score))
     return scores
 
@@ -129,7 +131,7 @@ def test_classifier_equals_scoring_each_class_prompt_one_by_one(model_and_ckpt, 
         for rec in recs:
             ref = _one_by_one(model, vis(Image.open(rec["image"]).convert("RGB")), names,
                               TEMPLATES, itm=False, pooling=pooling)
-            if rerank_k:  # the top-k by ITC get ITC + mean ITM; the rest stay below them
+            if rerank_k:  # the top-k by ITC get ITC + pooled ITM; the rest stay below them
                 top = np.argsort(ref)[::-1][:rerank_k]
                 full = _one_by_one(model, vis(Image.open(rec["image"]).convert("RGB")), names,
                                    TEMPLATES, itm=True, pooling=pooling)
@@ -147,6 +149,91 @@ def test_classifier_equals_scoring_each_class_prompt_one_by_one(model_and_ckpt, 
     assert (result_dir / f"{stem}_confusion.png").is_file()
     assert json.loads((result_dir / f"{stem}_metrics.json").read_text())["top1"] \
         == pytest.approx(top1)
+
+
+# ITM matched-logit offsets per class and template (TEMPLATES order): red circle's mean (-20) is
+# below blue square's (10) but its best (30) is above, so mean and max re-rank them differently;
+# offsets this large outweigh the tiny model's own ITC and ITM scores.
+ITM_OFFSETS = {"red circle": [30.0, 30.0, -120.0], "blue square": [10.0, 10.0, 10.0],
+               "green triangle": [-60.0, -60.0, -60.0]}
+
+
+@pytest.fixture
+def offset_itm(model_and_ckpt, monkeypatch):
+    """Every ``lp_blip2_qformer``'s ITM matched logit gets ITM_OFFSETS of its prompt added (the
+    prompt is recognised by its token ids), for models the CLI builds too."""
+    from lavis_plugins.models.blip2_qformer import LPBlip2Qformer
+
+    model = model_and_ckpt[0]
+    shift = {tuple(model.tokenize([t.format(c)]).input_ids[0].tolist()): off
+             for c, offs in ITM_OFFSETS.items() for t, off in zip(TEMPLATES, offs)}
+    real = LPBlip2Qformer.itm_logits
+
+    def itm_logits(self, image_embeds, text_ids, text_atts, image_kv=None):
+        logits = real(self, image_embeds, text_ids, text_atts, image_kv)
+        add = torch.tensor([shift[tuple(i[m.bool()].tolist())]
+                            for i, m in zip(text_ids, text_atts)], dtype=logits.dtype)
+        return logits + torch.stack([torch.zeros_like(add), add], dim=1)
+
+    monkeypatch.setattr(LPBlip2Qformer, "itm_logits", itm_logits)
+
+
+@pytest.mark.parametrize("pooling,order", [
+    ("max", ["red circle", "blue square", "green triangle"]),  # best templates: 30 > 10 > -60
+    ("mean", ["blue square", "red circle", "green triangle"]),  # means: 10 > -20 > -60
+])
+def test_itm_rerank_pools_templates_like_itc(model_and_ckpt, folder, tmp_path, tiny_bert_dir,
+                                              offset_itm, pooling, order):
+    """Through the YAML's run options: with every class re-ranked, ``max`` ranks the class whose
+    best template matches first and ``mean`` the class whose templates match on average."""
+    from PIL import Image
+
+    model, vis, ckpt = model_and_ckpt
+    _, recs, _ = _evaluate(tmp_path, _yaml(tmp_path, tiny_bert_dir, ckpt, folder, itm_rerank_k=3,
+                                           template_pooling=pooling))
+    names = [c.replace("_", " ") for c in sorted(CLASSES)]
+    assert len(recs) == 6
+    with torch.no_grad():
+        for rec in recs:
+            assert rec["top5"] == order
+            ref = _one_by_one(model, vis(Image.open(rec["image"]).convert("RGB")), names,
+                              TEMPLATES, itm=True, pooling=pooling)
+            np.testing.assert_allclose(rec["scores"], [ref[names.index(c)] for c in order],
+                                       atol=2e-4)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_itm_rerank_adds_exactly_the_pooled_itm_logits(model_and_ckpt, monkeypatch, pooling):
+    """The re-ranked scores are ITC + the ITM logits the function computed, pooled over each
+    class's templates by ``mean`` (bit-identical to the rule before ``max`` existed) or
+    ``max``; the classes outside the top k stay ITC + BELOW_RERANKED."""
+    from lavis_plugins.models.blip2_qformer import LPBlip2Qformer
+    from lavis_plugins.tasks.zeroshot_classification import (
+        BELOW_RERANKED,
+        class_weights,
+        itm_rerank,
+    )
+
+    model = model_and_ckpt[0]
+    names = [c.replace("_", " ") for c in CLASSES]
+    _, ids, atts = class_weights(model, names, TEMPLATES)
+    seen = []
+    real = LPBlip2Qformer.itm_logits
+    monkeypatch.setattr(LPBlip2Qformer, "itm_logits",
+                        lambda self, *a, **kw: seen.append(real(self, *a, **kw)) or seen[-1])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        _, embeds = model.forward_image(torch.randn(2, 3, 32, 32))
+    scores = torch.randn(2, len(names))
+    out = itm_rerank(model, embeds, scores, ids, atts, len(TEMPLATES), 2, pooling)
+    assert len(seen) == 2  # one ITM pass per image over its k x T prompts
+    for b in range(2):
+        top = scores[b].topk(2).indices
+        itm = seen[b][:, 1].float().view(2, len(TEMPLATES))
+        pooled = itm.mean(1) if pooling == "mean" else itm.max(1).values
+        assert torch.equal(out[b, top], scores[b, top] + pooled)
+        rest = [c for c in range(len(names)) if c not in top.tolist()]
+        assert torch.equal(out[b, rest], scores[b, rest] + BELOW_RERANKED)
 
 
 def test_metrics_and_confusion_matrix():

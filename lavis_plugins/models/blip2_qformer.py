@@ -153,7 +153,8 @@ class Blip2Stage1Output(ModelOutput):
 
     @property
     def loss_lm(self) -> Optional[Tensor]:
-        """LAVIS's name of ``loss_itg`` (an attribute, not a key: the runner logs each loss once)."""
+        """LAVIS's name of ``loss_itg`` (an attribute, not a key: the runner logs each loss
+        once)."""
         return self.loss_itg
 
 

@@ -4,20 +4,22 @@ CLIP's recipe on BLIP-2's ITC features: each class's weight is the average of th
 text features (``text_proj`` of [CLS]) of every prompt template filled with its name,
 renormalised (prompt ensembling); an image's score for a class is the best cosine similarity
 over its query features (BLIP-2's ITC takes the max over the queries). Optionally the top
-``itm_rerank_k`` classes of each image are re-ranked by ITC + the ITM matched logit (averaged
-over the templates), as BLIP-2 re-ranks retrieval candidates.
+``itm_rerank_k`` classes of each image are re-ranked by ITC + the ITM matched logit pooled over
+the class's templates by the ``template_pooling`` rule, as BLIP-2 re-ranks retrieval candidates.
 
 ``template_pooling: max`` scores each template on its own and keeps a class's best template
-instead (``mean``: CLIP's averaged embedding, the default). Templates that name what varies
-between images of one class (size, position: "a small {}", "a large {} on the left") describe
-each image with only some of them; the averaged embedding then sits between contradicting
-descriptions, and a well-trained ITC classifies with it at chance. Measured on the shapes demo
-(18 colour+shape classes, 85 images; a width-64 stage 1 retrieving 54-67% R@1): the demo's 9
-templates averaged 7.1-10.6% top-1, "a small {}" + "a large {}" averaged 4.7-7.1%, either alone
-40-56% (docs/capfilt_demo.md).
+instead (``mean``: CLIP's averaged embedding, the default). ITM re-ranking follows the same
+rule: the class's best template's ITM logit under ``max``, the templates' mean under ``mean``,
+so templates that describe other images of the class do not pull it down. Templates that
+name what varies between images of one class (size, position: "a small {}", "a large {} on the
+left") describe each image with only some of them; the averaged embedding then sits between
+contradicting descriptions, and a well-trained ITC classifies with it at chance. Measured on
+the shapes demo (18 colour+shape classes, 85 images; a width-64 stage 1 retrieving 54-67% R@1):
+the demo's 9 templates averaged 7.1-10.6% top-1, "a small {}" + "a large {}" averaged
+4.7-7.1%, either alone 40-56% (docs/capfilt_demo.md).
 
 ``run:`` keys: ``templates`` (a set name of :mod:`zeroshot_templates` or a list; default
-"imagenet80"), ``template_pooling`` ("mean" | "max"), ``itm_rerank_k`` (0: off),
+"imagenet80"), ``template_pooling`` ("mean" | "max", for ITC and ITM), ``itm_rerank_k`` (0: off),
 ``confusion_max_classes`` (no confusion-matrix PNG above this many classes; default 100).
 Data: any dataset whose samples carry ``image``, ``label`` and ``index`` and which has
 ``classnames`` (``lp_imagefolder``).
@@ -61,7 +63,8 @@ class ZeroShotSettings:
 
     templates: Any = "imagenet80"  # template-set name or list of templates with one {}
     # "mean": CLIP's prompt ensemble (one averaged embedding per class); "max": each class's
-    # best-matching template (templates naming attributes that vary within a class)
+    # best-matching template (templates naming attributes that vary within a class); ITM
+    # re-ranking pools its per-template logits by the same rule
     template_pooling: str = "mean"
     itm_rerank_k: int = 0  # re-rank each image's top-k classes by ITC + ITM; 0: ITC only
     confusion_max_classes: int = 100  # no confusion-matrix PNG above this many classes
@@ -109,10 +112,11 @@ def itc_class_scores(image_feats: Tensor, weights: Tensor) -> Tensor:
 
 @torch.no_grad()
 def itm_rerank(model, image_embeds: Tensor, scores: Tensor, ids: Tensor, atts: Tensor,
-               n_templates: int, k: int) -> Tensor:
-    """Scores (B, C) with each image's top-``k`` classes re-scored ITC + mean ITM matched logit
-    over the class's ``n_templates`` prompts (ids/atts (C*T, L)); the other classes keep their
-    order below them. ``image_embeds``: the images' encoder features (B, N, Dv)."""
+               n_templates: int, k: int, pooling: str) -> Tensor:
+    """Scores (B, C) with each image's top-``k`` classes re-scored ITC + the ITM matched logit
+    pooled over the class's ``n_templates`` prompts (ids/atts (C*T, L)) by ``pooling`` ("mean"
+    or "max", as the ITC scores were); the other classes keep their order below them.
+    ``image_embeds``: the images' encoder features (B, N, Dv)."""
     k = min(k, scores.shape[1])
     top = scores.topk(k, dim=1).indices  # (B, k)
     out = scores + BELOW_RERANKED
@@ -123,7 +127,9 @@ def itm_rerank(model, image_embeds: Tensor, scores: Tensor, ids: Tensor, atts: T
         kv = model.Qformer.bert.image_kv(embeds)  # one image, shared by all its prompts
         itm = model.itm_logits(embeds, ids[rows], atts[rows],
                                image_kv=kv._replace(repeats=len(rows)))[:, 1].float()
-        out[b, top[b]] = scores[b, top[b]] + itm.view(k, n_templates).mean(1)
+        per_template = itm.view(k, n_templates)  # (k, T)
+        pooled = per_template.max(1).values if pooling == "max" else per_template.mean(1)
+        out[b, top[b]] = scores[b, top[b]] + pooled
     return out
 
 
@@ -131,12 +137,13 @@ def itm_rerank(model, image_embeds: Tensor, scores: Tensor, ids: Tensor, atts: T
 def classify(model, images: Tensor, weights: Tensor, rerank: Optional[dict] = None) -> Tensor:
     """(B, 3, H, W) images -> (B, C) class scores of the zero-shot classifier ``weights``.
 
-    ``rerank``: ``{"ids", "atts", "n_templates", "k"}`` to re-rank the top k classes by ITM."""
+    ``rerank``: ``{"ids", "atts", "n_templates", "k", "pooling"}`` to re-rank the top k classes
+    by ITM (its logits pooled over each class's templates by ``pooling``: "mean" | "max")."""
     query, image_embeds = model.forward_image(images)  # (B, Nq, D), (B, N, Dv)
     scores = itc_class_scores(F.normalize(model.vision_proj(query), dim=-1), weights)
     if rerank and rerank["k"] > 0:
         scores = itm_rerank(model, image_embeds, scores, rerank["ids"], rerank["atts"],
-                            rerank["n_templates"], rerank["k"])
+                            rerank["n_templates"], rerank["k"], rerank["pooling"])
     return scores
 
 
@@ -221,7 +228,7 @@ class ZeroShotClassificationTask(BaseTask):
         weights, ids, atts = class_weights(model, classnames, templates,
                                            self.settings.template_pooling)
         rerank = {"ids": ids, "atts": atts, "n_templates": len(templates),
-                  "k": self.settings.itm_rerank_k}
+                  "k": self.settings.itm_rerank_k, "pooling": self.settings.template_pooling}
         k = min(TOP_K, len(classnames))
         local = []
         for samples in data_loader:
