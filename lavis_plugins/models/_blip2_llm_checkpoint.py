@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import os
 import re
-from typing import Dict, Iterable
+from typing import TYPE_CHECKING, Dict, Iterable
 
 import torch
 
@@ -35,6 +35,9 @@ from lavis_plugins.models.hf_format import (
     read_config,
     read_hf_state_dict,
 )
+
+if TYPE_CHECKING:  # the class this mixin serves (it imports this module)
+    from lavis_plugins.models._blip2_llm import Blip2LLMBase
 
 logger = logging.getLogger(__name__)
 
