@@ -160,7 +160,7 @@ def test_opt_training_loss_without_padding_equals_lavis_and_padded(opt_pair, mon
     assert seen[True] == {0: B * nq + tokens, -1: targets}
     assert torch.allclose(grads[True][0], ref_loss, atol=1e-5, rtol=0)
     for a, b in zip(grads[True], grads[False]):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_opt_gradients_reach_qformer_not_llm(opt_pair):
