@@ -107,3 +107,6 @@ def test_transformers_forward_kept_where_packing_would_change_it():
     decoder.gradient_checkpointing = True
     assert not supports_packing(decoder)
     assert not supports_packing(torch.nn.Linear(2, 2))  # another LLM's decoder
+    decoder = _decoder()
+    del decoder.embed_positions.offset  # a transformers version laid out otherwise
+    assert not supports_packing(decoder)

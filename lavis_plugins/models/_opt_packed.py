@@ -83,12 +83,13 @@ def supports_packing(decoder: nn.Module) -> bool:
 
     if not isinstance(decoder, OPTDecoder):
         return False
-    if decoder.training and (decoder.layerdrop > 0 or decoder.gradient_checkpointing):
+    if decoder.training and (getattr(decoder, "layerdrop", 0) > 0
+                             or getattr(decoder, "gradient_checkpointing", False)):
         return False
     parts = ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2", "activation_fn",
              "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
     return all(_has(layer, p) for layer in decoder.layers for p in parts) and all(
-        _has(decoder, p) for p in ("embed_positions", "project_in", "project_out",
+        _has(decoder, p) for p in ("embed_positions.offset", "project_in", "project_out",
                                    "final_layer_norm"))
 
 
