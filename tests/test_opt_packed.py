@@ -110,3 +110,30 @@ def test_transformers_forward_kept_where_packing_would_change_it():
     decoder = _decoder()
     del decoder.embed_positions.offset  # a transformers version laid out otherwise
     assert not supports_packing(decoder)
+
+
+class _Wrapper(torch.nn.Module):  # as FSDP wraps a layer: the layer's own forward gathers
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+
+def test_sharded_or_wrapped_layers_keep_transformers_forward():
+    """run.strategy: fsdp makes OPT's layers FSDP units whose weights exist only inside the
+    layer's own forward; the packed path calls their sub-modules, so it must not run there
+    (the two-process check: test_fsdp.py::test_blip2_models_under_fsdp_train_as_under_ddp)."""
+    decoder = _decoder()
+    decoder.layers[1] = _Wrapper(decoder.layers[1])
+    assert not supports_packing(decoder)
+    decoder = _decoder()
+    with torch.no_grad():  # FSDP (use_orig_params) outside the unit's forward: an empty shard
+        decoder.layers[2].fc1.weight.data = torch.empty(0)
+    assert not supports_packing(decoder)
+    decoder = _decoder()
+    decoder.layers[0].fc1.weight = torch.nn.Parameter(decoder.layers[0].fc1.weight.detach()
+                                                      .as_subclass(_Shard))
+    assert not supports_packing(decoder)
+
+
+class _Shard(torch.Tensor):  # a tensor subclass as FSDP2's DTensor parameters
+    pass

@@ -78,8 +78,11 @@ def packed_layout(rows: TextRows, b: int, num_query: int, num_text: int,
 def supports_packing(decoder: nn.Module) -> bool:
     """Whether :func:`opt_hidden_for_loss` can stand in for ``decoder``'s forward: an OPT
     decoder without layerdrop or gradient checkpointing in training (whose own forward then
-    keeps their behaviour), with the sub-modules it reads."""
-    from transformers.models.opt.modeling_opt import OPTDecoder
+    keeps their behaviour), with the sub-modules it reads, whose layers hold their whole weights
+    as plain parameters. Layers sharded by ``run.strategy: fsdp`` (an FSDP wrapper, or weights
+    gathered only inside the layer's own forward), or quantised, keep transformers' forward:
+    this function calls their sub-modules, not the layers."""
+    from transformers.models.opt.modeling_opt import OPTDecoder, OPTDecoderLayer
 
     if not isinstance(decoder, OPTDecoder):
         return False
@@ -88,9 +91,14 @@ def supports_packing(decoder: nn.Module) -> bool:
         return False
     parts = ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2", "activation_fn",
              "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
-    return all(_has(layer, p) for layer in decoder.layers for p in parts) and all(
-        _has(decoder, p) for p in ("embed_positions.offset", "project_in", "project_out",
-                                   "final_layer_norm"))
+    if not all(_has(decoder, p) for p in ("embed_positions.offset", "project_in", "project_out",
+                                          "final_layer_norm")):
+        return False
+    cfg = decoder.config
+    whole = (cfg.ffn_dim, cfg.hidden_size)
+    return all(isinstance(layer, OPTDecoderLayer) and all(_has(layer, p) for p in parts)
+               and type(layer.fc1.weight) is nn.Parameter and layer.fc1.weight.shape == whole
+               for layer in decoder.layers)
 
 
 def _has(obj, dotted: str) -> bool:
