@@ -307,6 +307,10 @@ def _blip2_worker(rank: int, init_file: str, models: dict, out: str) -> None:
             opt = torch.optim.AdamW(params, lr=1e-3)
             wrapped = (fsdp.wrap(m, fsdp.FSDPSettings(), torch.device("cpu"))
                        if strategy == "fsdp" else DDP(m))
+            if name == "opt":  # OPT without padding rows, its layers sharded or not
+                from lavis_plugins.models._opt_packed import supports_packing
+
+                assert supports_packing(m.opt_model.get_decoder()), strategy
             losses = []
             torch.manual_seed(rank)  # ITM draws hard negatives: the same draws in both runs
             for _ in range(2):

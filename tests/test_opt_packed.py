@@ -12,6 +12,7 @@ from transformers import OPTConfig
 from transformers.models.opt.modeling_opt import OPTDecoder
 
 from lavis_plugins.models._opt_packed import (
+    install_packed_forward,
     opt_hidden_for_loss,
     packed_layout,
     select_targets,
@@ -28,7 +29,9 @@ def _decoder(before: bool = True, proj: int = 0, dropout: float = 0.0, **kw) -> 
     cfg = OPTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
                     vocab_size=VOCAB, max_position_embeddings=32, do_layer_norm_before=before,
                     dropout=dropout, **extra, **kw)
-    return OPTDecoder(cfg).eval()
+    decoder = OPTDecoder(cfg).eval()
+    install_packed_forward(decoder)  # as lp_blip2_opt does when it builds its LLM
+    return decoder
 
 
 def _batch(width: int):
@@ -112,28 +115,40 @@ def test_transformers_forward_kept_where_packing_would_change_it():
     assert not supports_packing(decoder)
 
 
-class _Wrapper(torch.nn.Module):  # as FSDP wraps a layer: the layer's own forward gathers
+class _Wrapper(torch.nn.Module):
+    """As FSDP (``run.strategy: fsdp``) wraps a layer: the call goes through the wrapper, which
+    gathers the weights and calls the layer."""
+
     def __init__(self, inner):
         super().__init__()
-        self.inner = inner
+        self._fsdp_wrapped_module = inner
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self._fsdp_wrapped_module(*args, **kwargs)
 
 
-def test_sharded_or_wrapped_layers_keep_transformers_forward():
-    """run.strategy: fsdp makes OPT's layers FSDP units whose weights exist only inside the
-    layer's own forward; the packed path calls their sub-modules, so it must not run there
-    (the two-process check: test_fsdp.py::test_blip2_models_under_fsdp_train_as_under_ddp)."""
+def test_packed_layers_run_through_each_layers_call():
+    """The packed path calls every layer (its wrapper under FSDP), never its parts alone: a
+    sharded layer's weights exist only inside that call. The two-process FSDP check is
+    test_fsdp.py::test_blip2_models_under_fsdp_train_as_under_ddp."""
     decoder = _decoder()
+    mask, targets, embeds, full = _batch(32)
+    layout = packed_layout(text_rows(mask, targets), B, NQ, T, embeds.device)
+    plain = opt_hidden_for_loss(decoder, embeds, full, layout)
     decoder.layers[1] = _Wrapper(decoder.layers[1])
-    assert not supports_packing(decoder)
-    decoder = _decoder()
-    with torch.no_grad():  # FSDP (use_orig_params) outside the unit's forward: an empty shard
-        decoder.layers[2].fc1.weight.data = torch.empty(0)
-    assert not supports_packing(decoder)
-    decoder = _decoder()
-    decoder.layers[0].fc1.weight = torch.nn.Parameter(decoder.layers[0].fc1.weight.detach()
-                                                      .as_subclass(_Shard))
-    assert not supports_packing(decoder)
+    assert supports_packing(decoder)
+    assert torch.equal(opt_hidden_for_loss(decoder, embeds, full, layout), plain)
+    assert decoder.layers[1].calls == 1
+    # transformers' own forward still runs through the same layers
+    decoder(inputs_embeds=embeds, attention_mask=full)
+    assert decoder.layers[1].calls == 2
 
 
-class _Shard(torch.Tensor):  # a tensor subclass as FSDP2's DTensor parameters
-    pass
+def test_layers_without_the_installed_forward_keep_transformers_forward():
+    decoder = _decoder()
+    del decoder.layers[2].forward  # the class's forward again
+    assert not supports_packing(decoder)
+    decoder.layers[2] = _Wrapper(torch.nn.Linear(2, 2))  # a wrapper around something else
+    assert not supports_packing(decoder)

@@ -23,7 +23,8 @@ LAVIS at the small config); with COCO-like captions (about 14 tokens, the batch'
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import types
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +78,9 @@ def packed_layout(rows: TextRows, b: int, num_query: int, num_text: int,
 
 def supports_packing(decoder: nn.Module) -> bool:
     """Whether :func:`opt_hidden_for_loss` can stand in for ``decoder``'s forward: an OPT
-    decoder without layerdrop or gradient checkpointing in training (whose own forward then
-    keeps their behaviour), with the sub-modules it reads, whose layers hold their whole weights
-    as plain parameters. Layers sharded by ``run.strategy: fsdp`` (an FSDP wrapper, or weights
-    gathered only inside the layer's own forward), or quantised, keep transformers' forward:
-    this function calls their sub-modules, not the layers."""
+    decoder whose layers carry :func:`install_packed_forward`'s forward (found through an FSDP
+    wrapper) and the sub-modules it reads, without layerdrop or gradient checkpointing in
+    training (whose own forward then keeps their behaviour)."""
     from transformers.models.opt.modeling_opt import OPTDecoder, OPTDecoderLayer
 
     if not isinstance(decoder, OPTDecoder):
@@ -89,16 +88,47 @@ def supports_packing(decoder: nn.Module) -> bool:
     if decoder.training and (getattr(decoder, "layerdrop", 0) > 0
                              or getattr(decoder, "gradient_checkpointing", False)):
         return False
-    parts = ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2", "activation_fn",
-             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
     if not all(_has(decoder, p) for p in ("embed_positions.offset", "project_in", "project_out",
                                           "final_layer_norm")):
         return False
-    cfg = decoder.config
-    whole = (cfg.ffn_dim, cfg.hidden_size)
+    parts = ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2", "activation_fn",
+             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+    layers = [getattr(layer, "_fsdp_wrapped_module", layer) for layer in decoder.layers]
     return all(isinstance(layer, OPTDecoderLayer) and all(_has(layer, p) for p in parts)
-               and type(layer.fc1.weight) is nn.Parameter and layer.fc1.weight.shape == whole
-               for layer in decoder.layers)
+               and getattr(layer.forward, "__func__", None) is _plain_or_packed
+               for layer in layers)
+
+
+class PackedCall(NamedTuple):
+    """What a layer's installed forward needs to run packed (see :func:`_plain_or_packed`)."""
+
+    config: object  # the decoder's OPTConfig
+    mask: Tensor  # (B, 1, L, L) boolean attention mask
+    layout: "PackedLayout"
+    last: bool
+
+
+def _plain_or_packed(self: nn.Module, *args, packed: Optional[PackedCall] = None, **kwargs):
+    """An OPT layer's forward, installed per layer by :func:`install_packed_forward`:
+    transformers' own, or with ``packed`` :func:`_layer` on the kept rows ``args[0]``. Being
+    the layer's forward, it runs inside the layer's call, where ``run.strategy: fsdp`` gathers
+    a sharded layer's weights (and frees them after)."""
+    if packed is None:
+        return type(self).forward(self, *args, **kwargs)
+    return _layer(self, packed.config, args[0], packed.mask, packed.layout, packed.last)
+
+
+def install_packed_forward(decoder: nn.Module) -> None:
+    """Give each layer of an OPT ``decoder`` the forward :func:`opt_hidden_for_loss` calls
+    (an instance attribute: the class, its parameter names and checkpoints are unchanged);
+    anything else is left as it is."""
+    from transformers.models.opt.modeling_opt import OPTDecoder, OPTDecoderLayer
+
+    if not isinstance(decoder, OPTDecoder):
+        return
+    for layer in decoder.layers:
+        if isinstance(layer, OPTDecoderLayer):
+            layer.forward = types.MethodType(_plain_or_packed, layer)
 
 
 def _has(obj, dotted: str) -> bool:
@@ -162,8 +192,9 @@ def opt_hidden_for_loss(decoder: nn.Module, inputs_embeds: Tensor, attention_mas
     length = keep.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
     mask = causal[None, None] & keep[:, None, None, :]  # (B, 1, L, L)
-    for i, layer in enumerate(decoder.layers):
-        x = _layer(layer, decoder.config, x, mask, layout, last=i == len(decoder.layers) - 1)
+    for i, layer in enumerate(decoder.layers):  # through each layer's call (FSDP gathers there)
+        x = layer(x, packed=PackedCall(decoder.config, mask, layout,
+                                       last=i == len(decoder.layers) - 1))
     if decoder.final_layer_norm is not None:
         x = decoder.final_layer_norm(x)
     if decoder.project_out is not None:
@@ -176,5 +207,6 @@ def select_targets(targets: Tensor, rows: TextRows) -> Tensor:
     return targets.flatten()[rows.targets.to(targets.device, non_blocking=True)]
 
 
-__all__ = ["IGNORE", "PackedLayout", "TextRows", "opt_hidden_for_loss", "packed_layout",
-           "select_targets", "supports_packing", "text_rows"]
+__all__ = ["IGNORE", "PackedCall", "PackedLayout", "TextRows", "install_packed_forward",
+           "opt_hidden_for_loss", "packed_layout", "select_targets", "supports_packing",
+           "text_rows"]

@@ -38,6 +38,7 @@ from lavis_plugins.models._blip2_llm import (
 )
 from lavis_plugins.models._opt_packed import (
     TextRows,
+    install_packed_forward,
     opt_hidden_for_loss,
     packed_layout,
     select_targets,
@@ -142,6 +143,11 @@ class LPBlip2OPT(Blip2LLMBase):
         from lavis_plugins.common.tiny_llm import make_tiny_opt
 
         make_tiny_opt(folder)
+
+    def _build_llm(self, hf_folder: Optional[str]) -> torch.nn.Module:
+        llm = super()._build_llm(hf_folder)
+        install_packed_forward(llm.get_decoder())  # training without padding rows
+        return llm
 
     def _load_tokenizer(self, folder: str) -> None:
         super()._load_tokenizer(folder)
