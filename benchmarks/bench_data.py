@@ -122,8 +122,9 @@ def main() -> None:
                 rates[name].append(timed(fn, (n // 16) * 16))
     med = {k: float(np.median(v)) for k, v in rates.items()}
     where = "in this process" if args.in_process else "one worker process + this process"
-    print(f"{n} JPEGs {args.size}px -> blip2_image_train {args.image_size}px, {args.rounds} rounds, "
-          f"{args.threads} torch thread(s), {where}; images per CPU second (median):")
+    print(f"{n} JPEGs {args.size}px -> blip2_image_train {args.image_size}px, "
+          f"{args.rounds} rounds, {args.threads} torch thread(s), {where}; "
+          "images per CPU second (median):")
     for k, v in med.items():
         print(f"  {k:20s} {v:8.1f}  ({', '.join(f'{x:.1f}' for x in rates[k])})")
     ref = med["LAVIS LaionDataset"]

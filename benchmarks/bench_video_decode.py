@@ -10,8 +10,8 @@ included: ``read_frames(path, n, "uniform", backend=...)`` for our backends (uin
 and ``lavis.datasets.data_utils.load_video(path, n)`` for LAVIS (decord; float frames). Methods
 run round-robin for ``--reps`` rounds after one warm-up call each; the figure is the fastest call
 (other processes only ever add time, so on a shared machine the minimum is the stable statistic;
-``--stat median`` reports medians). frames/s = n / seconds per call. The ratios are frames/s over LAVIS's and over the fastest
-method on the same clip and n (1.00 = as fast).
+``--stat median`` reports medians). frames/s = n / seconds per call. The ratios are frames/s
+over LAVIS's and over the fastest method on the same clip and n (1.00 = as fast).
 
 Benchmarks are scripts, never timed tests: run it on a quiet machine and record the table in
 docs/benchmarks.md.

@@ -15,8 +15,8 @@ environment (transformers 4.46) with its key/value cache restored (``--lavis-kv-
 as LAVIS runs unpatched, reading ``past`` where transformers >= 4.26 passes ``past_key_values``,
 and so recomputing the whole sequence at every token; that includes LAVIS's own environment,
 transformers 4.26.1: "dropped" is LAVIS as installed, "restored" LAVIS at its best). Both models
-hold the same weights (copied from ours). The two decoders pick and resize frames differently, so the
-answers are compared on the same frames (ours, decoded once): with fp32 weights both models
+hold the same weights (copied from ours). The two decoders pick and resize frames differently, so
+the answers are compared on the same frames (ours, decoded once): with fp32 weights both models
 should agree on every video, and the script prints how many do.
 
 Sizes as ``bench_stage2.py``: default a tiny ViT (2 x 256, 224 px), Q-Former 4 x 256, OPT

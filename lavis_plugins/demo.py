@@ -12,8 +12,8 @@ Every stage is a shipped ``projects/demo/*.yaml`` run through the same entry poi
 3. ``retrieval``     image-text retrieval with the stage-1 model (ITC top-k, ITM re-rank): R@1;
    ``zeroshot_cls``  zero-shot colour+shape classification of the one-shape test images with the
                      stage-1 model (CLIP's prompt ensembling on ITC): top-1;
-4. ``stage2``        BLIP-2 stage 2: Q-Former (from stage 1) -> projection -> the frozen LLM, LM loss
-                     on captions;
+4. ``stage2``        BLIP-2 stage 2: Q-Former (from stage 1) -> projection -> the frozen LLM, LM
+                     loss on captions;
 5. ``caption``       captioning with the stage-2 model: CIDEr;
 6. ``vqa_ft``        fine-tuning on the image VQA train split (LLM still frozen);
 7. ``vqa``           image VQA accuracy of the fine-tuned model;
@@ -422,8 +422,8 @@ def stage_options(key: str, ctx: DemoContext) -> List[str]:
     if key == "caption":
         return common + llm + [f"model.finetuned={ctx.ckpt('stage2')}", "model.load_finetuned=True"]
     if key == "vqa_ft":
-        return common + llm + [f"model.pretrained={ctx.ckpt('stage2')}", "model.load_pretrained=True",
-                               "run.test_splits=[]"]
+        return common + llm + [f"model.pretrained={ctx.ckpt('stage2')}",
+                               "model.load_pretrained=True", "run.test_splits=[]"]
     if key in ("vqa", "video_qa"):
         return common + llm + [f"model.finetuned={ctx.ckpt('vqa_ft')}", "model.load_finetuned=True"]
     if key.startswith("temporal_"):
@@ -503,8 +503,8 @@ def metric_rows(ctx: DemoContext) -> Tuple[List[MetricRow], List[str]]:
                               c["majority"], f"majority class: always answering "
                                              f"{c['majority_answer']!r}, the most frequent test "
                                              f"answer ({c['answer_set']} distinct answers)"))
-        notes.append(f"image VQA, blind baseline that knows the question type: {c['type_prior']:.1f}%"
-                     " (best answer per question type, no image)")
+        notes.append("image VQA, blind baseline that knows the question type: "
+                     f"{c['type_prior']:.1f}% (best answer per question type, no image)")
     if "video_qa" in res:
         questions = _load_json(ann / "videoqa_test.json")
         c = qa_chance(questions)

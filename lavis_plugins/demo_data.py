@@ -325,7 +325,8 @@ def _video_tracks(rng: random.Random, scene: Scene) -> list[tuple[float, float, 
     overlap, which keeps the count and every colour visible in every frame.
     """
     tracks = []
-    lanes = [(0, IMAGE_SIZE)] if len(scene) == 1 else [(0, IMAGE_SIZE // 2), (IMAGE_SIZE // 2, IMAGE_SIZE)]
+    lanes = ([(0, IMAGE_SIZE)] if len(scene) == 1
+             else [(0, IMAGE_SIZE // 2), (IMAGE_SIZE // 2, IMAGE_SIZE)])
     for s, (top, bottom) in zip(scene, lanes):
         r = SIZES[s.size]
         lo_x, hi_x = r + 1, IMAGE_SIZE - 2 - r
@@ -389,7 +390,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _image_split(folder: Path, split: str, n: int, size: ShapesSize, seed: int) -> dict:
-    """Render one split's images; return its caption and VQA annotations (LAVIS and COCO formats)."""
+    """Render one split's images; return its caption and VQA annotations (LAVIS and COCO
+    formats)."""
     rng = _rng(seed, split, "images")
     (folder / "images" / split).mkdir(parents=True)
     captions, caption_eval, gt_images, gt_anns = [], [], [], []
@@ -529,7 +531,8 @@ def generate_shapes_dataset(folder: Path, size: ShapesSize = DEFAULT_SIZE, seed:
 
 
 def default_root() -> Path:
-    """``$LAVIS_PLUGINS_DATA/shapes_v1``, else ``$XDG_CACHE_HOME`` (``~/.cache``)``/lavis_plugins/shapes_v1``."""
+    """``$LAVIS_PLUGINS_DATA/shapes_v1``, else
+    ``$XDG_CACHE_HOME`` (``~/.cache``)``/lavis_plugins/shapes_v1``."""
     home = os.environ.get(ENV_VAR)
     if not home:
         home = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "lavis_plugins")

@@ -4,8 +4,9 @@ Four evaluations of the VQA-fine-tuned model on :mod:`lavis_plugins.datasets.sha
 (every question about a shape visible in 3 of 24 frames): open-ended (generate, rank) and
 multiple choice (option log-likelihood), each with ``TEMPORAL_K`` uniformly sampled frames and
 with ``TEMPORAL_K`` frames chosen among all 24 by the answering model itself: its LLM's
-probability of "yes" to SeViLA's localizer prompt about each frame and the question (``llm``). The report shows each accuracy beside its chance level, and how often the frames the
-model read showed the asked-about shape.
+probability of "yes" to SeViLA's localizer prompt about each frame and the question (``llm``).
+The report shows each accuracy beside its chance level, and how often the frames the model read
+showed the asked-about shape.
 """
 from __future__ import annotations
 

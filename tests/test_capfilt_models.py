@@ -71,7 +71,8 @@ def test_lavis_blip_itm_filter_scores_equal_one_by_one(blip_files, tiny_bert_dir
     owner = torch.tensor([0, 0, 1, 1, 2, 2])
     batched = score_pairs(itm, imgs, owner, texts, ["itm", "itc"])
     with torch.no_grad():
-        one = [(itm({"image": imgs[o:o + 1], "text_input": [t]}, match_head="itm").softmax(-1)[0, 1],
+        one = [(itm({"image": imgs[o:o + 1], "text_input": [t]},
+                    match_head="itm").softmax(-1)[0, 1],
                 itm({"image": imgs[o:o + 1], "text_input": [t]}, match_head="itc")[0, 0])
                for o, t in zip(owner.tolist(), texts)]
     torch.testing.assert_close(batched["itm"], torch.stack([x[0] for x in one]), atol=1e-5,
@@ -125,8 +126,8 @@ run:
 """
 
 
-def test_lavis_blip_captioner_and_filter_run_in_the_task(lp, blip_files, tiny_bert_dir, data,
-                                                         tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_lavis_blip_captioner_and_filter_run_in_the_task(lp, blip_files, tiny_bert_dir, data,  # noqa: F811
+                                                         tmp_path, monkeypatch, capsys):
     from lavis_plugins.cli import main
 
     path = tmp_path / "capfilt.yaml"
@@ -224,8 +225,8 @@ def test_clip_ranking_equals_scoring_each_caption_alone(model, clip_files, data)
         assert got == want
 
 
-def test_clip_ranker_through_the_yaml(lp, clip_files, data, tiny_bert_dir, tmp_path,
-                                      capsys):  # noqa: F811
+def test_clip_ranker_through_the_yaml(lp, clip_files, data, tiny_bert_dir, tmp_path,  # noqa: F811
+                                      capsys):
     from test_capfilt import write_yaml
 
     from lavis_plugins.cli import main
@@ -256,8 +257,8 @@ def test_clip_ranker_through_the_yaml(lp, clip_files, data, tiny_bert_dir, tmp_p
     (["RANKER", "run.capfilt.ranker.model_config=OTHER", "run.capfilt.ranker.model_type=OtherCLIP"],
      "does not fit CLIP OtherCLIP"),
 ])
-def test_bad_ranker_settings_are_one_clear_line(lp, clip_files, data, tiny_bert_dir, tmp_path,
-                                                capsys, options, message):  # noqa: F811
+def test_bad_ranker_settings_are_one_clear_line(lp, clip_files, data, tiny_bert_dir, tmp_path,  # noqa: F811
+                                                capsys, options, message):
     from test_capfilt import write_yaml
 
     from lavis_plugins.cli import main

@@ -118,8 +118,8 @@ def _corrupt_copy(src, dst, bad_key):
     (dst / "shards.json").write_text(json.dumps(index))
 
 
-def test_corrupt_sample_is_counted_and_named_the_rest_processed(model, shards, tmp_path,
-                                                                caplog):  # noqa: F811
+def test_corrupt_sample_is_counted_and_named_the_rest_processed(model, shards, tmp_path,  # noqa: F811
+                                                                caplog):
     from lavis_plugins.datasets.shard_plan import expand_shard_spec, load_shard_set
     from lavis_plugins.datasets.webdataset_caption import ShardCaptionDataset
 

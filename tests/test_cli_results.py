@@ -74,7 +74,8 @@ def test_metrics_table_flattens_nested_metrics():
     table = format_metrics_table({"test": {"agg_metrics": 61.25, "generate": {"accuracy": 61.25},
                                            "num_questions": 8, "metric": "vqa_acc"}})
     rows = [ln.split() for ln in table.splitlines()[2:]]
-    assert ["test", "generate.accuracy", "61.2500"] in rows and ["test", "num_questions", "8"] in rows
+    assert (["test", "generate.accuracy", "61.2500"] in rows
+            and ["test", "num_questions", "8"] in rows)
     assert format_metrics_table(None) == "" and format_metrics_table({"test": None}) == ""
 
 
@@ -136,7 +137,8 @@ def test_tensorboard_logger_writes_every_number(lp, tmp_path):
     tb.close()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert sorted(events.Tags()["scalars"]) == ["val/agg_metrics", "val/generate.accuracy", "val/lr"]
+    assert sorted(events.Tags()["scalars"]) == ["val/agg_metrics", "val/generate.accuracy",
+                                                "val/lr"]
     got = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
     assert got["val/agg_metrics"] == [(7, 1.5)] and got["val/generate.accuracy"] == [(7, 50.0)]
     assert got["val/lr"][0][0] == 7 and abs(got["val/lr"][0][1] - 0.001) < 1e-9

@@ -50,7 +50,8 @@ def _yaml(tmp_path, bert, iters=3):
 def _check_run(out_dir, iters):
     (job,) = list(out_dir.iterdir())
     ckpt = torch.load(job / "checkpoint_0.pth", weights_only=False)
-    assert ckpt["global_step"] == iters and "Qformer.bert.embeddings.word_embeddings.weight" in ckpt["model"]
+    assert (ckpt["global_step"] == iters
+            and "Qformer.bert.embeddings.word_embeddings.weight" in ckpt["model"])
     assert not any(k.startswith("visual_encoder.") for k in ckpt["model"]), "frozen ViT saved"
     log = [json.loads(l) for l in (job / "train_log.jsonl").read_text().splitlines()]
     assert {"loss", "loss_itc", "loss_itm", "loss_itg"} <= set(log[-1])

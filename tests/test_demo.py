@@ -81,11 +81,14 @@ def test_caption_chance_is_low_and_a_correct_caption_scores_far_above_it():
     from lavis_plugins.demo import caption_chance
     from lavis_plugins.tasks.captioning import caption_metrics
 
-    train = [{"caption": c} for c in ("a small red circle on the left", "a large blue square at the top",
+    train = [{"caption": c} for c in ("a small red circle on the left",
+                                      "a large blue square at the top",
                                       "a small green triangle at the bottom")]
-    evals = [{"caption": ["a small red circle on the left", "there is a small red circle on the left"]},
+    evals = [{"caption": ["a small red circle on the left",
+                          "there is a small red circle on the left"]},
              {"caption": ["a large blue square at the top", "one large blue square at the top"]},
-             {"caption": ["a large yellow circle in the middle", "one large yellow circle in the middle"]}]
+             {"caption": ["a large yellow circle in the middle",
+                          "one large yellow circle in the middle"]}]
     chance = caption_chance(train, evals, seed=0)
     perfect, _ = caption_metrics({str(i): e["caption"][0] for i, e in enumerate(evals)},
                                  {str(i): e["caption"] for i, e in enumerate(evals)})
@@ -291,8 +294,8 @@ def test_text_dataset_has_captions_and_question_answer_strings(lp, tmp_path):
     ds = ShapesTextDataset([str(caps), str(vqa)], context=False)
     assert [ds[i]["text_input"] for i in range(len(ds))] == [
         "a red circle", "b", "c", "Question: what color is it? Answer: red"]
-    assert ds.collater([ds[0], ds[3]]) == {"text_input": ["a red circle",
-                                                          "Question: what color is it? Answer: red"]}
+    assert ds.collater([ds[0], ds[3]]) == {
+        "text_input": ["a red circle", "Question: what color is it? Answer: red"]}
 
 
 def test_text_dataset_gives_each_text_another_caption_of_its_image_as_context(lp, tmp_path):

@@ -148,7 +148,8 @@ GOOD_RUN = "run: {task: image_text_pretrain, runner: lp_runner, max_epoch: 1, in
     ("model: {arch: lp_blip2_qformer, model_type: tiny}\ndatasets: {}\n"
      "run: {task: captioning, runner: lp_runnr}\n", "unknown run.runner 'lp_runnr'"),
     ("model: {arch: lp_blip2_qformer, model_type: tiny}\n"
-     "datasets: {coco_caption: {build_info: {annotations: {train: {storage: /nonexistent/a.json}}}}}\n"
+     "datasets: {coco_caption: {build_info: {annotations: {train: "
+     "{storage: /nonexistent/a.json}}}}}\n"
      + GOOD_RUN, "annotation file for split 'train' not found: /nonexistent/a.json"),
     ("model: [unclosed\n", "cannot parse"),
 ])

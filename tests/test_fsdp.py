@@ -336,8 +336,9 @@ def _blip2_worker(rank: int, init_file: str, models: dict, out: str) -> None:
 
 def test_blip2_models_under_fsdp_train_as_under_ddp(lp, tiny_bert_dir, tmp_path):
     """(a) stage 1 with the ViT unfrozen (ViT blocks sharded, the Q-Former in the root unit,
-    ITC gathering across processes, the 0-d temperature averaged by hand) and (b) stage 2 with the frozen LLM's layers sharded (OPT, FlanT5): the
-    same losses over two optimizer steps as DDP."""
+    ITC gathering across processes, the 0-d temperature averaged by hand) and (b) stage 2 with
+    the frozen LLM's layers sharded (OPT, FlanT5): the same losses over two optimizer steps as
+    DDP."""
     from lavis_plugins.api import load_model
     from lavis_plugins.common.tiny_llm import make_tiny_opt, make_tiny_t5
 

@@ -35,8 +35,10 @@ def test_lavis_client_script_ports_unchanged(lp, tmp_path):
     nq, e = model.query_tokens.shape[1], model.cfg.embed_dim
     assert features_multimodal.multimodal_embeds.shape[:2] == (1, nq)
     assert features_image.image_embeds_proj.shape == (1, nq, e)
-    assert features_text.text_embeds_proj.shape[0] == 1 and features_text.text_embeds_proj.shape[2] == e
-    similarity = (features_image.image_embeds_proj @ features_text.text_embeds_proj[:, 0, :].t()).max()
+    assert (features_text.text_embeds_proj.shape[0] == 1
+            and features_text.text_embeds_proj.shape[2] == e)
+    similarity = (features_image.image_embeds_proj
+                  @ features_text.text_embeds_proj[:, 0, :].t()).max()
     assert similarity.dim() == 0 and -1.0 <= float(similarity) <= 1.0
 
     # image-text matching (LAVIS: "blip2_image_text_matching", "pretrain"); text_input a string
@@ -121,7 +123,8 @@ def test_url_pretrained_fails_fast_unless_allowed(lp, monkeypatch):
             lp.load_model(name, mtype, **extra)
         assert time.perf_counter() - start < 5
     for name in ("lp_blip2_opt", "lp_blip2_qformer"):  # a missing local file: also before building
-        with pytest.raises(UserError, match=r"model\.pretrained '/nonexistent\.pth' does not exist"):
+        with pytest.raises(UserError,
+                           match=r"model\.pretrained '/nonexistent\.pth' does not exist"):
             lp.load_model(name, "tiny", pretrained="/nonexistent.pth", load_pretrained=True)
     from lavis_plugins.common import local_files
 

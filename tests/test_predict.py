@@ -60,7 +60,8 @@ def test_vqa_on_an_image_and_a_video(lp, photos, tmp_path, capsys):
                          "--num-beams", "1"], capsys)
     assert rc == 0, err
     row = json.loads(out)
-    assert row["task"] == "vqa" and row["question"] == "What colour?" and isinstance(row["answer"], str)
+    assert (row["task"] == "vqa" and row["question"] == "What colour?"
+            and isinstance(row["answer"], str))
     video = write_video(tmp_path / "clip.mp4", num_frames=10)
     rc, out, err = _run(["--model", "lp_blip2_video_opt", "--model-type", "tiny", "--video",
                          str(video), "--question", "what moves?", "--max-len", "3",

@@ -338,5 +338,6 @@ def test_stage1_layer_decay_sets_each_vit_block_lr(lp, tmp_path, tiny_bert_dir):
     for i in range(3):
         w = named[f"visual_encoder.blocks.{i}.mlp.fc1.weight"]
         assert lr_of[id(w)] == pytest.approx(1e-3 * 0.5 ** (3 - i))
-    assert lr_of[id(named["visual_encoder.patch_embed.proj.weight"])] == pytest.approx(1e-3 * 0.5 ** 4)
+    assert (lr_of[id(named["visual_encoder.patch_embed.proj.weight"])]
+            == pytest.approx(1e-3 * 0.5 ** 4))
     assert lr_of[id(named["query_tokens"])] == pytest.approx(1e-3)

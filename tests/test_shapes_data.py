@@ -1,4 +1,5 @@
-"""The built-in shapes dataset: deterministic generation, LAVIS formats, damage detection, builders."""
+"""The built-in shapes dataset: deterministic generation, LAVIS formats, damage detection,
+builders."""
 from __future__ import annotations
 
 import dataclasses
@@ -79,7 +80,8 @@ def test_counts_and_splits(small_root):
     assert {q["question_type"] for q in load(small_root, "videoqa_test.json")} <= set(
         demo_data.VIDEO_QUESTION_TYPES)  # never "position": video shapes move
     ids = [q["question_id"] for s in demo_data.SPLITS for q in load(small_root, f"vqa_{s}.json")]
-    ids += [q["question_id"] for s in ("val", "test") for q in load(small_root, f"videoqa_{s}.json")]
+    ids += [q["question_id"] for s in ("val", "test")
+            for q in load(small_root, f"videoqa_{s}.json")]
     assert len(ids) == len(set(ids))
 
 
@@ -154,7 +156,8 @@ def copy_of(small_root: Path, tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("damage", ["delete_png", "truncate_manifest", "flip_byte", "delete_manifest"])
+@pytest.mark.parametrize("damage",
+                         ["delete_png", "truncate_manifest", "flip_byte", "delete_manifest"])
 def test_damaged_folder_is_detected_and_regenerated(small_root, tmp_path, damage):
     root = copy_of(small_root, tmp_path)
     png = next((root / "images" / "val").glob("*.png"))
@@ -251,7 +254,8 @@ def test_caption_builder(lp, data_home):
     from pycocotools.coco import COCO
 
     coco = COCO(ds["test"].coco_gt_file)
-    results = [{"image_id": a["image_id"], "caption": a["caption"][0]} for a in ds["test"].annotation]
+    results = [{"image_id": a["image_id"], "caption": a["caption"][0]}
+               for a in ds["test"].annotation]
     res = coco.loadRes(results)
     assert len(res.getImgIds()) == 8 and all(len(coco.imgToAnns[i]) == 4 for i in coco.getImgIds())
 
@@ -295,7 +299,8 @@ def test_vqa_official_files_score_with_lavis_vqa_eval(lp, data_home, tmp_path):
     assert test.coco_fmt_qust_file.endswith("vqa_test_questions.json")
     vqa = VQA(test.coco_fmt_anno_file, test.coco_fmt_qust_file)
     for wrong, expected in ((False, 100.0), (True, 0.0)):
-        results = [{"question_id": a["question_id"], "answer": "nothing" if wrong else a["answer"][0]}
+        results = [{"question_id": a["question_id"],
+                    "answer": "nothing" if wrong else a["answer"][0]}
                    for a in test.annotation]
         (tmp_path / "results.json").write_text(json.dumps(results))  # as LAVIS's VQATask saves
         scorer = VQAEval(vqa, vqa.loadRes(str(tmp_path / "results.json"),
@@ -306,7 +311,8 @@ def test_vqa_official_files_score_with_lavis_vqa_eval(lp, data_home, tmp_path):
 
 def test_video_qa_builder_with_lavis_video_processor(lp, data_home):
     b = builder("lp_shapes_video_qa",
-                **{"vis_processor.eval": {"name": "alpro_video_eval", "n_frms": 4, "image_size": 64}})
+                **{"vis_processor.eval": {"name": "alpro_video_eval", "n_frms": 4,
+                                          "image_size": 64}})
     ds = b.build_datasets()
     assert set(ds) == {"val", "test"} and len(ds["test"]) == 8
     assert ds["test"].answer_list == demo_data.answer_list()

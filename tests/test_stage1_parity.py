@@ -167,7 +167,8 @@ def test_itm_logits_and_scores_equal_lavis(models):
         assert close(image_embeds, ref_embeds)
         ref_score = ref.compute_itm(ref_embeds, text.input_ids, text.attention_mask)
         ref_logits = ref.itm_head(ref.extract_features(
-            {"image": images(2, ours.device), "text_input": [SHORT_CAPTIONS[(i + 2) % 4] for i in range(4)]}
+            {"image": images(2, ours.device),
+             "text_input": [SHORT_CAPTIONS[(i + 2) % 4] for i in range(4)]}
         ).multimodal_embeds).mean(1)
         assert close(ours.compute_itm(image_embeds, text.input_ids, text.attention_mask),
                      ref_score)
@@ -214,7 +215,8 @@ def test_extract_features_of_long_text_equal_lavis(models, mode, field):
     """LAVIS's extract_features does not truncate to max_txt_len: neither do we (same shapes)."""
     ours, ref = models
     ours.eval(), ref.eval()
-    samples = {"image": images(5, ours.device), "text_input": CAPTIONS}  # the last is > max_txt_len tokens
+    # the last caption is > max_txt_len tokens
+    samples = {"image": images(5, ours.device), "text_input": CAPTIONS}
     theirs, mine = ref.extract_features(samples, mode)[field], ours.extract_features(samples,
                                                                                       mode)[field]
     if mode == "text":

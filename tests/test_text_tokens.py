@@ -82,7 +82,8 @@ def test_no_pretokenising_for_a_task_that_rewrites_the_text(lp, tmp_path):
 
     class Rewrites(BaseTask):
         def train_step(self, model, samples):
-            return model(dict(samples, text_input=[t.upper() for t in samples["text_input"]]))["loss"]
+            return model(dict(samples,
+                              text_input=[t.upper() for t in samples["text_input"]]))["loss"]
 
     model, _, _ = load_model_and_preprocess("lp_blip2_qformer", "tiny")
     runner = make_runner(tmp_path, model, Captions(), "rewrites")

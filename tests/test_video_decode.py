@@ -56,7 +56,8 @@ def videos(tmp_path_factory):
     data = v["mp4"].read_bytes()  # moov (the index) at the end: cut in half, it is lost
     (d / "truncated.mp4").write_bytes(data[: len(data) // 2])
     v["truncated"] = d / "truncated.mp4"
-    (d / "noise.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
+    (d / "noise.mp4").write_bytes(
+        np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
     v["noise"] = d / "noise.mp4"
     garbled = bytearray(data)
     garbled[:64] = bytes(64)  # the ftyp box and the start of the next one zeroed
@@ -67,7 +68,8 @@ def videos(tmp_path_factory):
     v["edit"] = synthetic.shift_into_edit_list(v["faststart"], d / "edit.mp4", 20)
     v["long_mkv"] = synthetic.inflate_mkv_duration(v["mkv"], d / "long.mkv", 3.0)
     # cut inside the 25th packet: the last packet is partial
-    v["cut_mid"] = synthetic.truncate_after_packets(v["faststart"], d / "cut_mid.mp4", 25, partial=True)
+    v["cut_mid"] = synthetic.truncate_after_packets(v["faststart"], d / "cut_mid.mp4", 25,
+                                                    partial=True)
     return v
 
 
@@ -261,7 +263,8 @@ def test_over_reported_frame_count_gives_valid_frames(videos, no_hang, backend, 
     assert out.indices[-1] == decodable - 1
     # "edit" presents frames 20..39 of the source: frame k there is source frame 20 + k
     offset = 20 if key == "edit" else 0
-    assert [synthetic.frame_index(f) for f in out.frames.numpy()] == [i + offset for i in out.indices]
+    assert ([synthetic.frame_index(f) for f in out.frames.numpy()]
+            == [i + offset for i in out.indices])
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -329,7 +332,8 @@ def test_error_keeps_its_type_through_pickling_and_dataloader_workers(tmp_path):
     back = pickle.loads(pickle.dumps(e))
     assert (back.path, back.kind, back.reason, str(back)) == (e.path, e.kind, e.reason, str(e))
     loader = DataLoader(_BadVideoDataset(str(tmp_path / "gone.mp4")), num_workers=1)
-    with pytest.raises(VideoDecodeError, match="gone.mp4") as caught:  # a UserError, not RuntimeError
+    # a UserError, not RuntimeError
+    with pytest.raises(VideoDecodeError, match="gone.mp4") as caught:
         next(iter(loader))
     assert isinstance(caught.value, UserError)
 

@@ -177,7 +177,7 @@ def test_option_scores_equal_scoring_each_option_alone(lp, tiny_model):
         assert scores["letter"][j] == pytest.approx(float(letter[0, 0]), abs=1e-4)
 
 
-def test_per_type_and_nextqa_group_accuracy(lp, result_dirs):
+def test_per_type_and_nextqa_group_accuracy(lp, result_dirs):  # noqa: F811 - pytest fixture
     from lavis_plugins.tasks.video_mcqa import VideoMCQATask
 
     def rec(qid, qtype, answer, pred):

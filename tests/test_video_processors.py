@@ -1,4 +1,5 @@
-"""lp_video_eval / lp_video_train: registration, options, shapes, and equality with the image path."""
+"""lp_video_eval / lp_video_train: registration, options, shapes, and equality with the image
+path."""
 from __future__ import annotations
 
 import numpy as np
@@ -47,7 +48,8 @@ def build(name: str, **options):
 def test_registered_with_sampling_defaults(lp):
     assert build("lp_video_eval").cfg.sampling == "uniform"
     train = build("lp_video_train")
-    assert train.cfg.sampling == "random" and (train.cfg.min_scale, train.cfg.max_scale) == (0.5, 1.0)
+    assert (train.cfg.sampling == "random"
+            and (train.cfg.min_scale, train.cfg.max_scale) == (0.5, 1.0))
 
 
 def test_unknown_or_invalid_options_are_refused(lp):
@@ -104,7 +106,8 @@ def test_one_frame_video_equals_blip2_image_train(lp, clips):
 def test_eval_frames_equal_the_image_path_frame_by_frame(lp, clips):
     from lavis.processors.blip_processors import BlipImageEvalProcessor
 
-    proc = build("lp_video_eval", n_frms=4, image_size=32, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    proc = build("lp_video_eval", n_frms=4, image_size=32, mean=[0.5, 0.5, 0.5],
+                 std=[0.25, 0.25, 0.25])
     frames, indices = proc.load(str(clips["clip"]))
     out = proc(frames)
     ref = all_frames(clips["clip"])

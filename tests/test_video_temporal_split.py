@@ -28,7 +28,8 @@ def test_the_brief_shape_shows_only_in_its_frames_and_builders_read_the_split(lp
             shown = int((np.abs(bottom - target).max(-1) < 40).sum())
             assert (shown > 10) == (lo <= t <= hi), (q["video"], t, shown)
     for m, q in zip(mc, qa):
-        assert m["options"][m["answer"]] == q["answer"] and len(set(m["options"])) == len(m["options"])
+        assert (m["options"][m["answer"]] == q["answer"]
+                and len(set(m["options"])) == len(m["options"]))
 
     for name, n in (("lp_shapes_temporal_qa", 6), ("lp_shapes_temporal_mc", 6)):
         cls = registry.get_builder_class(name)

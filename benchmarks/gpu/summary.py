@@ -55,7 +55,8 @@ def rows_a(r: Dict[str, Any]) -> List[List[str]]:
         worst = max(b["relative_diff"][k] for k in b["checked"])
         out.append(["a", "bf16 autocast vs fp32 losses (ITC, ITG)",
                     f"max relative diff {worst:.2e} (ITM {b['relative_diff']['loss_itm']:.2e})",
-                    "", "", f"<= {b['tolerance']:g}: {'met' if worst <= b['tolerance'] else 'missed'}"])
+                    "", "",
+                    f"<= {b['tolerance']:g}: {'met' if worst <= b['tolerance'] else 'missed'}"])
     f = r.get("fp16_gradscaler")
     if f:
         fin = [{True: "all losses finite", False: "NaN/inf loss", None: "-"}[
@@ -147,7 +148,8 @@ ROWS = {"a": rows_a, "b": rows_b, "c": rows_c, "d": rows_d, "e": rows_e, "f": ro
 def summarise(results: Dict[str, Any], command: str = "") -> str:
     env = results.get("environment", {})
     v = env.get("versions", {})
-    lines = [f"GPU check{' (DRY RUN, CPU, tiny sizes: not figures)' if results.get('dry_run') else ''}: "
+    lines = [f"GPU check"
+             f"{' (DRY RUN, CPU, tiny sizes: not figures)' if results.get('dry_run') else ''}: "
              f"{env.get('gpu') or 'no GPU'}, {env.get('date_utc', '?')}, Python "
              f"{env.get('python', '?')}, torch {v.get('torch')}, transformers "
              f"{v.get('transformers')}, LAVIS {v.get('salesforce-lavis')}"

@@ -18,7 +18,8 @@ einops, sentencepiece, ...) or left out:
 - never imported by ``import lavis``: contexttimer, ftfy, ipython, opendatasets, plotly,
   pre-commit, python-magic, streamlit, torchcodec.
 
-iopath and fairscale publish source only: they are built into wheels here (pure Python). Downloads are cached in ~/.cache/lavis_plugins/gpu_wheels.
+iopath and fairscale publish source only: they are built into wheels here (pure Python).
+Downloads are cached in ~/.cache/lavis_plugins/gpu_wheels.
 """
 from __future__ import annotations
 

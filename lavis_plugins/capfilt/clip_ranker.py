@@ -4,7 +4,8 @@ similarity): LAVIS's ``clip_feature_extractor`` (its vendored open_clip code), b
 ``run.capfilt.ranker``::
 
     arch: clip_feature_extractor     # or clip (the same LAVIS class)
-    model_type: ViT-L-14             # an open_clip architecture name LAVIS ships (configs/models/clip/)
+    model_type: ViT-L-14             # an open_clip architecture name LAVIS ships
+                                     # (configs/models/clip/)
     pretrained: /weights/ViT-L-14.pth  # a local open_clip-format state dict ("openai" downloads)
     model_config: null               # optional: an open_clip JSON for another architecture
                                      # (embed_dim, vision_cfg, text_cfg); model_type names it

@@ -90,7 +90,8 @@ class CapFiltShardInput:
         plan = []
         for s, n in enumerate(self.shards.sizes):
             for start in range(0, n, batch_size):
-                ix = list(range(self.offsets[s] + start, self.offsets[s] + min(start + batch_size, n)))
+                ix = list(range(self.offsets[s] + start,
+                                self.offsets[s] + min(start + batch_size, n)))
                 plan.append((ix, s % world))
         return plan
 

@@ -1,4 +1,5 @@
-"""``lavis-plugins train|evaluate|cache-features``: YAML-driven runs, in one process or under torchrun.
+"""``lavis-plugins train|evaluate|cache-features``: YAML-driven runs, in one process or under
+torchrun.
 
 LAVIS's ``train.py``/``evaluate.py`` are not in its wheel; this replaces them, with the plugin
 imported first (so its names are registered) and the same YAML structure (model/datasets/run).
@@ -25,7 +26,8 @@ def _check_options(options: List[str],
 
 
 def model_options(options: Optional[List[str]],
-                  example: str = "vit_path=/weights/eva_vit_g.pth max_txt_len=32") -> Dict[str, Any]:
+                  example: str = "vit_path=/weights/eva_vit_g.pth max_txt_len=32",
+                  ) -> Dict[str, Any]:
     """``--options key=value ...`` of the model commands (predict, export) as a config dict
     (dotted keys nest; values read as YAML scalars), each checked as ``train``'s are."""
     from omegaconf import OmegaConf
@@ -61,7 +63,8 @@ def load_config(cfg_path: str, options: List[str]):
     check_top_level(raw)
     for key in ("model", "run"):
         if key not in raw:
-            raise UserError(f"{path} has no '{key}:' section (LAVIS YAMLs need model, datasets, run)")
+            raise UserError(f"{path} has no '{key}:' section "
+                            "(LAVIS YAMLs need model, datasets, run)")
     check_run(raw.run)
     arch = raw.model.get("arch")
     model_cls = registry.get_model_class(arch)
@@ -88,7 +91,8 @@ def load_config(cfg_path: str, options: List[str]):
         if hasattr(builder, "default_section"):  # a builder registered under several names
             defaults = builder.default_section()
         else:
-            defaults = OmegaConf.load(builder.default_config_path(ds_type)).datasets.get(ds_name, {})
+            defaults = OmegaConf.load(
+                builder.default_config_path(ds_type)).datasets.get(ds_name, {})
         check_dataset(ds_name, ds_cfg, defaults)
     task = raw.run.get("task")
     training = not raw.run.get("evaluate", False) and raw.run.get("train_splits")

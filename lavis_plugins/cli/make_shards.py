@@ -113,7 +113,8 @@ def make_shards(ann: str | Path, images: str | Path, out: str | Path, shard_size
                 try:
                     data = path.read_bytes()
                 except OSError as e:
-                    raise UserError(f"{ann}: image {rel} cannot be read under {images} ({e})") from None
+                    raise UserError(
+                        f"{ann}: image {rel} cannot be read under {images} ({e})") from None
                 meta = dict(a, caption=caps[0])
                 sample = {"__key__": f"{i:09d}", ext: data, "txt": caps[0]}
                 if len(caps) > 1:

@@ -63,7 +63,8 @@ def choose_device(requested: str | None) -> str:
     return req
 
 
-DEFAULT_JOIN_TIMEOUT_S = 300.0  # how long processes wait for each other at start (run.dist_timeout_s)
+# how long processes wait for each other at start (run.dist_timeout_s)
+DEFAULT_JOIN_TIMEOUT_S = 300.0
 
 
 def _env_int(name: str, value: str, lo: int, hi: Optional[int] = None) -> int:

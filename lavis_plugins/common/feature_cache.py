@@ -177,9 +177,11 @@ def _read_meta(cache_dir: Path) -> Dict[str, Any]:
     try:
         meta = json.loads((cache_dir / META).read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"feature cache {cache_dir}: {META} is unreadable ({e}); {rebuild}") from None
+        raise UserError(
+            f"feature cache {cache_dir}: {META} is unreadable ({e}); {rebuild}") from None
     need = {"encoder": str, "images": dict, "keys": list, "shape": list}
-    wrong = [k for k, t in need.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), t)]
+    wrong = [k for k, t in need.items()
+             if not isinstance(meta, dict) or not isinstance(meta.get(k), t)]
     if wrong:
         raise UserError(f"feature cache {cache_dir}: {META} lacks or mistypes {wrong}; {rebuild}")
     try:

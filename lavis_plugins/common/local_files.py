@@ -17,7 +17,8 @@ ALLOW_DOWNLOAD_ENV = "LAVIS_PLUGINS_ALLOW_DOWNLOAD"
 
 
 def downloads_allowed() -> bool:
-    """Whether the user opted in to downloading URL checkpoints (``LAVIS_PLUGINS_ALLOW_DOWNLOAD=1``)."""
+    """Whether the user opted in to downloading URL checkpoints
+    (``LAVIS_PLUGINS_ALLOW_DOWNLOAD=1``)."""
     return os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
 
 

@@ -2,10 +2,10 @@
 
 A sample is the files of one key in a tar shard::
 
-    KEY.jpg | KEY.jpeg | KEY.png | KEY.webp     the image
-    KEY.txt                                     a caption
-    KEY.json                                    metadata; "caption" (str) and/or "captions" (list)
-    KEY.captions.json                           several captions (a JSON list, e.g. CapFilt's best 2)
+    KEY.jpg | KEY.jpeg | KEY.png | KEY.webp  the image
+    KEY.txt                                  a caption
+    KEY.json                                 metadata; "caption" (str) and/or "captions" (list)
+    KEY.captions.json                        several captions (a JSON list, e.g. CapFilt's best 2)
 
 Captions are taken from, in order: ``KEY.captions.json``, the json's ``captions`` list, the json's
 ``caption`` field (``caption_key``), ``KEY.txt``. With several captions one is drawn per
@@ -187,10 +187,10 @@ class ShardCaptionDataset(IterableDataset):
     epoch; ``len(dataset)`` is the number of samples in the plan.
     """
 
-    def __init__(self, shards: ShardSet, vis_processor: Callable, text_processor: Optional[Callable],
-                 caption_key: str = "caption", shuffle_buffer: int = 1000,
-                 max_bad_fraction: Optional[float] = None, name: str = "shards",
-                 reduced_decode: bool = True) -> None:
+    def __init__(self, shards: ShardSet, vis_processor: Callable,
+                 text_processor: Optional[Callable], caption_key: str = "caption",
+                 shuffle_buffer: int = 1000, max_bad_fraction: Optional[float] = None,
+                 name: str = "shards", reduced_decode: bool = True) -> None:
         self.shards = shards
         self.vis_processor = vis_processor
         self.text_processor = text_processor

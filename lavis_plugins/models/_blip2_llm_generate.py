@@ -147,8 +147,9 @@ class Blip2LLMGeneration:
         """Answers to ``samples["text_input"]`` (B questions) about ``samples["image"]``.
 
         ``prompt`` holds each question (default: ``PREDICT_PROMPT``, which is LAVIS's default of
-        the same method where LAVIS has one, else the paper's ``VQA_PROMPT``); ``inference_method`` "generate" runs beam search, "rank" picks from
-        ``answer_list`` (see rank_answers).
+        the same method where LAVIS has one, else the paper's ``VQA_PROMPT``);
+        ``inference_method`` "generate" runs beam search, "rank" picks from ``answer_list`` (see
+        rank_answers).
         """
         prompt = self.default_predict_prompt() if prompt is None else prompt
         if inference_method == "rank":

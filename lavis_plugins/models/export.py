@@ -4,14 +4,15 @@
   ``model.safetensors``, processor and tokenizer files): a stage-2 model becomes a
   ``Blip2ForConditionalGeneration`` folder (with a question-aware Q-Former, InstructBLIP: an
   ``InstructBlipForConditionalGeneration`` one), a stage-1 model a
-  ``Blip2ForImageTextRetrieval`` one. The weights are loaded *strictly* into transformers' own class before it saves them, so a
-  folder is only written when every weight has its place.
+  ``Blip2ForImageTextRetrieval`` one. The weights are loaded *strictly* into transformers' own
+  class before it saves them, so a folder is only written when every weight has its place.
 - :func:`save_lavis` writes ``{"model": state_dict}`` in LAVIS's names, which LAVIS's
   ``Blip2Qformer`` / ``Blip2OPT`` / ``Blip2T5`` load strictly (same keys and shapes).
 
 What transformers' classes cannot hold is refused, naming the setting: a CLIP ViT-L encoder
-(``Blip2VisionModel`` has EVA's blocks). Two parts of stage 1 have no place in ``Blip2ForImageTextRetrieval`` and are
-logged: the ITG language-model head and the learned temperature.
+(``Blip2VisionModel`` has EVA's blocks). Two parts of stage 1 have no place in
+``Blip2ForImageTextRetrieval`` and are logged: the ITG language-model head and the learned
+temperature.
 """
 from __future__ import annotations
 

@@ -5,9 +5,9 @@
 question-aware Q-Former always on (``qformer_text_input``: the instruction goes through the
 Q-Former together with the queries, and to the LLM after the visual prompt). They load
 
-- LAVIS ``blip2_t5_instruct`` / ``blip2_vicuna_instruct`` ``.pth`` files as they are (same state-dict
-  names: ``Qformer.*`` with its text branch, ``t5_proj`` / ``llm_proj``, ``t5_model`` /
-  ``llm_model``);
+- LAVIS ``blip2_t5_instruct`` / ``blip2_vicuna_instruct`` ``.pth`` files as they are (same
+  state-dict names: ``Qformer.*`` with its text branch, ``t5_proj`` / ``llm_proj``,
+  ``t5_model`` / ``llm_model``);
 - transformers ``InstructBlipForConditionalGeneration`` and
   ``InstructBlipVideoForConditionalGeneration`` folders, self-sufficient like BLIP-2 folders
   (sizes from config.json; the Q-Former's tokenizer from ``qformer_tokenizer/``).

@@ -29,7 +29,8 @@ LM is trained on ``text + "\\n"``.
 
 Export a trained run's checkpoint by hand with::
 
-    python -c "import lavis_plugins.models.text_lm as m; m.export_checkpoint('OUT/JOB/checkpoint_0.pth', 'LLM_FOLDER')"
+    python -c "import lavis_plugins.models.text_lm as m; \\
+        m.export_checkpoint('OUT/JOB/checkpoint_0.pth', 'LLM_FOLDER')"
 """
 from __future__ import annotations
 
@@ -209,7 +210,8 @@ class TextLM(BaseModel):
         to ``max_txt_len``; each text starts with the tokenizer's BOS."""
         tok = self.tokenizer([t + end for t in texts], return_tensors="pt", padding="longest",
                              truncation=True, max_length=self.config.max_txt_len)
-        return {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+        return {k: v.to(self.device) for k, v in tok.items()
+                if k in ("input_ids", "attention_mask")}
 
     def soft_context(self, contexts: Sequence[str], repeats: int) -> torch.Tensor:
         """(B, repeats * context_tokens, D): each context text's word embeddings (without BOS),

@@ -46,7 +46,8 @@ VideoItem = Union[str, "os.PathLike[str]", torch.Tensor]
 
 @dataclass
 class VideoEvalConfig:
-    """Options of ``lp_video_eval`` (and, with the fields of ``VideoTrainConfig``, the train one)."""
+    """Options of ``lp_video_eval`` (and, with the fields of ``VideoTrainConfig``, the train
+    one)."""
 
     # frames sampled per video (BLIP: 8 for retrieval, 16 for QA; InstructBLIP: 4)
     n_frms: int = 8
@@ -105,7 +106,8 @@ def _validate(cfg: VideoEvalConfig, processor: str) -> None:
 
     if isinstance(cfg.n_frms, bool) or not isinstance(cfg.n_frms, int) or cfg.n_frms < 1:
         raise bad("n_frms", "must be an integer >= 1")
-    if isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, int) or cfg.image_size < 1:
+    if (isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, int)
+            or cfg.image_size < 1):
         raise bad("image_size", "must be an integer >= 1")
     if cfg.sampling not in STRATEGIES:
         raise unknown_name(f"sampling strategy of processor {processor}", cfg.sampling, STRATEGIES)
@@ -171,11 +173,12 @@ class VideoEvalProcessor(BaseProcessor):
         return out.frames, out.indices
 
     def __call__(self, item: VideoItem) -> torch.Tensor:
-        """A video path, or frames already decoded as a (T, H, W, 3) uint8 tensor -> (C, T, S, S)."""
+        """A video path, or frames already decoded as a (T, H, W, 3) uint8 tensor ->
+        (C, T, S, S)."""
         frames = item if torch.is_tensor(item) else self.load(item)[0]
         if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
-            raise UserError(f"{self.registry_name}: frames must be a (T, H, W, 3) uint8 RGB tensor, "
-                            f"got {tuple(frames.shape)} {frames.dtype}")
+            raise UserError(f"{self.registry_name}: frames must be a (T, H, W, 3) uint8 RGB "
+                            f"tensor, got {tuple(frames.shape)} {frames.dtype}")
         images = [Image.fromarray(frame.numpy()) for frame in frames]
         return self.transform_images(images)  # (C, T, S, S)
 

@@ -195,8 +195,9 @@ class CheckpointingMixin:
 
     def _reload_best_model(self, model):
         if self.fsdp_settings is not None:  # into the sharded model, every process
-            sharded_checkpoint.load(self.output_dir / ("checkpoint_best" + sharded_checkpoint.SUFFIX),
-                                    self.model, None, "the best checkpoint")
+            sharded_checkpoint.load(
+                self.output_dir / ("checkpoint_best" + sharded_checkpoint.SUFFIX),
+                self.model, None, "the best checkpoint")
             return model
         path = str(self.output_dir / "checkpoint_best.pth")
         ckpt = self._read_checkpoint(path)

@@ -2,8 +2,9 @@
 
 What it is for: fine-tuning with the image encoder unfrozen (ViT-g, 1B parameters, plus its
 AdamW state) and stage 2 with a frozen LLM too large to copy on every GPU (FlanT5-XXL, OPT-6.7B).
-Each repeated transformer block (ViT blocks, T5/OPT layers) becomes one FSDP unit whose weights, gradients and optimizer state are split across the processes and gathered
-only while that block runs.
+Each repeated transformer block (ViT blocks, T5/OPT layers) becomes one FSDP unit whose weights,
+gradients and optimizer state are split across the processes and gathered only while that block
+runs.
 
 Why FSDP (``torch.distributed.fsdp.FullyShardedDataParallel``) and not FSDP2
 (``fully_shard``): in torch 2.5.1 FSDP2 refuses to run without CUDA ("FSDP requires CUDA for

@@ -36,7 +36,8 @@ class LoadersMixin:
                 self.datasets, getattr(self.config, "datasets_cfg", None) or {}, by_split,
                 self.train_splits, seed=self.seed, run_cfg=run, options=stream_options)
             by_split = concat_datasets(by_split)
-            self.datasets = {**by_split, **{k: getattr(v, "dataset", v) for k, v in loaders.items()}}
+            self.datasets = {**by_split,
+                             **{k: getattr(v, "dataset", v) for k, v in loaders.items()}}
             for split, dataset in by_split.items():
                 is_train = split in self.train_splits
                 if isinstance(dataset, (tuple, list)) or isinstance(dataset, IterableDataset):

@@ -3,17 +3,17 @@
 Run as an evaluation (``lavis-plugins capfilt --cfg-path projects/capfilt/<x>.yaml``): the
 ``model:`` is the filter, ``run.capfilt.captioner`` the captioner (empty: the filter model
 captions, as ``lp_blip2_qformer`` can with its ITG decoder), the ``lp_capfilt_input`` dataset
-the images and web captions (split ``input``; a caption JSON file or shards). Settings: :class:`~lavis_plugins.capfilt.config.
-CapFiltConfig`.
+the images and web captions (split ``input``; a caption JSON file or shards). Settings:
+:class:`~lavis_plugins.capfilt.config.CapFiltConfig`.
 
 The input is cut into batches of ``run.batch_size_eval`` consecutive images: from a JSON file,
 batch ``b`` goes to rank ``b % world_size``; from shards, batches never cross a shard and shard
 ``s``'s go to rank ``s % world_size`` (:mod:`lavis_plugins.capfilt.shard_input`). A batch's
 captions are sampled under a seed of (``run.seed``, b), and its records are appended to the
-rank's part file when done (:mod:`lavis_plugins.capfilt.parts`). A run into a folder with finished batches skips them, so a
-killed run continues where it stopped and writes the same files as an uninterrupted one. When
-every batch is done, rank 0 merges the parts into ``capfilt.json`` / ``capfilt_flat.json``,
-writes the report and, with ``run.capfilt.shards``, a shard set.
+rank's part file when done (:mod:`lavis_plugins.capfilt.parts`). A run into a folder with
+finished batches skips them, so a killed run continues where it stopped and writes the same files
+as an uninterrupted one. When every batch is done, rank 0 merges the parts into ``capfilt.json`` /
+``capfilt_flat.json``, writes the report and, with ``run.capfilt.shards``, a shard set.
 """
 from __future__ import annotations
 

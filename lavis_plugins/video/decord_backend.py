@@ -38,7 +38,8 @@ def _read_decord(index: VideoIndex, req: _Request) -> DecodedFrames:
     try:
         batch = reader.get_batch(indices)
     except Exception as e:
-        raise VideoDecodeError(path, "decode_failed", f"decord failed to decode frames {indices} ({e})") from e
+        raise VideoDecodeError(path, "decode_failed",
+                               f"decord failed to decode frames {indices} ({e})") from e
     # LAVIS switches decord's global bridge to torch when its data_utils is imported
     frames = batch if torch.is_tensor(batch) else torch.from_numpy(batch.asnumpy())
     return DecodedFrames(frames.contiguous(), list(indices))

@@ -26,7 +26,8 @@ def _open_pyav(path: str):
     import av
 
     if not os.path.exists(path):
-        raise VideoDecodeError(path, "missing", "no such file; check the videos root in the dataset config")
+        raise VideoDecodeError(path, "missing",
+                               "no such file; check the videos root in the dataset config")
     if os.path.isdir(path):
         raise VideoDecodeError(path, "missing", "it is a directory, not a video file")
     try:
@@ -38,7 +39,8 @@ def _open_pyav(path: str):
     if not container.streams.video:
         kinds = ", ".join(f"{s.type}" for s in container.streams) or "none"
         container.close()
-        raise VideoDecodeError(path, "no_video_stream", f"it has no video stream (streams: {kinds})")
+        raise VideoDecodeError(path, "no_video_stream",
+                               f"it has no video stream (streams: {kinds})")
     stream = container.streams.video[0]
     if stream.codec_context is None:
         container.close()
@@ -98,7 +100,8 @@ def _build_index(container, stream, path: str, deadline: float, timeout_s: float
 def _require_frames(index: VideoIndex) -> None:
     if index.num_frames == 0:
         why = f" (demuxing failed: {index.demux_error})" if index.demux_error else ""
-        raise VideoDecodeError(index.path, "no_frames", f"its video stream has no decodable frames{why}")
+        raise VideoDecodeError(index.path, "no_frames",
+                               f"its video stream has no decodable frames{why}")
 
 
 class _Shortfall(Exception):
@@ -158,7 +161,8 @@ class _PyavDecoder:
                     pass
                 return
             threshold = self.skip_below_pts
-            self._set_skipping(threshold is not None and pkt.pts is not None and pkt.pts < threshold)
+            self._set_skipping(threshold is not None and pkt.pts is not None
+                               and pkt.pts < threshold)
             try:
                 frames = pkt.decode()
             except av.error.FFmpegError:
@@ -302,5 +306,6 @@ def _read_pyav(index: VideoIndex, opened, req: _Request) -> DecodedFrames:
         container.close()
     raise VideoDecodeError(
         path, "decode_failed",
-        f"the decoder delivers fewer frames than the {available} indexed, even after sampling again",
+        f"the decoder delivers fewer frames than the {available} indexed, "
+        "even after sampling again",
     )

@@ -40,15 +40,17 @@ def sample_indices(
       ``2 * (n // 2)`` frames for odd ``n``; here the extra frame comes from the second half.
 
     When ``n > N`` every strategy repeats frames (indices stay sorted, each frame used about
-    ``n / N`` times) if ``allow_repeat``; otherwise it raises ``VideoDecodeError(kind="too_short")``.
-    ``N = 0`` raises ``VideoDecodeError(kind="no_frames")``. ``rng`` is a ``random.Random`` (or
-    anything with ``randrange`` and ``sample``); ``None`` uses the ``random`` module, which
-    PyTorch's DataLoader seeds in every worker.
+    ``n / N`` times) if ``allow_repeat``; otherwise it raises
+    ``VideoDecodeError(kind="too_short")``. ``N = 0`` raises
+    ``VideoDecodeError(kind="no_frames")``. ``rng`` is a ``random.Random`` (or anything with
+    ``randrange`` and ``sample``); ``None`` uses the ``random`` module, which PyTorch's DataLoader
+    seeds in every worker.
     """
     if strategy not in STRATEGIES:
         raise unknown_name("sampling strategy", strategy, STRATEGIES)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise UserError(f"the number of frames to sample (n_frms) must be an integer >= 1, got {n!r}")
+        raise UserError(
+            f"the number of frames to sample (n_frms) must be an integer >= 1, got {n!r}")
     n, total = int(n), int(num_frames_available)
     if total <= 0:
         raise VideoDecodeError(None, "no_frames", "the video has no decodable frames")

@@ -88,7 +88,8 @@ class ShapesBuilderBase(BaseDatasetBuilder):
         return cls.from_config(cfg)
 
     def build(self) -> dict:
-        """``{"train"|"val"|"test": dataset}`` for the splits listed under build_info.annotations."""
+        """``{"train"|"val"|"test": dataset}`` for the splits listed under
+        build_info.annotations."""
         self.build_processors()
         root = self.dataset_root()  # every rank checks (multi-node runs may not share a disk)
         build_info = self.config.build_info
