@@ -11,14 +11,7 @@ import torch
 from transformers import OPTConfig
 from transformers.models.opt.modeling_opt import OPTDecoder
 
-from lavis_plugins.models._opt_packed import (
-    install_packed_forward,
-    opt_hidden_for_loss,
-    packed_layout,
-    select_targets,
-    supports_packing,
-    text_rows,
-)
+from lavis_plugins.models import _opt_packed as op
 
 B, NQ, T, VOCAB = 4, 3, 7, 40
 
@@ -30,7 +23,7 @@ def _decoder(before: bool = True, proj: int = 0, dropout: float = 0.0, **kw) -> 
                     vocab_size=VOCAB, max_position_embeddings=32, do_layer_norm_before=before,
                     dropout=dropout, **extra, **kw)
     decoder = OPTDecoder(cfg).eval()
-    install_packed_forward(decoder)  # as lp_blip2_opt does when it builds its LLM
+    op.install_packed_forward(decoder)  # as lp_blip2_opt does when it builds its LLM
     return decoder
 
 
@@ -53,9 +46,9 @@ def _batch(width: int):
 def test_rows_and_input_gradients_equal_transformers(before, proj):
     decoder = _decoder(before, proj)
     mask, targets, embeds, full = _batch(proj or 32)
-    rows = text_rows(mask, targets)
-    layout = packed_layout(rows, B, NQ, T, embeds.device)
-    ours = opt_hidden_for_loss(decoder, embeds, full, layout)
+    rows = op.text_rows(mask, targets)
+    layout = op.packed_layout(rows, B, NQ, T, embeds.device)
+    ours = op.opt_hidden_for_loss(decoder, embeds, full, layout)
     ref = decoder(inputs_embeds=embeds, attention_mask=full).last_hidden_state
     ref = ref[:, NQ - 1:-1].flatten(0, 1)[(targets != -100).flatten()]  # the loss's rows
     assert ours.shape == ref.shape == (int((targets != -100).sum()), proj or 32)
@@ -65,14 +58,14 @@ def test_rows_and_input_gradients_equal_transformers(before, proj):
     g_ref, = torch.autograd.grad((ref * weights).sum(), embeds)
     assert torch.allclose(g_ours, g_ref, atol=1e-5, rtol=0)
     assert g_ours[1, NQ + 2:].abs().sum() == 0  # padding rows feed nothing
-    assert torch.equal(select_targets(targets, rows), targets[targets != -100])
+    assert torch.equal(op.select_targets(targets, rows), targets[targets != -100])
 
 
 def test_layout_by_hand():
     # two samples, 2 query rows, captions of 3 and 1 tokens: L = 5
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     targets = torch.tensor([[-100, 5, 6], [7, -100, -100]])
-    layout = packed_layout(text_rows(mask, targets), 2, 2, 3, torch.device("cpu"))
+    layout = op.packed_layout(op.text_rows(mask, targets), 2, 2, 3, torch.device("cpu"))
     assert layout.keep.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # sample 1's rows 8, 9 are padding
     # target i of sample b is predicted by row b * 5 + 2 - 1 + i
     assert layout.out.tolist() == [2, 3, 6]
@@ -83,36 +76,36 @@ def test_no_target_gives_no_rows():
     decoder = _decoder()
     mask, targets, embeds, full = _batch(32)
     targets = torch.full_like(targets, -100)
-    layout = packed_layout(text_rows(mask, targets), B, NQ, T, embeds.device)
-    assert opt_hidden_for_loss(decoder, embeds, full, layout).shape == (0, 32)
+    layout = op.packed_layout(op.text_rows(mask, targets), B, NQ, T, embeds.device)
+    assert op.opt_hidden_for_loss(decoder, embeds, full, layout).shape == (0, 32)
 
 
 def test_dropout_applies_in_training_only():
     mask, targets, embeds, full = _batch(32)
-    layout = packed_layout(text_rows(mask, targets), B, NQ, T, embeds.device)
+    layout = op.packed_layout(op.text_rows(mask, targets), B, NQ, T, embeds.device)
     decoder = _decoder(dropout=0.3)
-    evaluated = opt_hidden_for_loss(decoder, embeds, full, layout)
+    evaluated = op.opt_hidden_for_loss(decoder, embeds, full, layout)
     decoder.train()
-    first = opt_hidden_for_loss(decoder, embeds, full, layout)
-    second = opt_hidden_for_loss(decoder, embeds, full, layout)
+    first = op.opt_hidden_for_loss(decoder, embeds, full, layout)
+    second = op.opt_hidden_for_loss(decoder, embeds, full, layout)
     assert not torch.allclose(first, evaluated) and not torch.allclose(first, second)
     # a rate of 0 leaves training mode equal to evaluation
     still = _decoder(dropout=0.0).train()
-    assert torch.allclose(opt_hidden_for_loss(still, embeds, full, layout), evaluated, atol=1e-6)
+    assert torch.allclose(op.opt_hidden_for_loss(still, embeds, full, layout), evaluated, atol=1e-6)
 
 
 def test_transformers_forward_kept_where_packing_would_change_it():
     decoder = _decoder(layerdrop=0.2)
-    assert supports_packing(decoder)  # layerdrop acts in training only
-    assert not supports_packing(decoder.train())
+    assert op.supports_packing(decoder)  # layerdrop acts in training only
+    assert not op.supports_packing(decoder.train())
     decoder = _decoder().train()
-    assert supports_packing(decoder)
+    assert op.supports_packing(decoder)
     decoder.gradient_checkpointing = True
-    assert not supports_packing(decoder)
-    assert not supports_packing(torch.nn.Linear(2, 2))  # another LLM's decoder
+    assert not op.supports_packing(decoder)
+    assert not op.supports_packing(torch.nn.Linear(2, 2))  # another LLM's decoder
     decoder = _decoder()
     del decoder.embed_positions.offset  # a transformers version laid out otherwise
-    assert not supports_packing(decoder)
+    assert not op.supports_packing(decoder)
 
 
 class _Wrapper(torch.nn.Module):
@@ -135,11 +128,11 @@ def test_packed_layers_run_through_each_layers_call():
     test_fsdp.py::test_blip2_models_under_fsdp_train_as_under_ddp."""
     decoder = _decoder()
     mask, targets, embeds, full = _batch(32)
-    layout = packed_layout(text_rows(mask, targets), B, NQ, T, embeds.device)
-    plain = opt_hidden_for_loss(decoder, embeds, full, layout)
+    layout = op.packed_layout(op.text_rows(mask, targets), B, NQ, T, embeds.device)
+    plain = op.opt_hidden_for_loss(decoder, embeds, full, layout)
     decoder.layers[1] = _Wrapper(decoder.layers[1])
-    assert supports_packing(decoder)
-    assert torch.equal(opt_hidden_for_loss(decoder, embeds, full, layout), plain)
+    assert op.supports_packing(decoder)
+    assert torch.equal(op.opt_hidden_for_loss(decoder, embeds, full, layout), plain)
     assert decoder.layers[1].calls == 1
     # transformers' own forward still runs through the same layers
     decoder(inputs_embeds=embeds, attention_mask=full)
@@ -149,6 +142,6 @@ def test_packed_layers_run_through_each_layers_call():
 def test_layers_without_the_installed_forward_keep_transformers_forward():
     decoder = _decoder()
     del decoder.layers[2].forward  # the class's forward again
-    assert not supports_packing(decoder)
+    assert not op.supports_packing(decoder)
     decoder.layers[2] = _Wrapper(torch.nn.Linear(2, 2))  # a wrapper around something else
-    assert not supports_packing(decoder)
+    assert not op.supports_packing(decoder)
