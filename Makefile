@@ -10,7 +10,7 @@ STAMP     := $(VENV)/.lavis_plugins_stamp
 LOCK      := $(shell $(PY) -c 'import sys; print("env/requirements-py310.lock" if sys.version_info < (3, 11) else "env/requirements.lock")')
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo demo-capfilt lock bench bench-env gpu-wheels clean-venv
+.PHONY: setup test lint test-all demo demo-capfilt lock bench bench-env gpu-wheels clean-venv
 
 # Creates or updates the project-local environment; does nothing when it is current.
 setup: $(STAMP)
@@ -36,6 +36,10 @@ lock:
 # The default suite: offline, CPU-only, tiny models (slow and gpu tests are deselected).
 test: setup
 	$(VPY) -m pytest -q $(PYTEST_ARGS) tests
+
+# pyflakes checks and 100-character lines (ruff.toml); CI runs it after the tests.
+lint: setup
+	$(VENV)/bin/ruff check lavis_plugins tests benchmarks
 
 # Everything except GPU tests.
 test-all: setup
