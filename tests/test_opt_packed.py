@@ -106,6 +106,11 @@ def test_transformers_forward_kept_where_packing_would_change_it():
     decoder = _decoder()
     del decoder.embed_positions.offset  # a transformers version laid out otherwise
     assert not op.supports_packing(decoder)
+    decoder = _decoder()
+    del decoder.layers[1].forward
+    del decoder.layers[1].fc1  # a layer without a part the packed layer reads
+    op.install_packed_forward(decoder)
+    assert not op.supports_packing(decoder)
 
 
 class _Wrapper(torch.nn.Module):

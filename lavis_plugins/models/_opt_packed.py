@@ -76,12 +76,18 @@ def packed_layout(rows: TextRows, b: int, num_query: int, num_text: int,
     return PackedLayout(keep, out, torch.searchsorted(keep, out), b, length)
 
 
+# the sub-modules of an OPT layer that :func:`_layer` reads
+_LAYER_PARTS = ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2", "activation_fn",
+                "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+
+
 def supports_packing(decoder: nn.Module) -> bool:
     """Whether :func:`opt_hidden_for_loss` can stand in for ``decoder``'s forward: an OPT
     decoder whose layers carry :func:`install_packed_forward`'s forward (found through an FSDP
-    wrapper) and the sub-modules it reads, without layerdrop or gradient checkpointing in
-    training (whose own forward then keeps their behaviour)."""
-    from transformers.models.opt.modeling_opt import OPTDecoder, OPTDecoderLayer
+    wrapper; installed only on layers with the sub-modules it reads), without layerdrop or
+    gradient checkpointing in training (whose own forward then keeps their behaviour). Called
+    every training step: the layers' structure is checked once, at installation."""
+    from transformers.models.opt.modeling_opt import OPTDecoder
 
     if not isinstance(decoder, OPTDecoder):
         return False
@@ -91,12 +97,8 @@ def supports_packing(decoder: nn.Module) -> bool:
     if not all(_has(decoder, p) for p in ("embed_positions.offset", "project_in", "project_out",
                                           "final_layer_norm")):
         return False
-    parts = ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2", "activation_fn",
-             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
-    layers = [getattr(layer, "_fsdp_wrapped_module", layer) for layer in decoder.layers]
-    return all(isinstance(layer, OPTDecoderLayer) and all(_has(layer, p) for p in parts)
-               and getattr(layer.forward, "__func__", None) is _plain_or_packed
-               for layer in layers)
+    return all(getattr(getattr(getattr(layer, "_fsdp_wrapped_module", layer), "forward", None),
+                       "__func__", None) is _plain_or_packed for layer in decoder.layers)
 
 
 class PackedCall(NamedTuple):
@@ -119,15 +121,16 @@ def _plain_or_packed(self: nn.Module, *args, packed: Optional[PackedCall] = None
 
 
 def install_packed_forward(decoder: nn.Module) -> None:
-    """Give each layer of an OPT ``decoder`` the forward :func:`opt_hidden_for_loss` calls
-    (an instance attribute: the class, its parameter names and checkpoints are unchanged);
-    anything else is left as it is."""
+    """Give each layer of an OPT ``decoder`` that has the sub-modules :func:`_layer` reads (a
+    transformers version laid out otherwise keeps its own) the forward
+    :func:`opt_hidden_for_loss` calls (an instance attribute: the class, its parameter names and
+    checkpoints are unchanged); anything else is left as it is."""
     from transformers.models.opt.modeling_opt import OPTDecoder, OPTDecoderLayer
 
     if not isinstance(decoder, OPTDecoder):
         return
     for layer in decoder.layers:
-        if isinstance(layer, OPTDecoderLayer):
+        if isinstance(layer, OPTDecoderLayer) and all(_has(layer, p) for p in _LAYER_PARTS):
             layer.forward = types.MethodType(_plain_or_packed, layer)
 
 

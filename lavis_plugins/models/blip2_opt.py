@@ -301,9 +301,8 @@ class LPBlip2OPT(Blip2LLMBase):
         """A training batch's LLM input ids, attention mask and targets (B, L) and their
         :class:`TextRows` on the CPU, for the data loader's collate
         (:mod:`~lavis_plugins.models.text_tokens`); ``forward`` then uses them."""
-        ids, mask, targets = self._training_tokens(samples, torch.device("cpu"))
-        return {**dict(zip(LLM_PRETOKENIZED, (ids, mask, targets))),
-                **dict(zip(LLM_ROWS, text_rows(mask, targets)))}
+        ids, mask, targets, rows = self._training_batch(samples, torch.device("cpu"))
+        return {**dict(zip(LLM_PRETOKENIZED, (ids, mask, targets))), **dict(zip(LLM_ROWS, rows))}
 
     # ------------------------------------------------------------------ generation
     def _llm_inputs(self, inputs_opt: torch.Tensor, atts_opt: torch.Tensor,
